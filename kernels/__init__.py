@@ -1,0 +1,1 @@
+"""Triton kernels for spattn (leaf code: imports nothing from spattn)."""

@@ -1,0 +1,90 @@
+"""Plain-torch reference attention: explicit scores, fp32 (or fp64) math. What the tests trust.
+
+Materializes the (seqlen_q, seqlen_k) score matrix, so it is for tests and small shapes only.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+
+def _expand_kv(x: Tensor, heads_q: int) -> Tensor:
+    """(B, S, Hkv, D) -> (B, S, Hq, D) by repeating each kv head for its query group."""
+    return x.repeat_interleave(heads_q // x.shape[2], dim=2) if x.shape[2] != heads_q else x
+
+
+def attention_ref(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: Optional[float] = None,
+                  compute_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+    """Differentiable reference. q: (B, Sq, Hq, D), k/v: (B, Sk, Hkv, D) -> out (B, Sq, Hq, D) in
+    q's dtype, lse (B, Hq, Sq) fp32 (natural log, -inf for rows that see no key).
+
+    ``compute_dtype`` defaults to fp64 for fp64 inputs and fp32 otherwise.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    cd = compute_dtype or (torch.float64 if q.dtype == torch.float64 else torch.float32)
+    qf = q.to(cd).transpose(1, 2)                                # (B, Hq, Sq, D)
+    kf = _expand_kv(k, q.shape[2]).to(cd).transpose(1, 2)        # (B, Hq, Sk, D)
+    vf = _expand_kv(v, q.shape[2]).to(cd).transpose(1, 2)
+    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale          # (B, Hq, Sq, Sk)
+    if causal:
+        sq, sk = s.shape[-2], s.shape[-1]
+        mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
+        s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)                             # (B, Hq, Sq)
+    # Rows with no visible key: weights 0 (not NaN), out 0, lse -inf.
+    p = torch.exp(s - lse.unsqueeze(-1).nan_to_num(neginf=0.0)).nan_to_num(nan=0.0)
+    out = torch.matmul(p, vf).transpose(1, 2)                    # (B, Sq, Hq, D)
+    return out.to(q.dtype), lse.float()
+
+
+class ReferenceBackend:
+    """The reference as a backend (any device); backward by autograd through the reference."""
+
+    name = "reference"
+
+    def available(self, device: torch.device) -> bool:
+        return True
+
+    def forward(self, q, k, v, causal, scale):
+        with torch.no_grad():
+            return attention_ref(q, k, v, causal, scale)
+
+    def backward(self, dout, q, k, v, out, lse, causal, scale, dq=None, dk=None, dv=None):
+        # Block gradient from the *final* row statistics: P = exp(S - lse), D = rowsum(dout * out).
+        cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+        hq = q.shape[2]
+        qf = q.to(cd).transpose(1, 2)
+        kf = _expand_kv(k, hq).to(cd).transpose(1, 2)
+        vf = _expand_kv(v, hq).to(cd).transpose(1, 2)
+        do = dout.to(cd).transpose(1, 2)
+        s = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+        if causal:
+            mask = torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool, device=q.device).tril()
+            s = s.masked_fill(~mask, float("-inf"))
+        p = torch.exp(s - lse.to(cd).unsqueeze(-1)).nan_to_num(nan=0.0)
+        delta = (do * out.to(cd).transpose(1, 2)).sum(-1, keepdim=True)
+        dvf = torch.matmul(p.transpose(-1, -2), do)
+        ds = p * (torch.matmul(do, vf.transpose(-1, -2)) - delta) * scale
+        dqf = torch.matmul(ds, kf)
+        dkf = torch.matmul(ds.transpose(-1, -2), qf)
+        groups = hq // k.shape[2]
+        b, _, sk, d = dkf.shape
+        dkf = dkf.view(b, k.shape[2], groups, sk, d).sum(2)
+        dvf = dvf.view(b, k.shape[2], groups, sk, d).sum(2)
+        return _accumulate((dqf.transpose(1, 2), dkf.transpose(1, 2), dvf.transpose(1, 2)),
+                           (dq, dk, dv), (q, k, v))
+
+
+def _accumulate(grads, accs, like):
+    """Add block grads into accumulators in place, or return them in their inputs' dtypes."""
+    res = []
+    for g, acc, x in zip(grads, accs, like):
+        if acc is None:
+            res.append(g.to(x.dtype))
+        else:
+            acc.add_(g)
+            res.append(acc)
+    return tuple(res)

@@ -1,0 +1,161 @@
+"""Single-device building blocks: block attention that returns the LSE, and the LSE merge.
+
+These are the only two operations the parallel strategies use, so a new backend (Triton, C++)
+plugs in here and every strategy gets it.
+
+LSE convention everywhere in spattn: natural log, fp32, shape (batch, heads, seqlen); ``-inf`` marks
+a row that has seen no key yet (its output row is 0).
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from .backends import get_backend
+
+Tensor = torch.Tensor
+
+__all__ = ["attention_with_lse", "merge", "merge_", "merge_ref", "register_merge", "check_qkv"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks (local, cheap, and done before any collective so a bad call fails instead of hangs)
+# ----------------------------------------------------------------------------------------------
+def check_qkv(q: Tensor, k: Tensor, v: Tensor, where: str = "attention") -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"spattn.{where}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"spattn.{where}: {name} must be 4-D (batch, seq, heads, head_dim), got shape "
+                             f"{tuple(t.shape)}; add a batch dim with {name}.unsqueeze(0) if needed")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"spattn.{where}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype}); "
+                         f"cast them to one dtype")
+    if not q.dtype.is_floating_point:
+        raise ValueError(f"spattn.{where}: q, k, v must be floating point, got {q.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"spattn.{where}: q, k, v are on different devices ({q.device}, {k.device}, "
+                         f"{v.device}); move them to one device")
+    if k.shape != v.shape:
+        raise ValueError(f"spattn.{where}: k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"spattn.{where}: q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch "
+                         f"(dim 0) and head_dim (dim 3)")
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2] != 0:
+        raise ValueError(f"spattn.{where}: q heads ({q.shape[2]}) must be a multiple of k/v heads "
+                         f"({k.shape[2]}) for grouped-query attention")
+
+
+# ----------------------------------------------------------------------------------------------
+# attention_with_lse
+# ----------------------------------------------------------------------------------------------
+def block_forward(backend, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tuple[Tensor, Tensor]:
+    """Backend forward that also handles an empty key block (out 0, lse -inf)."""
+    if k.shape[1] == 0:
+        b, sq, hq, _ = q.shape
+        return (q.new_zeros(q.shape[:3] + v.shape[3:]),
+                torch.full((b, hq, sq), float("-inf"), dtype=torch.float32, device=q.device))
+    return backend.forward(q, k, v, causal, scale)
+
+
+class _AttentionWithLSE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale, backend):
+        out, lse = block_forward(backend, q, k, v, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        if k.shape[1] == 0:
+            return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), None, None, None
+        dq, dk, dv = ctx.backend.backward(dout.contiguous(), q, k, v, out, lse, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False,
+                       softmax_scale: Optional[float] = None, backend: str = "auto") -> Tuple[Tensor, Tensor]:
+    """Attention of one block that also returns its log-sum-exp.
+
+    Args:
+        q: (batch, seqlen_q, heads_q, head_dim).
+        k, v: (batch, seqlen_k, heads_kv, head_dim); ``heads_q % heads_kv == 0`` (GQA/MQA).
+        causal: top-left aligned causal mask (query i sees key j iff j <= i).
+        softmax_scale: defaults to ``head_dim ** -0.5``.
+        backend: "auto", "torch", "reference" or "triton".
+
+    Returns:
+        out: (batch, seqlen_q, heads_q, head_dim), q's dtype.
+        lse: (batch, heads_q, seqlen_q), fp32, natural log; ``-inf`` where a row sees no key.
+        ``out`` is differentiable w.r.t. q, k, v; ``lse`` is returned without gradient.
+    """
+    check_qkv(q, k, v, "ops.attention_with_lse")
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    be = get_backend(backend, q.device)
+    return _AttentionWithLSE.apply(q, k, v, bool(causal), scale, be)
+
+
+# ----------------------------------------------------------------------------------------------
+# merge: fold a block result into a running result
+# ----------------------------------------------------------------------------------------------
+def merge_ref(out: Tensor, lse: Tensor, blk_out: Tensor, blk_lse: Tensor) -> Tuple[Tensor, Tensor]:
+    """Plain-torch, out-of-place merge (fp32 math). out/blk_out: (B, S, H, D); lse/blk_lse: (B, H, S).
+
+    new_lse = log(exp(lse) + exp(blk_lse)); new_out = out * exp(lse - new_lse) + blk * exp(blk_lse - new_lse).
+    Rows where both sides are -inf stay (0, -inf) instead of turning NaN.
+    """
+    new_lse = torch.logaddexp(lse, blk_lse)
+    safe = torch.where(torch.isinf(new_lse), torch.zeros_like(new_lse), new_lse)
+    w_a = torch.exp(lse - safe).transpose(1, 2).unsqueeze(-1)      # (B, S, H, 1)
+    w_b = torch.exp(blk_lse - safe).transpose(1, 2).unsqueeze(-1)
+    new_out = out.float() * w_a + blk_out.float() * w_b
+    return new_out, new_lse
+
+
+def _merge_torch_(out: Tensor, lse: Tensor, blk_out: Tensor, blk_lse: Tensor) -> None:
+    new_out, new_lse = merge_ref(out, lse, blk_out, blk_lse)
+    out.copy_(new_out)
+    lse.copy_(new_lse)
+
+
+_MERGE_IMPLS: Dict[str, Callable[[Tensor, Tensor, Tensor, Tensor], None]] = {"torch": _merge_torch_}
+# First entry whose predicate accepts the tensors wins; "torch" is the always-available fallback.
+_MERGE_ORDER: list = []
+
+
+def register_merge(name: str, fn: Callable[[Tensor, Tensor, Tensor, Tensor], None],
+                   accepts: Callable[[Tensor], bool]) -> None:
+    """Register a fused in-place merge; ``accepts(out)`` says whether it handles these tensors."""
+    _MERGE_IMPLS[name] = fn
+    _MERGE_ORDER[:] = [(n, a) for n, a in _MERGE_ORDER if n != name] + [(name, accepts)]
+
+
+def merge_(out: Tensor, lse: Tensor, blk_out: Tensor, blk_lse: Tensor, impl: str = "auto") -> Tuple[Tensor, Tensor]:
+    """In-place merge of a block result into the running ``(out, lse)``; returns them.
+
+    out: (B, S, H, D) running output (fp32 in the ring); lse: (B, H, S) fp32.
+    blk_out: same shape as out, any float dtype; blk_lse: (B, H, S) fp32.
+    """
+    if impl == "auto":
+        fn = next((_MERGE_IMPLS[n] for n, acc in _MERGE_ORDER if acc(out)), _merge_torch_)
+    else:
+        if impl not in _MERGE_IMPLS:
+            raise ValueError(f"spattn.merge_: unknown impl {impl!r}; choose from {('auto',) + tuple(_MERGE_IMPLS)}")
+        fn = _MERGE_IMPLS[impl]
+    fn(out, lse, blk_out, blk_lse)
+    return out, lse
+
+
+def merge(out_a: Tensor, lse_a: Tensor, out_b: Tensor, lse_b: Tensor) -> Tuple[Tensor, Tensor]:
+    """Numerically stable merge of two partial attention results over disjoint key sets.
+
+    out_a, out_b: (batch, seq, heads, head_dim); lse_a, lse_b: (batch, heads, seq) fp32.
+    Returns (out, lse): out in fp32, lse fp32. A side whose lse is -inf contributes nothing.
+    """
+    out = out_a.float().clone()
+    lse = lse_a.float().clone()
+    return merge_(out, lse, out_b, lse_b.float())
