@@ -1,0 +1,598 @@
+"""Flash attention that returns the log-sum-exp: forward, backward (preprocess, dK/dV, dQ), launchers.
+
+Layout: q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D), any strides; query head h reads kv head h // (Hq // Hkv)
+(GQA/MQA without repeating K/V). LSE: (B, Hq, Sq) fp32, natural log, -inf for a row that sees no key
+(its output row is 0). Causal mask with global positions: key j is visible to query i iff
+``k_offset + j <= q_offset + i``, so a ring can hand over blocks that come from different ranks.
+
+Inside the kernels scores are kept in base 2 (exp2 is one instruction); the LSE is converted to the
+natural log at the kernel boundary. Accumulation is fp32 for every input dtype.
+
+Leaf code: imports nothing from spattn.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, NamedTuple, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+Tensor = torch.Tensor
+
+LOG2E = 1.4426950408889634  # log2(e): natural-log scores -> base 2
+LN2 = 0.6931471805599453    # ln(2): base-2 LSE -> natural log
+
+
+# ----------------------------------------------------------------------------------------------
+# jit helpers
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _load_rows(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               EVEN_ROWS: tl.constexpr):
+    """Load a (rows, BLOCK_D) tile; masks only what can be out of range (padded head_dim, tail rows)."""
+    if EVEN_ROWS:
+        if HEAD_DIM == BLOCK_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+    else:
+        if HEAD_DIM == BLOCK_D:
+            x = tl.load(ptrs, mask=(rows < n_rows)[:, None], other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(rows < n_rows)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    return x
+
+
+@triton.jit
+def _store_rows(ptrs, val, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """Store (or add into, for ring accumulators) a (rows, BLOCK_D) fp32 tile in the buffer's dtype."""
+    mask = (rows < n_rows)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    if ACCUMULATE:
+        val += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(ptrs, val.to(ptrs.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_lse2(LSE, rows, n_rows, stride_ls, EVEN_ROWS: tl.constexpr):
+    """Row LSE in base 2. A row that saw no key (-inf) becomes +inf so its probabilities are 0, not NaN;
+    rows past the end read +inf for the same reason."""
+    if EVEN_ROWS:
+        lse = tl.load(LSE + rows * stride_ls)
+    else:
+        lse = tl.load(LSE + rows * stride_ls, mask=rows < n_rows, other=float("inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
+               offs_m, offs_d, lo, hi, seqlen_k, causal_shift, qk_scale,
+               HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+               MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Online softmax over key blocks [lo, hi). MASKED=False is the fast path for blocks every row of
+    the query tile fully sees (no bounds or causal mask); MASKED=True handles the diagonal and tail."""
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(K + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, offs_n, seqlen_k,
+                       offs_d, HEAD_DIM, BLOCK_D, EVEN_N or not MASKED)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        if MASKED:
+            keep = offs_n[None, :] < seqlen_k
+            if IS_CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
+            s = tl.where(keep, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no key yet has m_new = -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows(V + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, offs_n, seqlen_k,
+                       offs_d, HEAD_DIM, BLOCK_D, EVEN_N or not MASKED)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _flash_fwd_kernel(
+    Q, K, V, Out, LSE,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_ob, stride_os, stride_oh, stride_od,
+    stride_lb, stride_lh, stride_ls,
+    heads_q, group, seqlen_q, seqlen_k, q_offset, k_offset, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """Grid (cdiv(Sq, BLOCK_M), B * Hq): one query tile of one head, all its visible keys."""
+    tl.static_assert(BLOCK_D >= HEAD_DIM, "BLOCK_D pads head_dim to a power of two")
+    tl.static_assert(BLOCK_D >= 16 and BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles >= 16")
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // heads_q).to(tl.int64)  # int64: batch strides times batch index can pass 2**31
+    h = bh % heads_q
+    kvh = h // group
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + kvh * stride_kh
+    V += b * stride_vb + kvh * stride_vh
+    Out += b * stride_ob + h * stride_oh
+    LSE += b * stride_lb + h * stride_lh
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, offs_m, seqlen_q,
+                   offs_d, HEAD_DIM, BLOCK_D, EVEN_M)
+    qk_scale = sm_scale * 1.4426950408889634
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+    # Key j is visible to query i iff j <= i + causal_shift (global positions k_offset + j <= q_offset + i).
+    causal_shift = q_offset - k_offset
+    if IS_CAUSAL:
+        # Keys past the last row's diagonal are invisible to the whole tile; keys up to the first row's
+        # diagonal are visible to every row and need no mask.
+        hi = tl.minimum(seqlen_k, tl.maximum(start_m * BLOCK_M + BLOCK_M + causal_shift, 0))
+        full_hi = tl.minimum(hi, tl.maximum(start_m * BLOCK_M + causal_shift + 1, 0)) // BLOCK_N * BLOCK_N
+    else:
+        hi = seqlen_k
+        full_hi = seqlen_k // BLOCK_N * BLOCK_N
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
+                               offs_m, offs_d, 0, full_hi, seqlen_k, causal_shift, qk_scale,
+                               HEAD_DIM, BLOCK_N, BLOCK_D, False, IS_CAUSAL, EVEN_N, DOT_PREC)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
+                               offs_m, offs_d, full_hi, hi, seqlen_k, causal_shift, qk_scale,
+                               HEAD_DIM, BLOCK_N, BLOCK_D, True, IS_CAUSAL, EVEN_N, DOT_PREC)
+
+    # Rows that saw no key: l = 0, acc = 0 -> out 0, lse -inf.
+    seen = l_i > 0.0
+    l_safe = tl.where(seen, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    _store_rows(Out + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od, out, offs_m, seqlen_q,
+                offs_d, HEAD_DIM, False)
+    tl.store(LSE + offs_m * stride_ls, lse, mask=offs_m < seqlen_q)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward preprocess: delta = rowsum(dout * out)
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _bwd_preprocess_kernel(
+    Out, DO, Delta,
+    stride_ob, stride_os, stride_oh, stride_od,
+    stride_dob, stride_dos, stride_doh, stride_dod,
+    heads_q, seqlen_q,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """Grid (cdiv(Sq, BLOCK_M), B * Hq). Delta is contiguous (B, Hq, Sq) fp32."""
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // heads_q).to(tl.int64)
+    h = bh % heads_q
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_rows(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od,
+                   offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, False)
+    do = _load_rows(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos
+                    + offs_d[None, :] * stride_dod, offs_m, seqlen_q, offs_d, HEAD_DIM, BLOCK_D, False)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + bh.to(tl.int64) * seqlen_q + offs_m, delta, mask=offs_m < seqlen_q)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward dK/dV: one key tile of one kv head, looping over its query group and all query tiles
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, Delta, stride_qs, stride_qd, stride_dos, stride_dod, stride_ls,
+                    offs_n, offs_d, lo, hi, seqlen_q, causal_shift, qk_scale,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                    MASKED: tl.constexpr, EVEN_M: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Accumulate dK (unscaled) and dV of one key tile over query tiles [lo, hi). Works on the
+    transposed scores (keys x queries) so the key tile stays in registers."""
+    for start_m in range(lo, hi, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = _load_rows(Q + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, offs_m, seqlen_q,
+                       offs_d, HEAD_DIM, BLOCK_D, EVEN_M)
+        do = _load_rows(DO + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod, offs_m, seqlen_q,
+                        offs_d, HEAD_DIM, BLOCK_D, EVEN_M).to(k.dtype)
+        lse2 = _load_lse2(LSE, offs_m, seqlen_q, stride_ls, EVEN_M)
+        # P^T from the saved (final, merged) LSE: no running max, no attention matrix in memory.
+        pT = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale - lse2[None, :])
+        if MASKED:
+            pT = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_shift, pT, 0.0)
+        dv = tl.dot(pT.to(k.dtype), do, dv, input_precision=DOT_PREC)
+        if EVEN_M:
+            delta = tl.load(Delta + offs_m)
+        else:
+            delta = tl.load(Delta + offs_m, mask=offs_m < seqlen_q, other=0.0)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(k.dtype), q, dk, input_precision=DOT_PREC)
+    return dk, dv
+
+
+@triton.jit
+def _flash_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, Delta, DK, DV,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_dob, stride_dos, stride_doh, stride_dod,
+    stride_lb, stride_lh, stride_ls,
+    stride_dkb, stride_dks, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvs, stride_dvh, stride_dvd,
+    heads_q, heads_kv, group, seqlen_q, seqlen_k, q_offset, k_offset, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, ACCUMULATE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """Grid (cdiv(Sk, BLOCK_N), B * Hkv). GQA: the program loops over the query heads of its group and
+    keeps dK/dV in registers, so each kv-head gradient is written once: no atomics, deterministic, and
+    the add into a ring accumulator is a plain read-modify-write."""
+    tl.static_assert(BLOCK_D >= HEAD_DIM, "BLOCK_D pads head_dim to a power of two")
+    tl.static_assert(BLOCK_D >= 16 and BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles >= 16")
+    start_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // heads_kv).to(tl.int64)
+    kvh = bh % heads_kv
+    offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_rows(K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
+                   offs_n, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, EVEN_N)
+    v = _load_rows(V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
+                   offs_n, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, EVEN_N)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    # Query i sees key j iff j <= i + causal_shift.
+    causal_shift = q_offset - k_offset
+    if IS_CAUSAL:
+        # First tile holding a row that sees the tile's first key; from full_lo on rows see every key.
+        lo = tl.minimum(tl.maximum(start_n * BLOCK_N - causal_shift, 0), seqlen_q) // BLOCK_M * BLOCK_M
+        full_lo = tl.maximum(start_n * BLOCK_N + BLOCK_N - 1 - causal_shift, lo)
+        full_lo = tl.minimum((full_lo + BLOCK_M - 1) // BLOCK_M * BLOCK_M, seqlen_q)
+    else:
+        lo = 0
+        full_lo = 0
+    # Out-of-range keys (tail tile) load as zeros and are never stored, so only the causal mask is needed.
+    for g in range(0, group):
+        h = kvh * group + g
+        Qh = Q + b * stride_qb + h * stride_qh
+        DOh = DO + b * stride_dob + h * stride_doh
+        LSEh = LSE + b * stride_lb + h * stride_lh
+        Dh = Delta + (b * heads_q + h) * seqlen_q
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, Dh, stride_qs, stride_qd, stride_dos, stride_dod,
+                                 stride_ls, offs_n, offs_d, lo, full_lo, seqlen_q, causal_shift, qk_scale,
+                                 HEAD_DIM, BLOCK_M, BLOCK_D, True, EVEN_M, DOT_PREC)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, Dh, stride_qs, stride_qd, stride_dos, stride_dod,
+                                 stride_ls, offs_n, offs_d, full_lo, seqlen_q, seqlen_q, causal_shift, qk_scale,
+                                 HEAD_DIM, BLOCK_M, BLOCK_D, False, EVEN_M, DOT_PREC)
+    _store_rows(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd,
+                dk * sm_scale, offs_n, seqlen_k, offs_d, HEAD_DIM, ACCUMULATE)
+    _store_rows(DV + b * stride_dvb + kvh * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd,
+                dv, offs_n, seqlen_k, offs_d, HEAD_DIM, ACCUMULATE)
+
+
+# ----------------------------------------------------------------------------------------------
+# backward dQ: one query tile of one head, looping over its visible key tiles
+# ----------------------------------------------------------------------------------------------
+@triton.jit
+def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
+                  offs_m, offs_d, lo, hi, seqlen_k, causal_shift, qk_scale,
+                  HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                  MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr):
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(K + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, offs_n, seqlen_k,
+                       offs_d, HEAD_DIM, BLOCK_D, EVEN_N or not MASKED)
+        v = _load_rows(V + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, offs_n, seqlen_k,
+                       offs_d, HEAD_DIM, BLOCK_D, EVEN_N or not MASKED)
+        p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale - lse2[:, None])
+        if MASKED:
+            keep = offs_n[None, :] < seqlen_k
+            if IS_CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+    return dq
+
+
+@triton.jit
+def _flash_bwd_dq_kernel(
+    Q, K, V, DO, LSE, Delta, DQ,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_dob, stride_dos, stride_doh, stride_dod,
+    stride_lb, stride_lh, stride_ls,
+    stride_dqb, stride_dqs, stride_dqh, stride_dqd,
+    heads_q, group, seqlen_q, seqlen_k, q_offset, k_offset, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, ACCUMULATE: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """Grid (cdiv(Sq, BLOCK_M), B * Hq). A separate kernel (rather than atomics from the dK/dV program)
+    keeps dQ deterministic and lets both kernels hold their accumulator in registers."""
+    tl.static_assert(BLOCK_D >= HEAD_DIM, "BLOCK_D pads head_dim to a power of two")
+    tl.static_assert(BLOCK_D >= 16 and BLOCK_M >= 16 and BLOCK_N >= 16, "tl.dot needs tiles >= 16")
+    start_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // heads_q).to(tl.int64)
+    h = bh % heads_q
+    kvh = h // group
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + kvh * stride_kh
+    V += b * stride_vb + kvh * stride_vh
+    DO += b * stride_dob + h * stride_doh
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, offs_m, seqlen_q,
+                   offs_d, HEAD_DIM, BLOCK_D, EVEN_M)
+    do = _load_rows(DO + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod, offs_m, seqlen_q,
+                    offs_d, HEAD_DIM, BLOCK_D, EVEN_M).to(q.dtype)
+    lse2 = _load_lse2(LSE + b * stride_lb + h * stride_lh, offs_m, seqlen_q, stride_ls, EVEN_M)
+    delta = tl.load(Delta + bh.to(tl.int64) * seqlen_q + offs_m, mask=offs_m < seqlen_q, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    qk_scale = sm_scale * 1.4426950408889634
+
+    causal_shift = q_offset - k_offset
+    if IS_CAUSAL:
+        hi = tl.minimum(seqlen_k, tl.maximum(start_m * BLOCK_M + BLOCK_M + causal_shift, 0))
+        full_hi = tl.minimum(hi, tl.maximum(start_m * BLOCK_M + causal_shift + 1, 0)) // BLOCK_N * BLOCK_N
+    else:
+        hi = seqlen_k
+        full_hi = seqlen_k // BLOCK_N * BLOCK_N
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
+                       offs_m, offs_d, 0, full_hi, seqlen_k, causal_shift, qk_scale,
+                       HEAD_DIM, BLOCK_N, BLOCK_D, False, IS_CAUSAL, EVEN_N, DOT_PREC)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
+                       offs_m, offs_d, full_hi, hi, seqlen_k, causal_shift, qk_scale,
+                       HEAD_DIM, BLOCK_N, BLOCK_D, True, IS_CAUSAL, EVEN_N, DOT_PREC)
+    _store_rows(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
+                dq * sm_scale, offs_m, seqlen_q, offs_d, HEAD_DIM, ACCUMULATE)
+
+
+# ----------------------------------------------------------------------------------------------
+# tile configs (no autotune: it needs a GPU; these were checked ahead of time by bench/kernel_report.py
+# for zero spills and shared memory within the arch limit)
+# ----------------------------------------------------------------------------------------------
+class TileConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# (arch, BLOCK_D) -> config for 2-byte inputs (fp16/bf16). sm_90 forward tiles have BLOCK_M >= 64 and
+# 4/8 warps so Triton lowers tl.dot to wgmma. fp32 inputs ("ieee" dots on FMA units) use _FP32_CONFIGS.
+_CONFIGS: Dict[str, Dict[Tuple[int, int], TileConfig]] = {
+    "fwd": {
+        (80, 16): TileConfig(128, 64, 4, 3), (80, 32): TileConfig(128, 64, 4, 3),
+        (80, 64): TileConfig(128, 64, 4, 3), (80, 128): TileConfig(128, 64, 8, 3),
+        (80, 256): TileConfig(64, 32, 4, 2),
+        (90, 16): TileConfig(128, 64, 4, 3), (90, 32): TileConfig(128, 64, 4, 3),
+        (90, 64): TileConfig(128, 128, 8, 3), (90, 128): TileConfig(128, 64, 8, 3),
+        (90, 256): TileConfig(64, 64, 4, 2),
+    },
+    # block_m: query tile looped over, block_n: owned key tile.
+    "dkdv": {
+        (80, 16): TileConfig(32, 64, 4, 3), (80, 32): TileConfig(32, 64, 4, 3),
+        (80, 64): TileConfig(32, 128, 8, 3), (80, 128): TileConfig(32, 64, 4, 2),
+        (80, 256): TileConfig(16, 32, 4, 2),
+        (90, 16): TileConfig(32, 64, 4, 3), (90, 32): TileConfig(32, 64, 4, 3),
+        (90, 64): TileConfig(32, 128, 8, 3), (90, 128): TileConfig(64, 64, 8, 2),
+        (90, 256): TileConfig(16, 32, 4, 2),
+    },
+    # block_m: owned query tile, block_n: key tile looped over.
+    "dq": {
+        (80, 16): TileConfig(64, 32, 4, 3), (80, 32): TileConfig(64, 32, 4, 3),
+        (80, 64): TileConfig(128, 32, 8, 3), (80, 128): TileConfig(64, 32, 4, 2),
+        (80, 256): TileConfig(32, 16, 4, 2),
+        (90, 16): TileConfig(64, 32, 4, 3), (90, 32): TileConfig(64, 32, 4, 3),
+        (90, 64): TileConfig(128, 32, 8, 3), (90, 128): TileConfig(64, 64, 8, 2),
+        (90, 256): TileConfig(32, 16, 4, 2),
+    },
+}
+_FP32_CONFIGS: Dict[str, Dict[int, TileConfig]] = {
+    "fwd": {16: TileConfig(64, 32, 4, 2), 32: TileConfig(64, 32, 4, 2), 64: TileConfig(64, 32, 4, 2),
+            128: TileConfig(32, 32, 4, 2), 256: TileConfig(16, 16, 4, 1)},
+    "dkdv": {16: TileConfig(32, 32, 4, 2), 32: TileConfig(32, 32, 4, 2), 64: TileConfig(32, 32, 4, 2),
+             128: TileConfig(16, 32, 4, 1), 256: TileConfig(16, 16, 4, 1)},
+    "dq": {16: TileConfig(32, 32, 4, 2), 32: TileConfig(32, 32, 4, 2), 64: TileConfig(32, 32, 4, 2),
+           128: TileConfig(32, 16, 4, 1), 256: TileConfig(16, 16, 4, 1)},
+}
+PREPROCESS_BLOCK_M = 64
+INTERPRET_CONFIG = TileConfig(32, 32, 4, 1)  # small tiles: several tiles (and tails) even at seq ~100
+ARCHS = (80, 90)
+HEAD_DIM_BUCKETS = (16, 32, 64, 128, 256)
+
+
+def block_d_for(head_dim: int) -> int:
+    """head_dim padded to the tile width: next power of two, at least 16 (tl.dot's minimum)."""
+    if not 1 <= head_dim <= 256:
+        raise ValueError(f"flash_attn: head_dim must be in [1, 256], got {head_dim}")
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def arch_key(capability: Tuple[int, int]) -> int:
+    """Config table key for a CUDA capability: Hopper (sm_90+) or Ampere-class (everything else)."""
+    return 90 if capability[0] >= 9 else 80
+
+
+def tile_config(kind: str, arch: int, head_dim: int, dtype: torch.dtype) -> TileConfig:
+    """The shipped config of kernel ``kind`` ("fwd", "dkdv", "dq") for ``arch`` (80 or 90)."""
+    bd = block_d_for(head_dim)
+    if dtype == torch.float32:
+        return _FP32_CONFIGS[kind][bd]
+    return _CONFIGS[kind][(arch, bd)]
+
+
+def _config(kind: str, t: Tensor, head_dim: int) -> TileConfig:
+    if t.device.type != "cuda":  # CPU tensors only run under TRITON_INTERPRET=1
+        return INTERPRET_CONFIG
+    return tile_config(kind, arch_key(torch.cuda.get_device_capability(t.device)), head_dim, t.dtype)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get true fp32 dots (tf32 would cost ~1e-3 relative error)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+# ----------------------------------------------------------------------------------------------
+# host launchers
+# ----------------------------------------------------------------------------------------------
+def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError("flash_attn: q, k, v must be (batch, seq, heads, head_dim)")
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"flash_attn: incompatible shapes q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
+        raise ValueError(f"flash_attn: heads_q ({q.shape[2]}) must be a multiple of heads_kv ({k.shape[2]})")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"flash_attn: q, k, v must share one of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: Optional[float] = None,
+                   q_offset: int = 0, k_offset: int = 0,
+                   config: Optional[TileConfig] = None) -> Tuple[Tensor, Tensor]:
+    """Attention forward with LSE.
+
+    q: (B, Sq, Hq, D); k, v: (B, Sk, Hkv, D), Hq % Hkv == 0, any strides, fp16/bf16/fp32, D <= 256.
+    causal: key j visible to query i iff ``k_offset + j <= q_offset + i`` (global positions).
+    Returns out (B, Sq, Hq, D) in q's dtype and lse (B, Hq, Sq) fp32 natural log (-inf: row saw no key).
+    """
+    _check(q, k, v)
+    B, Sq, Hq, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    scale = D ** -0.5 if scale is None else float(scale)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+    if B * Sq * Hq == 0:
+        return out, lse
+    if Sk == 0:
+        return out.zero_(), lse.fill_(float("-inf"))
+    cfg = config or _config("fwd", q, D)
+    grid = (triton.cdiv(Sq, cfg.block_m), B * Hq)
+    _flash_fwd_kernel[grid](
+        q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+        Hq, Hq // Hkv, Sq, Sk, int(q_offset), int(k_offset), scale,
+        HEAD_DIM=D, BLOCK_D=block_d_for(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=bool(causal),
+        EVEN_M=Sq % cfg.block_m == 0, EVEN_N=Sk % cfg.block_n == 0, DOT_PREC=dot_precision(q.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out, lse
+
+
+def flash_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                   causal: bool = False, scale: Optional[float] = None, q_offset: int = 0, k_offset: int = 0,
+                   dq: Optional[Tensor] = None, dk: Optional[Tensor] = None, dv: Optional[Tensor] = None,
+                   config: Optional[Tuple[TileConfig, TileConfig]] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """Attention backward of one (query block, key block) pair from the rows' final out and lse.
+
+    dout, out: (B, Sq, Hq, D), any float dtype; lse: (B, Hq, Sq) fp32 natural log. q/k/v as in
+    :func:`flash_attn_fwd`. If dq / dk, dv are given (any float dtype, any strides; fp32 in a ring) the
+    block's gradients are added into them in place; otherwise new tensors in q/k/v's dtype are returned.
+    ``config``: optional (dkdv, dq) tile configs.
+    """
+    _check(q, k, v)
+    B, Sq, Hq, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    scale = D ** -0.5 if scale is None else float(scale)
+    acc_q = dq is not None
+    acc_kv = dk is not None or dv is not None
+    dq = torch.empty_like(q) if dq is None else dq
+    # A lone dk (or dv) accumulator: the kernel writes both in one pass, so give the other one zeros.
+    dk = (torch.zeros_like(k) if acc_kv else torch.empty_like(k)) if dk is None else dk
+    dv = (torch.zeros_like(v) if acc_kv else torch.empty_like(v)) if dv is None else dv
+    if B * Hq * D == 0 or Sq == 0 or Sk == 0:
+        for g, acc in ((dq, acc_q), (dk, acc_kv), (dv, acc_kv)):
+            if not acc:
+                g.zero_()
+        return dq, dk, dv
+    bd = block_d_for(D)
+    delta = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
+    _bwd_preprocess_kernel[(triton.cdiv(Sq, PREPROCESS_BLOCK_M), B * Hq)](
+        out, dout, delta, *out.stride(), *dout.stride(), Hq, Sq,
+        HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=PREPROCESS_BLOCK_M)
+    cfg_kv, cfg_q = config or (_config("dkdv", q, D), _config("dq", q, D))
+    common = dict(HEAD_DIM=D, BLOCK_D=bd, IS_CAUSAL=bool(causal), DOT_PREC=dot_precision(q.dtype))
+    _flash_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg_kv.block_n), B * Hkv)](
+        q, k, v, dout, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(),
+        *dk.stride(), *dv.stride(), Hq, Hkv, Hq // Hkv, Sq, Sk, int(q_offset), int(k_offset), scale,
+        BLOCK_M=cfg_kv.block_m, BLOCK_N=cfg_kv.block_n, EVEN_M=Sq % cfg_kv.block_m == 0,
+        EVEN_N=Sk % cfg_kv.block_n == 0, ACCUMULATE=acc_kv, num_warps=cfg_kv.num_warps,
+        num_stages=cfg_kv.num_stages, **common)
+    _flash_bwd_dq_kernel[(triton.cdiv(Sq, cfg_q.block_m), B * Hq)](
+        q, k, v, dout, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(),
+        *dq.stride(), Hq, Hq // Hkv, Sq, Sk, int(q_offset), int(k_offset), scale,
+        BLOCK_M=cfg_q.block_m, BLOCK_N=cfg_q.block_n, EVEN_M=Sq % cfg_q.block_m == 0,
+        EVEN_N=Sk % cfg_q.block_n == 0, ACCUMULATE=acc_q, num_warps=cfg_q.num_warps,
+        num_stages=cfg_q.num_stages, **common)
+    return dq, dk, dv
+
+
+# ----------------------------------------------------------------------------------------------
+# plain-torch references (what the kernels are tested against)
+# ----------------------------------------------------------------------------------------------
+def _scores_ref(q: Tensor, k: Tensor, causal: bool, scale: float, q_offset: int, k_offset: int,
+                cd: torch.dtype) -> Tensor:
+    """Masked scaled scores (B, Hq, Sq, Sk) in dtype ``cd``; kv heads indexed h // group."""
+    group = q.shape[2] // k.shape[2]
+    qf = q.to(cd).transpose(1, 2)
+    kf = k.to(cd).repeat_interleave(group, dim=2).transpose(1, 2)
+    s = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    if causal:
+        i = torch.arange(q.shape[1], device=q.device)[:, None] + q_offset
+        j = torch.arange(k.shape[1], device=q.device)[None, :] + k_offset
+        s = s.masked_fill(j > i, float("-inf"))
+    return s
+
+
+def flash_attn_fwd_ref(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: Optional[float] = None,
+                       q_offset: int = 0, k_offset: int = 0,
+                       compute_dtype: torch.dtype = torch.float32) -> Tuple[Tensor, Tensor]:
+    """Reference of :func:`flash_attn_fwd` (materializes the scores). Returns out in q's dtype, lse fp32."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = _scores_ref(q, k, causal, scale, q_offset, k_offset, compute_dtype)
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse.nan_to_num(neginf=0.0).unsqueeze(-1))  # -inf rows: p = 0
+    vf = v.to(compute_dtype).repeat_interleave(q.shape[2] // k.shape[2], dim=2).transpose(1, 2)
+    return torch.matmul(p, vf).transpose(1, 2).to(q.dtype), lse.float()
+
+
+def flash_attn_bwd_ref(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                       causal: bool = False, scale: Optional[float] = None, q_offset: int = 0, k_offset: int = 0,
+                       compute_dtype: torch.dtype = torch.float32) -> Tuple[Tensor, Tensor, Tensor]:
+    """Reference of :func:`flash_attn_bwd` from the given lse (not recomputed). Returns fp grads in
+    ``compute_dtype``: dq (B, Sq, Hq, D), dk/dv (B, Sk, Hkv, D) summed over each query group."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    cd = compute_dtype
+    hkv, group = k.shape[2], q.shape[2] // k.shape[2]
+    s = _scores_ref(q, k, causal, scale, q_offset, k_offset, cd)
+    lse_c = lse.to(cd).unsqueeze(-1)
+    p = torch.exp(s - torch.where(torch.isinf(lse_c), torch.full_like(lse_c, math.inf), lse_c))
+    do = dout.to(cd).transpose(1, 2)
+    kf = k.to(cd).repeat_interleave(group, dim=2).transpose(1, 2)
+    vf = v.to(cd).repeat_interleave(group, dim=2).transpose(1, 2)
+    delta = (do * out.to(cd).transpose(1, 2)).sum(-1, keepdim=True)
+    ds = p * (torch.matmul(do, vf.transpose(-1, -2)) - delta)
+    dq = torch.matmul(ds, kf) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), q.to(cd).transpose(1, 2)) * scale
+    dv = torch.matmul(p.transpose(-1, -2), do)
+    b, _, sk, d = dk.shape
+    dk = dk.view(b, hkv, group, sk, d).sum(2)
+    dv = dv.view(b, hkv, group, sk, d).sum(2)
+    return dq.transpose(1, 2), dk.transpose(1, 2), dv.transpose(1, 2)
