@@ -82,3 +82,128 @@ def make_ring_comm(group: ProcessGroup, like: Tensor, engine: str = "auto"):
 def default_ring_engine() -> str:
     """Ring engine used when the caller does not choose: ``SPATTN_RING_ENGINE`` or "auto"."""
     return os.environ.get("SPATTN_RING_ENGINE", "auto")
+
+
+# ----------------------------------------------------------------------------------------------
+# Ulysses all-to-all: sequence-sharded <-> head-sharded, for several tensors in one collective
+# ----------------------------------------------------------------------------------------------
+HeadRanges = Sequence[Sequence[int]]  # per destination rank t: (lo, hi) head range it receives
+
+
+class A2ASpec:
+    """How a group of tensors is exchanged between sequence- and head-sharding.
+
+    Args:
+        group: the Ulysses group (size U).
+        ranges: per tensor, per destination rank, the (lo, hi) head range that rank gets. Ranges of
+            different ranks may overlap (a KV head needed by two ranks is sent to both).
+        pieces: the local sequence consists of ``pieces`` equal pieces (1, or 2 for zigzag).
+        order: the head-sharded sequence is the pieces of all ranks in this order of
+            (source rank, piece) pairs; it must list every pair once.
+    """
+
+    def __init__(self, group: ProcessGroup, ranges: Sequence[HeadRanges], pieces: int,
+                 order: Sequence[Sequence[int]]):
+        self.group = group
+        self.size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        self.ranges = [[tuple(r) for r in rs] for rs in ranges]
+        self.pieces = pieces
+        self.order = [tuple(o) for o in order]
+        self.overlap = [any(a[1] > b[0] for a, b in zip(sorted(rs), sorted(rs)[1:])) for rs in self.ranges]
+
+
+def _counts(spec: A2ASpec, b: int, s: int, d: int):
+    """Per-rank element counts: what this rank sends to each t, and receives from each source."""
+    send = [sum(b * s * (rs[t][1] - rs[t][0]) * d for rs in spec.ranges) for t in range(spec.size)]
+    recv = [sum(b * s * (rs[spec.rank][1] - rs[spec.rank][0]) * d for rs in spec.ranges)] * spec.size
+    return send, recv
+
+
+def _blocks(flat: Tensor, counts: Sequence[int], shapes_per_rank) -> List[List[Tensor]]:
+    """Views of a flat all-to-all buffer: per rank, per tensor, a (B, s, n, D) block."""
+    out, off = [], 0
+    for t, shapes in enumerate(shapes_per_rank):
+        row = []
+        for shp in shapes:
+            n = shp[0] * shp[1] * shp[2] * shp[3]
+            row.append(flat[off:off + n].view(shp))
+            off += n
+        out.append(row)
+    return out
+
+
+def seq_to_head(xs: Sequence[Tensor], spec: A2ASpec) -> List[Tensor]:
+    """(B, s, H_i, D) sequence shards -> (B, U*s, n_i, D) this rank's heads over the group's sequence."""
+    b, s, _, d = xs[0].shape
+    c = s // spec.pieces
+    send_n, recv_n = _counts(spec, b, s, d)
+    send = xs[0].new_empty(sum(send_n))
+    recv = xs[0].new_empty(sum(recv_n))
+    send_shapes = [[(b, s, rs[t][1] - rs[t][0], d) for rs in spec.ranges] for t in range(spec.size)]
+    for t, row in enumerate(_blocks(send, send_n, send_shapes)):
+        for x, rs, blk in zip(xs, spec.ranges, row):
+            blk.copy_(x[:, :, rs[t][0]:rs[t][1]])
+    dist.all_to_all_single(recv, send, recv_n, send_n, group=spec.group)
+    mine = [(b, s, rs[spec.rank][1] - rs[spec.rank][0], d) for rs in spec.ranges]
+    blocks = _blocks(recv, recv_n, [mine] * spec.size)
+    outs = []
+    for i, shp in enumerate(mine):
+        out = xs[i].new_empty((b, spec.size * s, shp[2], d))
+        for j, (u, p) in enumerate(spec.order):
+            out[:, j * c:(j + 1) * c].copy_(blocks[u][i][:, p * c:(p + 1) * c])
+        outs.append(out)
+    return outs
+
+
+def head_to_seq(ys: Sequence[Tensor], spec: A2ASpec, heads: Sequence[int]) -> List[Tensor]:
+    """Inverse of ``seq_to_head``: (B, U*s, n_i, D) -> (B, s, heads[i], D); where ranges overlap the
+    contributions are summed (that is the gradient of sending one head to several ranks)."""
+    b, total, _, d = ys[0].shape
+    s = total // spec.size
+    c = s // spec.pieces
+    recv_n, send_n = _counts(spec, b, s, d)  # the reverse direction of seq_to_head
+    send = ys[0].new_empty(sum(send_n))
+    recv = ys[0].new_empty(sum(recv_n))
+    mine = [(b, s, y.shape[2], d) for y in ys]
+    send_blocks = _blocks(send, send_n, [mine] * spec.size)
+    for j, (u, p) in enumerate(spec.order):
+        for i, y in enumerate(ys):
+            send_blocks[u][i][:, p * c:(p + 1) * c].copy_(y[:, j * c:(j + 1) * c])
+    dist.all_to_all_single(recv, send, recv_n, send_n, group=spec.group)
+    recv_shapes = [[(b, s, rs[t][1] - rs[t][0], d) for rs in spec.ranges] for t in range(spec.size)]
+    blocks = _blocks(recv, recv_n, recv_shapes)
+    outs = []
+    for i, (rs, h) in enumerate(zip(spec.ranges, heads)):
+        out = (ys[i].new_zeros if spec.overlap[i] else ys[i].new_empty)((b, s, h, d))
+        for t in range(spec.size):
+            dst = out[:, :, rs[t][0]:rs[t][1]]
+            dst.add_(blocks[t][i]) if spec.overlap[i] else dst.copy_(blocks[t][i])
+        outs.append(out)
+    return outs
+
+
+class SeqToHead(torch.autograd.Function):
+    """Differentiable ``seq_to_head``; its backward is the inverse all-to-all."""
+
+    @staticmethod
+    def forward(ctx, spec: A2ASpec, *xs):
+        ctx.spec, ctx.heads = spec, [x.shape[2] for x in xs]
+        return tuple(seq_to_head(xs, spec))
+
+    @staticmethod
+    def backward(ctx, *gs):
+        return (None, *head_to_seq([g.contiguous() for g in gs], ctx.spec, ctx.heads))
+
+
+class HeadToSeq(torch.autograd.Function):
+    """Differentiable ``head_to_seq``; its backward is the forward all-to-all."""
+
+    @staticmethod
+    def forward(ctx, spec: A2ASpec, heads: Sequence[int], *ys):
+        ctx.spec = spec
+        return tuple(head_to_seq(ys, spec, heads))
+
+    @staticmethod
+    def backward(ctx, *gs):
+        return (None, None, *seq_to_head([g.contiguous() for g in gs], ctx.spec))

@@ -1,0 +1,16 @@
+"""spattn: sequence-parallel attention (Ulysses, Ring and hybrid), forward and backward.
+
+    mesh = spattn.init_mesh(ulysses_degree=2, ring_degree=2)   # after init_process_group
+    q, k, v = (spattn.shard(t, mesh) for t in (q_full, k_full, v_full))
+    out = spattn.attention(q, k, v, mesh, causal=True)         # this rank's shard of the output
+    out_full = spattn.gather(out, mesh)
+
+Layout: (batch, seq, heads, head_dim). LSE: natural log, fp32, (batch, heads, seq).
+"""
+from . import ops
+from .attention import attention
+from .layout import gather, local_seq_len, shard
+from .mesh import SPMesh, init_mesh
+
+__all__ = ["attention", "init_mesh", "SPMesh", "shard", "gather", "local_seq_len", "ops"]
+__version__ = "0.1.0"

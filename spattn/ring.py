@@ -1,0 +1,230 @@
+"""Ring attention: K/V blocks travel around the ring group, partial results merge online by LSE.
+
+Forward, per step: start sending the current K/V block on, compute attention of the local queries
+with it, fold the result in with ``ops.merge_``, wait. Backward recomputes each block from the saved
+final (out, lse); dq accumulates locally and each block's (dk, dv) travel the ring with it, arriving
+back at the owner after the last step. Nothing of size seqlen x seqlen is ever stored.
+
+Causal masking and padding are handled by a per-step *plan*: each rank's post-Ulysses sequence is a
+list of segments of length L at known global starts (1 segment contiguous, 2 zigzag), so a (query,
+key) segment pair is either fully visible, the causal diagonal, or masked; the plan turns that into
+as few backend calls as possible and skips masked work entirely.
+
+Joint (text) tokens, replicated on every rank and already head-sliced: image queries see the joint
+K/V once (a local block at step 0), text queries see each rank's own image block plus, on ring rank
+0 only, the joint K/V; their partials are all-gathered over the ring and merged, so text work is done
+once across the ring.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from .comm import make_ring_comm
+from .ops import block_forward, merge_
+
+Tensor = torch.Tensor
+Call = Tuple[int, int, int, int, bool]  # q_lo, q_hi, k_lo, k_hi, causal (local sequence indices)
+
+
+@dataclass(frozen=True)
+class RingSetup:
+    """Static description of one ring attention call on this rank."""
+
+    group: Optional[dist.ProcessGroup]
+    size: int                 # ring degree R
+    rank: int                 # this rank's index in the ring
+    seg_len: int              # L: length of one segment
+    starts: Tuple[Tuple[int, ...], ...]  # per ring rank: global start of each of its segments
+    seq_len: int              # global number of real positions (>= that is padding)
+    causal: bool
+    scale: float
+    backend: object
+    engine: str = "auto"
+
+    def valid(self, start: int) -> int:
+        return max(0, min(self.seg_len, self.seq_len - start))
+
+    def kv_valid(self, r: int) -> int:
+        """Real keys of rank r's block: padding is a global suffix, so they are a prefix."""
+        return sum(self.valid(s) for s in self.starts[r])
+
+    def pad_rows(self) -> List[Tuple[int, int]]:
+        """Local row ranges of this rank that are padding."""
+        L = self.seg_len
+        rows = [(a * L + self.valid(s), (a + 1) * L) for a, s in enumerate(self.starts[self.rank])]
+        return [r for r in rows if r[0] < r[1]]
+
+    def plan(self, src: int) -> List[Call]:
+        """Backend calls for the local queries against ring rank ``src``'s key block."""
+        L, qs, ks = self.seg_len, self.starts[self.rank], self.starts[src]
+
+        def vis(a: int, b: int) -> str:
+            if self.valid(qs[a]) == 0 or self.valid(ks[b]) == 0:
+                return ""
+            if not self.causal or ks[b] < qs[a]:
+                return "full"
+            return "diag" if ks[b] == qs[a] else ""
+
+        grid = [[vis(a, b) for b in range(len(ks))] for a in range(len(qs))]
+        rows = [a for a in range(len(qs)) if any(grid[a])]
+        cols = [b for b in range(len(ks)) if any(grid[a][b] for a in range(len(qs)))]
+        if not rows:
+            return []
+        contiguous = rows == list(range(rows[0], rows[-1] + 1)) and cols == list(range(cols[0], cols[-1] + 1))
+        q_lo, q_hi = rows[0] * L, (rows[-1] + 1) * L
+        if contiguous and all(grid[a][b] == "full" for a in rows for b in cols):
+            # Trimming the keys to the real ones is what keeps padding out of non-causal attention.
+            return [(q_lo, q_hi, cols[0] * L, cols[-1] * L + self.valid(ks[cols[-1]]), False)]
+        if contiguous and rows == cols and all(qs[a] == ks[a] for a in rows):
+            # Same segments on both sides, in increasing global order: one top-left causal call.
+            # (Causal queries never see padded keys, so no trimming is needed.)
+            return [(q_lo, q_hi, q_lo, q_hi, True)]
+        calls = []
+        for a in rows:
+            for b in range(len(ks)):
+                if grid[a][b] == "full":
+                    calls.append((a * L, (a + 1) * L, b * L, b * L + self.valid(ks[b]), False))
+                elif grid[a][b] == "diag":
+                    calls.append((a * L, (a + 1) * L, b * L, (b + 1) * L, True))
+        return calls
+
+
+def _blocks_forward(be, q: Tensor, kv: Tensor, calls: Sequence[Call], scale: float,
+                    out: Tensor, lse: Tensor) -> None:
+    for q0, q1, k0, k1, causal in calls:
+        o, l = block_forward(be, q[:, q0:q1], kv[0][:, k0:k1], kv[1][:, k0:k1], causal, scale)
+        merge_(out[:, q0:q1], lse[:, :, q0:q1], o, l)
+
+
+def _blocks_backward(be, dout, q, kv, out, lse, calls, scale, dq, dkv) -> None:
+    for q0, q1, k0, k1, causal in calls:
+        be.backward(dout[:, q0:q1], q[:, q0:q1], kv[0][:, k0:k1], kv[1][:, k0:k1], out[:, q0:q1],
+                    lse[:, :, q0:q1], causal, scale, dq=dq[:, q0:q1], dk=dkv[0][:, k0:k1], dv=dkv[1][:, k0:k1])
+
+
+def _running(q: Tensor, heads: int) -> Tuple[Tensor, Tensor]:
+    """Empty running result: out 0 (fp32), lse -inf."""
+    b, s = q.shape[:2]
+    return (q.new_zeros((b, s, heads, q.shape[3]), dtype=torch.float32),
+            torch.full((b, heads, s), float("-inf"), dtype=torch.float32, device=q.device))
+
+
+class RingAttention(torch.autograd.Function):
+    """out, lse, joint_out, joint_lse = RingAttention.apply(setup, q, k, v, jq, jk, jv).
+
+    q: (B, Sl, Hq, D) local queries; k, v: (B, Sl, Hkv, D); jq/jk/jv: (B, T, H*, D) or None.
+    lse is the real LSE (padded rows included); the caller masks what it shows the user.
+    """
+
+    @staticmethod
+    def forward(ctx, st: RingSetup, q, k, v, jq, jk, jv):
+        be, i = st.backend, st.rank
+        # A rank left without heads (fewer heads than Ulysses ranks) has nothing to compute, and
+        # neither has the rest of its ring (same heads): skip the ring, keep the autograd graph.
+        R = st.size if q.shape[2] else 1
+        out, lse = _running(q, q.shape[2])
+        kv = torch.stack([k, v])  # K and V travel as one message
+        comm = make_ring_comm(st.group, kv, st.engine) if R > 1 else None
+        cur = kv
+        for j in range(R):
+            if j + 1 < R:
+                comm.start(cur)
+            _blocks_forward(be, q, cur, st.plan((i - j) % R), st.scale, out, lse)
+            if j + 1 < R:
+                cur = comm.wait()
+        joint = jq is not None
+        t_out = t_lse = None
+        if joint and q.shape[2] == 0:
+            t_out, t_lse = _running(jq, 0)
+            t_out = t_out.to(q.dtype)
+        elif joint:
+            merge_(out, lse, *block_forward(be, q, jk, jv, False, st.scale))
+            t_out, t_lse = _running(jq, jq.shape[2])
+            n = st.kv_valid(i)
+            if n:
+                merge_(t_out, t_lse, *block_forward(be, jq, k[:, :n], v[:, :n], False, st.scale))
+            if i == 0:
+                merge_(t_out, t_lse, *block_forward(be, jq, jk, jv, False, st.scale))
+            if R > 1:
+                t_out, t_lse = _allgather_merge(t_out, t_lse, st.group, R)
+            t_out = t_out.to(q.dtype)
+        out = out.to(q.dtype)
+        for r0, r1 in st.pad_rows():
+            out[:, r0:r1] = 0
+        ctx.st, ctx.joint = st, joint
+        ctx.save_for_backward(q, k, v, out, lse, jq, jk, jv, t_out, t_lse)
+        ctx.mark_non_differentiable(lse)
+        if joint:
+            ctx.mark_non_differentiable(t_lse)
+        return out, lse, t_out, t_lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse, dt_out, _dt_lse):
+        st = ctx.st
+        q, k, v, out, lse, jq, jk, jv, t_out, t_lse = ctx.saved_tensors
+        be, i = st.backend, st.rank
+        if q.shape[2] == 0:
+            zeros = [torch.zeros_like(t) if t is not None else None for t in (q, k, v, jq, jk, jv)]
+            return (None, *zeros)
+        R = st.size
+        pad = st.pad_rows()
+        if pad:  # padded rows are outputs of nothing: their gradient must not flow anywhere
+            dout = dout.clone()
+            for r0, r1 in pad:
+                dout[:, r0:r1] = 0
+        dout = dout.contiguous()
+        dq = torch.zeros_like(q, dtype=torch.float32)
+        kv = torch.stack([k, v])
+        # Block (dk, dv) accumulate in fp32: scratch[0] for step 0 (it is sent away), scratch[1] after.
+        scratch = [torch.zeros_like(kv, dtype=torch.float32) for _ in range(min(R, 2))]
+        kv_comm = make_ring_comm(st.group, kv, st.engine) if R > 1 else None
+        dkv_comm = make_ring_comm(st.group, scratch[0], st.engine) if R > 1 else None
+        joint = ctx.joint
+        if joint:
+            djq, djk, djv = (torch.zeros_like(t, dtype=torch.float32) for t in (jq, jk, jv))
+            dt_out = torch.zeros_like(t_out) if dt_out is None else dt_out.contiguous()
+        cur, send = kv, None
+        for j in range(R):
+            if j + 1 < R:
+                kv_comm.start(cur)
+            acc = scratch[min(j, 1)]
+            if j > 1:
+                acc.zero_()
+            _blocks_backward(be, dout, q, cur, out, lse, st.plan((i - j) % R), st.scale, dq, acc)
+            if joint and j == 0:
+                be.backward(dout, q, jk, jv, out, lse, False, st.scale, dq=dq, dk=djk, dv=djv)
+                n = st.kv_valid(i)
+                if n:
+                    be.backward(dt_out, jq, k[:, :n], v[:, :n], t_out, t_lse, False, st.scale,
+                                dq=djq, dk=acc[0][:, :n], dv=acc[1][:, :n])
+                if i == 0:
+                    be.backward(dt_out, jq, jk, jv, t_out, t_lse, False, st.scale, dq=djq, dk=djk, dv=djv)
+            if j == 0:
+                send = acc
+            else:
+                send = dkv_comm.wait()  # partial (dk, dv) of this block from the ranks before us
+                send.add_(acc)
+            if R > 1:
+                dkv_comm.start(send)
+            if j + 1 < R:
+                cur = kv_comm.wait()
+        dkv = dkv_comm.wait() if R > 1 else send  # our own block's gradient, home after a full lap
+        grads = [dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)]
+        grads += [djq.to(jq.dtype), djk.to(jk.dtype), djv.to(jv.dtype)] if joint else [None] * 3
+        return (None, *grads)
+
+
+def _allgather_merge(out: Tensor, lse: Tensor, group, size: int) -> Tuple[Tensor, Tensor]:
+    """Merge every ring rank's partial (out, lse) in ring order: identical result on every rank."""
+    outs = [torch.empty_like(out) for _ in range(size)]
+    lses = [torch.empty_like(lse) for _ in range(size)]
+    dist.all_gather(outs, out.contiguous(), group=group)
+    dist.all_gather(lses, lse.contiguous(), group=group)
+    res_out, res_lse = outs[0], lses[0]
+    for o, l in zip(outs[1:], lses[1:]):
+        merge_(res_out, res_lse, o, l)
+    return res_out, res_lse

@@ -1,0 +1,83 @@
+"""Ulysses head distribution: which heads each rank of the Ulysses group computes.
+
+Query heads are split into contiguous, balanced ranges: with H heads on U ranks, H % U ranks get
+ceil(H/U) heads and the others floor(H/U). That is exact for any H (no padded heads, no zero heads
+sent) and the slowest rank does ceil(H/U) heads, the same as padding H up to a multiple of U would
+give, while sending less.
+
+Each rank receives exactly the KV heads its query heads read (GQA: query head h reads kv head
+h // (Hq/Hkv)). When the query ranges do not line up with KV groups, a KV head is sent to every rank
+that needs it and to no other: the extra traffic is ``sum(len(kv_ranges)) - Hkv`` heads of K and of V
+(e.g. 24 query / 8 KV heads on 16 ranks: 16 KV head-slices instead of 8; 1 KV head on 8 ranks: 8).
+Their gradients are summed on the way back.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
+
+import torch
+
+Range = Tuple[int, int]
+
+
+def balanced_ranges(n: int, parts: int) -> List[Range]:
+    """Split ``range(n)`` into ``parts`` contiguous ranges whose sizes differ by at most one."""
+    base, extra = divmod(n, parts)
+    out, lo = [], 0
+    for p in range(parts):
+        hi = lo + base + (1 if p < extra else 0)
+        out.append((lo, hi))
+        lo = hi
+    return out
+
+
+@dataclass(frozen=True)
+class HeadPlan:
+    q_ranges: Tuple[Range, ...]
+    kv_ranges: Tuple[Range, ...]
+    group_size: int  # Hq // Hkv
+
+    def local_kv_index(self, rank: int) -> Optional[torch.Tensor]:
+        """For rank's local query heads, the local kv head each reads, or None when that is the
+        plain GQA pattern ``i // (nq // nkv)`` the backends handle without copying."""
+        (qlo, qhi), (klo, khi) = self.q_ranges[rank], self.kv_ranges[rank]
+        nq, nkv = qhi - qlo, khi - klo
+        idx = [h // self.group_size - klo for h in range(qlo, qhi)]
+        if nkv and nq % nkv == 0 and idx == [i // (nq // nkv) for i in range(nq)]:
+            return None
+        return torch.tensor(idx, dtype=torch.long)
+
+
+def head_plan(heads_q: int, heads_kv: int, degree: int) -> HeadPlan:
+    g = heads_q // heads_kv
+    q_ranges = balanced_ranges(heads_q, degree)
+    kv_ranges = [(lo // g, (hi - 1) // g + 1) if hi > lo else (0, 0) for lo, hi in q_ranges]
+    return HeadPlan(tuple(q_ranges), tuple(kv_ranges), g)
+
+
+class HeadMapBackend:
+    """A backend adapter for a non-uniform local query->kv head map: expands K/V per block (local
+    memory only; what travels the ring stays unexpanded) and sums the expanded gradients back."""
+
+    def __init__(self, backend, index: torch.Tensor):
+        self.inner, self.index, self.name = backend, index, backend.name
+
+    def available(self, device):
+        return self.inner.available(device)
+
+    def _expand(self, x):
+        return x.index_select(2, self.index.to(x.device))
+
+    def forward(self, q, k, v, causal, scale):
+        return self.inner.forward(q, self._expand(k), self._expand(v), causal, scale)
+
+    def backward(self, dout, q, k, v, out, lse, causal, scale, dq=None, dk=None, dv=None):
+        dq, gk, gv = self.inner.backward(dout, q, self._expand(k), self._expand(v), out, lse, causal,
+                                         scale, dq=dq)
+        idx = self.index.to(k.device)
+        if dk is None:
+            dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        dk.index_add_(2, idx, gk.to(dk.dtype))
+        dv.index_add_(2, idx, gv.to(dv.dtype))
+        return dq, dk, dv

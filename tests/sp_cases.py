@@ -1,0 +1,241 @@
+"""Bodies that run on every rank (via dist_harness) and compare spattn with full-sequence references.
+
+Every rank builds the same full tensors from a seed, runs spattn on its shard, gathers the results
+with ``spattn.gather``; rank 0 computes the references and returns the errors for the test to assert.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import spattn
+from spattn.backends.reference import attention_ref
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_MESHES: Dict[Tuple[int, int], spattn.SPMesh] = {}
+
+
+def get_mesh(u: int, r: int) -> spattn.SPMesh:
+    """Meshes are cached per process: creating groups per test would leak them and cost time."""
+    if (u, r) not in _MESHES:
+        _MESHES[(u, r)] = spattn.init_mesh(ulysses_degree=u, ring_degree=r)
+    return _MESHES[(u, r)]
+
+
+@dataclass(frozen=True)
+class Case:
+    u: int
+    r: int
+    seq: int = 64
+    heads: int = 4
+    kv_heads: Optional[int] = None
+    head_dim: int = 32
+    batch: int = 1
+    dtype: str = "fp32"
+    causal: bool = False
+    layout: str = "contiguous"
+    text: int = 0                 # joint text tokens (0: none)
+    joint_strategy: str = "front"
+    backend: str = "auto"
+    engine: str = "python"
+    seed: int = 0
+
+    @property
+    def kvh(self) -> int:
+        return self.kv_heads or self.heads
+
+
+def _inputs(c: Case):
+    g = torch.Generator().manual_seed(c.seed)
+    dt = DTYPES[c.dtype]
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dt)
+
+    q, k, v = rnd(c.batch, c.seq, c.heads, c.head_dim), rnd(c.batch, c.seq, c.kvh, c.head_dim), \
+        rnd(c.batch, c.seq, c.kvh, c.head_dim)
+    dout = rnd(c.batch, c.seq, c.heads, c.head_dim)
+    joint = None
+    if c.text:
+        joint = (rnd(c.batch, c.text, c.heads, c.head_dim), rnd(c.batch, c.text, c.kvh, c.head_dim),
+                 rnd(c.batch, c.text, c.kvh, c.head_dim), rnd(c.batch, c.text, c.heads, c.head_dim))
+    return q, k, v, dout, joint
+
+
+def _full_reference(c: Case, q, k, v, dout, joint, dtype, impl: str):
+    """Full-sequence attention (+ grads). impl: 'ref' (fp64 math) or 'sdpa' (torch, in ``dtype``)."""
+    ts = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
+    jts = [t.detach().to(dtype).requires_grad_() for t in joint[:3]] if joint else []
+    qq, kk, vv = ts
+    if joint:
+        jq, jk, jv = jts
+        front = c.joint_strategy == "front"
+        cat = (lambda t, j: torch.cat([j, t] if front else [t, j], dim=1))
+        qq, kk, vv = cat(qq, jq), cat(kk, jk), cat(vv, jv)
+    if impl == "ref":
+        o, lse = attention_ref(qq, kk, vv, c.causal)
+    else:
+        o = F.scaled_dot_product_attention(qq.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2),
+                                           is_causal=c.causal, enable_gqa=c.kvh != c.heads).transpose(1, 2)
+        lse = None
+    T = c.text
+    if joint:
+        img = slice(T, None) if c.joint_strategy == "front" else slice(0, c.seq)
+        txt = slice(0, T) if c.joint_strategy == "front" else slice(c.seq, None)
+        o_img, o_txt = o[:, img], o[:, txt]
+        lse_img = lse[:, :, img] if lse is not None else None
+        loss = (o_img * dout.to(dtype)).sum() + (o_txt * joint[3].to(dtype)).sum()
+    else:
+        o_img, o_txt, lse_img = o, None, lse
+        loss = (o * dout.to(dtype)).sum()
+    loss.backward()
+    res = {"out": o_img, "lse": lse_img, "dq": ts[0].grad, "dk": ts[1].grad, "dv": ts[2].grad}
+    if joint:
+        res.update({"jout": o_txt, "djq": jts[0].grad, "djk": jts[1].grad, "djv": jts[2].grad})
+    return res
+
+
+def run_case(c: Case) -> Optional[dict]:
+    """Run on every rank. Returns, on rank 0, {name: (err, sdpa_err, ref_max)}."""
+    mesh = get_mesh(c.u, c.r)
+    q, k, v, dout, joint = _inputs(c)
+    kw = dict(seq_len=c.seq, layout=c.layout)
+    ql, kl, vl = (spattn.shard(t, mesh, **kw).requires_grad_() for t in (q, k, v))
+    dl = spattn.shard(dout, mesh, **kw)
+    args = {}
+    if joint:
+        jts = [t.clone().requires_grad_() for t in joint[:3]]
+        args = dict(joint_q=jts[0], joint_k=jts[1], joint_v=jts[2], joint_strategy=c.joint_strategy)
+    res = spattn.attention(ql, kl, vl, mesh, causal=c.causal, return_lse=True, backend=c.backend,
+                           ring_engine=c.engine, **args, **kw)
+    if joint:
+        out, jout, lse, _ = res
+        loss = (out * dl).sum() + (jout * joint[3]).sum()
+    else:
+        out, lse = res
+        loss = (out * dl).sum()
+    loss.backward()
+    # Padded positions: zero output, -inf lse, zero gradient (checked on every rank).
+    pad = spattn.local_seq_len(c.seq, mesh, c.layout) * mesh.world_size - c.seq
+    if pad:
+        mask = spattn.shard(torch.ones(1, c.seq), mesh, **kw)[0] == 0
+        for name, t in (("out", out), ("dq", ql.grad), ("dk", kl.grad), ("dv", vl.grad)):
+            assert (t[:, mask] == 0).all(), f"padded rows of {name} are not zero"
+        assert torch.isneginf(lse[:, :, mask]).all(), "padded rows of lse are not -inf"
+    got = {n: spattn.gather(t.detach(), mesh, **kw) for n, t in
+           (("out", out), ("dq", ql.grad), ("dk", kl.grad), ("dv", vl.grad))}
+    got["lse"] = spattn.gather(lse, mesh, dim=2, **kw)
+    if joint:
+        got.update(jout=jout.detach(), djq=jts[0].grad, djk=jts[1].grad, djv=jts[2].grad)
+        # Replicated results must be identical on every rank.
+        for n in ("jout", "djq", "djk", "djv"):
+            t = got[n].contiguous()
+            parts = [torch.empty_like(t) for _ in range(dist.get_world_size())] if dist.is_initialized() else [t]
+            if dist.is_initialized():
+                dist.all_gather(parts, t)
+            assert all(torch.equal(p, parts[0]) for p in parts), f"{n} differs between ranks"
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return None
+    ref = _full_reference(c, q, k, v, dout, joint, torch.float64, "ref")
+    base = _full_reference(c, q, k, v, dout, joint, DTYPES[c.dtype], "sdpa")
+    out = {}
+    for n, t in got.items():
+        r = ref[n].double()
+        if n == "lse":
+            err = (t.double() - r).abs().max().item()
+            out[n] = (err, 0.0, r.abs().max().item())
+            continue
+        err = (t.double() - r).abs().max().item()
+        berr = (base[n].double() - r).abs().max().item()
+        out[n] = (err, berr, r.abs().max().item())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Small bodies for API and error tests
+# ----------------------------------------------------------------------------------------------
+def expect_error(u: int, r: int, kind: str) -> str:
+    """Provoke one bad input on every rank; return the error message (must be raised before any
+    collective, so all ranks raise and nothing hangs)."""
+    mesh = get_mesh(u, r)
+    x = torch.randn(1, 8, 4, 16)
+    try:
+        if kind == "degrees":
+            spattn.init_mesh(ulysses_degree=3, ring_degree=dist.get_world_size())
+        elif kind == "rank3":
+            spattn.attention(x[0], x[0], x[0], mesh)
+        elif kind == "shape":
+            spattn.attention(x, x[:, :, :2, :8], x[:, :, :2, :8], mesh)
+        elif kind == "kv_mismatch":
+            spattn.attention(x, x, x[:, :, :, :8], mesh)
+        elif kind == "dtype":
+            spattn.attention(x, x.double(), x, mesh)
+        elif kind == "gqa":
+            spattn.attention(x, x[:, :, :3], x[:, :, :3], mesh)
+        elif kind == "device":
+            spattn.attention(x.to("meta"), x.to("meta"), x.to("meta"), mesh)
+        elif kind == "seq_len":
+            spattn.attention(x, x, x, mesh, seq_len=5 * mesh.world_size + 100)
+        elif kind == "qk_len":
+            spattn.attention(x, x[:, :4], x[:, :4], mesh)
+        elif kind == "layout":
+            spattn.attention(x, x, x, mesh, layout="striped")
+        elif kind == "joint_causal":
+            t = torch.randn(1, 3, 4, 16)
+            spattn.attention(x, x, x, mesh, causal=True, joint_q=t, joint_k=t, joint_v=t)
+        elif kind == "joint_partial":
+            spattn.attention(x, x, x, mesh, joint_q=torch.randn(1, 3, 4, 16))
+        elif kind == "backend":
+            spattn.attention(x, x, x, mesh, backend="nope")
+        else:
+            raise AssertionError(kind)
+    except (ValueError, TypeError, RuntimeError) as e:
+        # Prove no collective was left half-done: a barrier right after must pass promptly.
+        if dist.is_initialized():
+            dist.barrier()
+        return f"{type(e).__name__}: {e}"
+    raise AssertionError(f"no error raised for {kind}")
+
+
+def shard_gather_roundtrip(u: int, r: int, seq: int, layout: str) -> bool:
+    mesh = get_mesh(u, r)
+    x = torch.arange(2 * seq * 3, dtype=torch.float32).view(2, seq, 3).requires_grad_()
+    loc = spattn.shard(x, mesh, layout=layout)
+    assert loc.shape[1] == spattn.local_seq_len(seq, mesh, layout)
+    full = spattn.gather(loc, mesh, seq_len=seq, layout=layout)
+    assert torch.equal(full, x.detach()), "gather(shard(x)) != x"
+    full.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x)), "shard/gather gradient is not the identity"
+    if layout == "contiguous" and seq % mesh.world_size == 0:  # rank r holds the r-th chunk
+        c = seq // mesh.world_size
+        assert torch.equal(loc.detach(), x.detach()[:, mesh.sp_rank * c:(mesh.sp_rank + 1) * c])
+    return True
+
+
+def mesh_info(u: int, r: int) -> list:
+    mesh = get_mesh(u, r)
+    info = [mesh.ulysses_degree, mesh.ring_degree, mesh.world_size, mesh.sp_rank, mesh.ulysses_rank, mesh.ring_rank]
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, info)
+    return parts
+
+
+def subgroup_mesh(u: int, r: int) -> list:
+    """init_mesh over a subgroup (the even ranks) called by its members only."""
+    world = dist.get_world_size()
+    ranks = list(range(0, world, 2))
+    sub = dist.new_group(ranks)
+    if dist.get_rank() not in ranks:
+        return []
+    mesh = spattn.init_mesh(ulysses_degree=u, ring_degree=r, group=sub)
+    torch.manual_seed(0)
+    q = torch.randn(1, 16 * len(ranks), 4, 16)
+    loc = spattn.shard(q, mesh)
+    out = spattn.gather(spattn.attention(loc, loc, loc, mesh, causal=True), mesh)
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), q.transpose(1, 2), q.transpose(1, 2),
+                                         is_causal=True).transpose(1, 2)
+    return [(out - ref).abs().max().item(), mesh.sp_rank]
