@@ -125,7 +125,7 @@ class RingAttention(torch.autograd.Function):
         be, i = st.backend, st.rank
         # A rank left without heads (fewer heads than Ulysses ranks) has nothing to compute, and
         # neither has the rest of its ring (same heads): skip the ring, keep the autograd graph.
-        R = st.size if q.shape[2] else 1
+        R = st.size if q.shape[2] else 0
         out, lse = _running(q, q.shape[2])
         kv = torch.stack([k, v])  # K and V travel as one message
         comm = make_ring_comm(st.group, kv, st.engine) if R > 1 else None

@@ -43,6 +43,8 @@ class HeadPlan:
         plain GQA pattern ``i // (nq // nkv)`` the backends handle without copying."""
         (qlo, qhi), (klo, khi) = self.q_ranges[rank], self.kv_ranges[rank]
         nq, nkv = qhi - qlo, khi - klo
+        if nq == 0:
+            return None
         idx = [h // self.group_size - klo for h in range(qlo, qhi)]
         if nkv and nq % nkv == 0 and idx == [i // (nq // nkv) for i in range(nq)]:
             return None

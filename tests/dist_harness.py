@@ -32,9 +32,12 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, tasks, results) -> None:
+    import faulthandler
+
     import torch
     import torch.distributed as dist
 
+    faulthandler.enable()  # a crashing rank prints where it died instead of vanishing
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,

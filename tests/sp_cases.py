@@ -209,7 +209,12 @@ def shard_gather_roundtrip(u: int, r: int, seq: int, layout: str) -> bool:
     full = spattn.gather(loc, mesh, seq_len=seq, layout=layout)
     assert torch.equal(full, x.detach()), "gather(shard(x)) != x"
     full.sum().backward()
-    assert torch.equal(x.grad, torch.ones_like(x)), "shard/gather gradient is not the identity"
+    # The replicated result's gradient counts once: each rank's input gets its own positions' part.
+    ids = spattn.shard(torch.arange(1, seq + 1, dtype=torch.float32).view(1, seq), mesh, layout=layout).flatten()
+    mine = torch.zeros(seq)
+    mine[(ids[ids > 0] - 1).long()] = 1  # 0 marks padding
+    expect = mine.view(1, seq, 1).expand_as(x)
+    assert torch.equal(x.grad, expect), "shard/gather gradient is not this rank's slice"
     if layout == "contiguous" and seq % mesh.world_size == 0:  # rank r holds the r-th chunk
         c = seq // mesh.world_size
         assert torch.equal(loc.detach(), x.detach()[:, mesh.sp_rank * c:(mesh.sp_rank + 1) * c])
