@@ -1,0 +1,137 @@
+// Fused in-place LSE merge on CPU: one pass over out/blk_out, vectorized with at::vec and
+// parallel with at::parallel_for. The eager torch version makes ~10 full passes with temporaries.
+#include "spattn.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <limits>
+#include <vector>
+
+namespace spattn {
+namespace {
+
+using fVec = at::vec::Vectorized<float>;
+constexpr int64_t kTokChunk = 32;  // tokens per task: enough to fill vectors along the lse's S axis
+
+// new_lse = logaddexp(a, b) the way torch computes it; weights exp(x - new_lse), with new_lse
+// replaced by 0 where it is infinite so that a (-inf, -inf) row gives weights 0, never NaN.
+inline void lse_weights(const fVec& a, const fVec& b, fVec& new_lse, fVec& wa, fVec& wb) {
+  const fVec inf(std::numeric_limits<float>::infinity());
+  const fVec zero(0.f);
+  fVec mx = at::vec::maximum(a, b);
+  fVec mn = at::vec::minimum(a, b);
+  fVec lae = mx + (mn - mx).exp().log1p();
+  fVec mx_inf = mx.abs() == inf;
+  new_lse = fVec::blendv(lae, mx, mx_inf);  // +-inf max: the result is the max (no inf-inf)
+  fVec safe = fVec::blendv(new_lse, zero, new_lse.abs() == inf);
+  wa = (a - safe).exp();
+  wb = (b - safe).exp();
+}
+
+// out_row = out_row * wa + blk_row * wb over one head_dim row.
+template <typename scalar_t>
+inline void scale_row(float* out, const scalar_t* blk, int64_t D, float wa, float wb) {
+  const fVec va(wa), vb(wb);
+  int64_t d = 0;
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    for (; d + fVec::size() <= D; d += fVec::size()) {
+      fVec o = fVec::loadu(out + d) * va + fVec::loadu(blk + d) * vb;
+      o.store(out + d);
+    }
+  } else {
+    using bVec = at::vec::Vectorized<scalar_t>;
+    for (; d + bVec::size() <= D; d += bVec::size()) {
+      auto [b0, b1] = at::vec::convert_to_float<scalar_t>(bVec::loadu(blk + d));
+      fVec o0 = fVec::loadu(out + d) * va + b0 * vb;
+      fVec o1 = fVec::loadu(out + d + fVec::size()) * va + b1 * vb;
+      o0.store(out + d);
+      o1.store(out + d + fVec::size());
+    }
+  }
+  for (; d < D; ++d) out[d] = out[d] * wa + static_cast<float>(blk[d]) * wb;
+}
+
+template <typename scalar_t>
+void merge_kernel(float* out, float* lse, const scalar_t* blk, const float* blk_lse, int64_t B,
+                  int64_t S, int64_t H, int64_t D) {
+  const int64_t chunks = (S + kTokChunk - 1) / kTokChunk;
+  // grain: a task should move at least ~32k elements so thread wake-up cost stays small.
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(1, kTokChunk * H * D));
+  at::parallel_for(0, B * chunks, grain, [&](int64_t begin, int64_t end) {
+    std::vector<float> wa(H * kTokChunk), wb(H * kTokChunk);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / chunks;
+      const int64_t s0 = (task % chunks) * kTokChunk;
+      const int64_t n = std::min(kTokChunk, S - s0);
+      // Phase 1: lse rows are contiguous along S, so the logaddexp/exps vectorize there.
+      for (int64_t h = 0; h < H; ++h) {
+        float* l = lse + (b * H + h) * S + s0;
+        const float* bl = blk_lse + (b * H + h) * S + s0;
+        float* pa = wa.data() + h * kTokChunk;
+        float* pb = wb.data() + h * kTokChunk;
+        for (int64_t i = 0; i < n; i += fVec::size()) {
+          const int cnt = static_cast<int>(std::min<int64_t>(fVec::size(), n - i));
+          fVec nl, va, vb;
+          lse_weights(fVec::loadu(l + i, cnt), fVec::loadu(bl + i, cnt), nl, va, vb);
+          nl.store(l + i, cnt);
+          va.store(pa + i, cnt);
+          vb.store(pb + i, cnt);
+        }
+      }
+      // Phase 2: one streaming pass over this chunk's output rows.
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t row0 = ((b * S) + s0 + i) * H;
+        for (int64_t h = 0; h < H; ++h) {
+          scale_row<scalar_t>(out + (row0 + h) * D, blk + (row0 + h) * D, D, wa[h * kTokChunk + i],
+                              wb[h * kTokChunk + i]);
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void check_merge_args(const at::Tensor& out, const at::Tensor& lse, const at::Tensor& blk_out,
+                      const at::Tensor& blk_lse) {
+  TORCH_CHECK(out.dim() == 4, "spattn merge: out must be (B, S, H, D), got ", out.sizes());
+  TORCH_CHECK(out.scalar_type() == at::kFloat, "spattn merge: out must be float32, got ", out.scalar_type());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && blk_lse.scalar_type() == at::kFloat,
+              "spattn merge: lse and blk_lse must be float32");
+  TORCH_CHECK(blk_out.sizes() == out.sizes(), "spattn merge: blk_out ", blk_out.sizes(),
+              " must have out's shape ", out.sizes());
+  const auto B = out.size(0), S = out.size(1), H = out.size(2);
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == B && lse.size(1) == H && lse.size(2) == S,
+              "spattn merge: lse must be (B, H, S) = (", B, ", ", H, ", ", S, "), got ", lse.sizes());
+  TORCH_CHECK(blk_lse.sizes() == lse.sizes(), "spattn merge: blk_lse ", blk_lse.sizes(),
+              " must have lse's shape ", lse.sizes());
+  TORCH_CHECK(out.is_contiguous() && lse.is_contiguous(),
+              "spattn merge: out and lse are updated in place and must be contiguous");
+  TORCH_CHECK(blk_out.device() == out.device() && lse.device() == out.device() &&
+                  blk_lse.device() == out.device(),
+              "spattn merge: all tensors must be on one device");
+}
+
+void merge_cpu_(const at::Tensor& out, const at::Tensor& lse, const at::Tensor& blk_out, const at::Tensor& blk_lse) {
+  check_merge_args(out, lse, blk_out, blk_lse);
+  TORCH_CHECK(out.device().is_cpu(), "spattn merge_cpu_: tensors must be on the CPU");
+  // Read-only inputs may be views (e.g. a slice of a packed buffer): a copy is cheaper than the
+  // strided kernel we would otherwise need, and is a no-op when already contiguous.
+  const at::Tensor blk = blk_out.contiguous();
+  const at::Tensor blse = blk_lse.contiguous();
+  float* o = out.data_ptr<float>();
+  float* l = lse.data_ptr<float>();
+  const float* bl = blse.const_data_ptr<float>();
+  const int64_t B = out.size(0), S = out.size(1), H = out.size(2), D = out.size(3);
+  switch (blk.scalar_type()) {
+    case at::kFloat: return merge_kernel(o, l, blk.const_data_ptr<float>(), bl, B, S, H, D);
+    case at::kBFloat16: return merge_kernel(o, l, blk.const_data_ptr<at::BFloat16>(), bl, B, S, H, D);
+    case at::kHalf: return merge_kernel(o, l, blk.const_data_ptr<at::Half>(), bl, B, S, H, D);
+    default: TORCH_CHECK(false, "spattn merge: blk_out must be float32, bfloat16 or float16, got ", blk.scalar_type());
+  }
+}
+
+}  // namespace spattn
