@@ -376,25 +376,26 @@ class TileConfig(NamedTuple):
     num_stages: int
 
 
-# (arch, BLOCK_D) -> config for 2-byte inputs (fp16/bf16). sm_90 forward tiles have BLOCK_M >= 64 and
-# 4/8 warps so Triton lowers tl.dot to wgmma. fp32 inputs ("ieee" dots on FMA units) use _FP32_CONFIGS.
+# (arch, BLOCK_D) -> config for 2-byte inputs (fp16/bf16). sm_90 tiles put >= 64 rows per warpgroup on
+# the dot's M side so Triton lowers tl.dot to wgmma (checked: forward everywhere, dK/dV and dQ up to
+# head_dim 128). Chosen for zero spills at <= 255 registers (see bench/kernel_report.py).
 _CONFIGS: Dict[str, Dict[Tuple[int, int], TileConfig]] = {
     "fwd": {
         (80, 16): TileConfig(128, 64, 4, 3), (80, 32): TileConfig(128, 64, 4, 3),
         (80, 64): TileConfig(128, 64, 4, 3), (80, 128): TileConfig(128, 64, 8, 3),
-        (80, 256): TileConfig(64, 32, 4, 2),
+        (80, 256): TileConfig(64, 64, 8, 2),
         (90, 16): TileConfig(128, 64, 4, 3), (90, 32): TileConfig(128, 64, 4, 3),
         (90, 64): TileConfig(128, 128, 8, 3), (90, 128): TileConfig(128, 64, 8, 3),
-        (90, 256): TileConfig(64, 64, 4, 2),
+        (90, 256): TileConfig(128, 32, 8, 2),
     },
-    # block_m: query tile looped over, block_n: owned key tile.
+    # block_m: query tile looped over, block_n: owned key tile (dK/dV accumulators stay in registers).
     "dkdv": {
         (80, 16): TileConfig(32, 64, 4, 3), (80, 32): TileConfig(32, 64, 4, 3),
-        (80, 64): TileConfig(32, 128, 8, 3), (80, 128): TileConfig(32, 64, 4, 2),
-        (80, 256): TileConfig(16, 32, 4, 2),
+        (80, 64): TileConfig(32, 128, 8, 3), (80, 128): TileConfig(32, 64, 8, 2),
+        (80, 256): TileConfig(16, 32, 8, 2),
         (90, 16): TileConfig(32, 64, 4, 3), (90, 32): TileConfig(32, 64, 4, 3),
-        (90, 64): TileConfig(32, 128, 8, 3), (90, 128): TileConfig(64, 64, 8, 2),
-        (90, 256): TileConfig(16, 32, 4, 2),
+        (90, 64): TileConfig(32, 128, 8, 3), (90, 128): TileConfig(16, 64, 8, 2),
+        (90, 256): TileConfig(16, 32, 8, 2),
     },
     # block_m: owned query tile, block_n: key tile looped over.
     "dq": {
@@ -406,15 +407,24 @@ _CONFIGS: Dict[str, Dict[Tuple[int, int], TileConfig]] = {
         (90, 256): TileConfig(32, 16, 4, 2),
     },
 }
-_FP32_CONFIGS: Dict[str, Dict[int, TileConfig]] = {
-    "fwd": {16: TileConfig(64, 32, 4, 2), 32: TileConfig(64, 32, 4, 2), 64: TileConfig(64, 32, 4, 2),
-            128: TileConfig(32, 32, 4, 2), 256: TileConfig(16, 16, 4, 1)},
-    "dkdv": {16: TileConfig(32, 32, 4, 2), 32: TileConfig(32, 32, 4, 2), 64: TileConfig(32, 32, 4, 2),
-             128: TileConfig(16, 32, 4, 1), 256: TileConfig(16, 16, 4, 1)},
-    "dq": {16: TileConfig(32, 32, 4, 2), 32: TileConfig(32, 32, 4, 2), 64: TileConfig(32, 32, 4, 2),
-           128: TileConfig(32, 16, 4, 1), 256: TileConfig(16, 16, 4, 1)},
+# fp32 inputs: "ieee" dots run on the FMA units with operands in registers, so tiles are much smaller.
+_FP32_CONFIGS: Dict[str, Dict[Tuple[int, int], TileConfig]] = {
+    "fwd": {**{(a, bd): TileConfig(64, 32, 8, 2) for a in (80, 90) for bd in (16, 32, 64)},
+            (80, 128): TileConfig(32, 16, 8, 2), (90, 128): TileConfig(32, 16, 8, 2),
+            (80, 256): TileConfig(32, 16, 8, 1), (90, 256): TileConfig(32, 16, 8, 1)},
+    "dkdv": {**{(a, bd): TileConfig(16, 32, 8, 2) for a in (80, 90) for bd in (16, 32, 64)},
+             (90, 16): TileConfig(16, 32, 4, 2), (90, 32): TileConfig(16, 32, 4, 2),
+             (80, 128): TileConfig(32, 32, 8, 2), (90, 128): TileConfig(16, 16, 4, 1),
+             (80, 256): TileConfig(16, 16, 4, 1), (90, 256): TileConfig(16, 32, 8, 2)},
+    "dq": {(a, bd): TileConfig(32, 16, 8, 2) for a in (80, 90) for bd in (16, 32, 64, 128, 256)},
 }
-PREPROCESS_BLOCK_M = 64
+
+
+def preprocess_block_m(block_d: int) -> int:
+    """Rows per delta program: 64, fewer at wide heads so out/dout tiles stay ~8K values."""
+    return min(64, 8192 // block_d)
+
+
 INTERPRET_CONFIG = TileConfig(32, 32, 4, 1)  # small tiles: several tiles (and tails) even at seq ~100
 ARCHS = (80, 90)
 HEAD_DIM_BUCKETS = (16, 32, 64, 128, 256)
@@ -435,9 +445,7 @@ def arch_key(capability: Tuple[int, int]) -> int:
 def tile_config(kind: str, arch: int, head_dim: int, dtype: torch.dtype) -> TileConfig:
     """The shipped config of kernel ``kind`` ("fwd", "dkdv", "dq") for ``arch`` (80 or 90)."""
     bd = block_d_for(head_dim)
-    if dtype == torch.float32:
-        return _FP32_CONFIGS[kind][bd]
-    return _CONFIGS[kind][(arch, bd)]
+    return (_FP32_CONFIGS if dtype == torch.float32 else _CONFIGS)[kind][(arch, bd)]
 
 
 def _config(kind: str, t: Tensor, head_dim: int) -> TileConfig:
@@ -524,9 +532,9 @@ def flash_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
         return dq, dk, dv
     bd = block_d_for(D)
     delta = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
-    _bwd_preprocess_kernel[(triton.cdiv(Sq, PREPROCESS_BLOCK_M), B * Hq)](
-        out, dout, delta, *out.stride(), *dout.stride(), Hq, Sq,
-        HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=PREPROCESS_BLOCK_M)
+    pre_m = preprocess_block_m(bd)
+    _bwd_preprocess_kernel[(triton.cdiv(Sq, pre_m), B * Hq)](
+        out, dout, delta, *out.stride(), *dout.stride(), Hq, Sq, HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=pre_m)
     cfg_kv, cfg_q = config or (_config("dkdv", q, D), _config("dq", q, D))
     common = dict(HEAD_DIM=D, BLOCK_D=bd, IS_CAUSAL=bool(causal), DOT_PREC=dot_precision(q.dtype))
     _flash_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg_kv.block_n), B * Hkv)](

@@ -66,8 +66,12 @@ def _merge_kernel(
     tl.store(lse_ptrs, new_lse, mask=row_ok)
 
 
-MERGE_BLOCK_S = 32  # rows per program; BLOCK_S * BLOCK_D fp32 values in registers (8K at D=256)
 MERGE_NUM_WARPS = 4
+
+
+def merge_block_s(block_d: int) -> int:
+    """Rows per program: 32, fewer at wide heads so each operand tile stays ~4K fp32 values."""
+    return min(32, 4096 // block_d)
 
 
 def merge_(out: Tensor, lse: Tensor, blk_out: Tensor, blk_lse: Tensor) -> Tuple[Tensor, Tensor]:
@@ -84,11 +88,11 @@ def merge_(out: Tensor, lse: Tensor, blk_out: Tensor, blk_lse: Tensor) -> Tuple[
     B, S, H, D = out.shape
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
-    grid = (triton.cdiv(S, MERGE_BLOCK_S), B * H)
-    _merge_kernel[grid](
+    bd = max(16, triton.next_power_of_2(D))
+    bs = merge_block_s(bd)
+    _merge_kernel[(triton.cdiv(S, bs), B * H)](
         out, lse, blk_out, blk_lse, *out.stride(), *lse.stride(), *blk_out.stride(), *blk_lse.stride(),
-        H, S, HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_S=MERGE_BLOCK_S,
-        num_warps=MERGE_NUM_WARPS)
+        H, S, HEAD_DIM=D, BLOCK_D=bd, BLOCK_S=bs, num_warps=MERGE_NUM_WARPS)
     return out, lse
 
 
