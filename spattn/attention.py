@@ -7,18 +7,20 @@ all-to-all, a mesh of one is plain attention.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+import os
+from dataclasses import dataclass
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 
 from .backends import get_backend
-from .comm import A2ASpec, HeadToSeq, SeqToHead, default_ring_engine, head_to_seq
+from .comm import A2ASpec, default_ring_engine, start_head_to_seq, start_seq_to_head
 from .layout import LAYOUTS, Geometry
 from .mesh import SPMesh
 from .ops import check_qkv
-from .ring import RingAttention, RingSetup
-from .ulysses import HeadMapBackend, head_plan
+from .ring import RingSetup, ring_backward, ring_forward
+from .ulysses import HeadMapBackend, head_plan, pipeline_plans
 
 Tensor = torch.Tensor
 JOINT_STRATEGIES = ("front", "rear")
@@ -113,6 +115,106 @@ class _GatherHeads(torch.autograd.Function):
         return g[:, :, lo:hi], None, None
 
 
+@dataclass(frozen=True)
+class _Chunk:
+    """One pipeline stage: a slice of every rank's heads, its all-to-all specs and ring setup."""
+
+    setup: RingSetup
+    spec: Optional[A2ASpec]      # q, k, v exchange (None without Ulysses)
+    out_spec: Optional[A2ASpec]  # q-shaped exchange: out forward, dout backward
+    q_heads: Tuple[int, int]     # this rank's query heads in this chunk (global head indices)
+    kv_heads: Tuple[int, int]
+
+
+_SAVED_PER_CHUNK = 10  # q, k, v, out, lse, jq, jk, jv, t_out, t_lse
+
+
+class _SPAttention(torch.autograd.Function):
+    """Ulysses around Ring, forward and backward, pipelined over head chunks: the all-to-all of
+    chunk c+1 and the return of chunk c run while chunk c+1 / c computes.
+
+    Returns out (B, s, Hq, D); lse (B, h_local, U*s) in head-sharded order; t_out (B, T, h_local, D)
+    and t_lse (None without joint tokens).
+    """
+
+    @staticmethod
+    def forward(ctx, chunks: List[_Chunk], q, k, v, jq, jk, jv):
+        joint = jq is not None
+        ctx.chunks, ctx.shapes, ctx.joint = chunks, (q.shape, k.shape), joint
+        if chunks[0].spec is None:  # no Ulysses: one ring
+            res = ring_forward(chunks[0].setup, q, k, v, jq, jk, jv)
+            saved = [(q, k, v, *res[:2], jq, jk, jv, *res[2:])]
+            out, lse, t_out, t_lse = res
+        else:
+            out = torch.zeros_like(q)
+            saved, pending, parts = [], [], []
+            work = start_seq_to_head([q, k, v], chunks[0].spec)
+            for c, ch in enumerate(chunks):
+                qc, kc, vc = work.wait()
+                if c + 1 < len(chunks):
+                    work = start_seq_to_head([q, k, v], chunks[c + 1].spec)
+                js = _joint_slices(ch, jq, jk, jv)
+                res = ring_forward(ch.setup, qc, kc, vc, *js)
+                pending.append(start_head_to_seq([res[0]], ch.out_spec, [out]))
+                saved.append((qc, kc, vc, *res[:2], *js, *res[2:]))
+                parts.append(res[1:])
+            for w in pending:
+                w.wait()
+            lse = torch.cat([p[0] for p in parts], dim=1)
+            t_out = torch.cat([p[1] for p in parts], dim=2) if joint else None
+            t_lse = torch.cat([p[2] for p in parts], dim=1) if joint else None
+        ctx.save_for_backward(*[t for tup in saved for t in tup])
+        ctx.mark_non_differentiable(lse)
+        if joint:
+            ctx.mark_non_differentiable(t_lse)
+        return out, lse, t_out, t_lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse, dt_out, _dt_lse):
+        chunks, flat = ctx.chunks, ctx.saved_tensors
+        saved = [flat[i:i + _SAVED_PER_CHUNK] for i in range(0, len(flat), _SAVED_PER_CHUNK)]
+        if chunks[0].spec is None:
+            return (None, *ring_backward(chunks[0].setup, saved[0], dout, dt_out))
+        (qs, ks), joint = ctx.shapes, ctx.joint
+        dq = dout.new_zeros(qs)
+        dk, dv = dout.new_zeros(ks), dout.new_zeros(ks)
+        if joint:
+            jq, jk = saved[0][5], saved[0][6]
+            djq = jq.new_zeros(jq.shape[:2] + (qs[2], jq.shape[3]))
+            djk, djv = (jk.new_zeros(jk.shape[:2] + (ks[2], jk.shape[3])) for _ in range(2))
+        base = chunks[0].q_heads[0]
+        pending = []
+        work = start_seq_to_head([dout], chunks[0].out_spec)
+        for c, ch in enumerate(chunks):
+            (doc,) = work.wait()
+            if c + 1 < len(chunks):
+                work = start_seq_to_head([dout], chunks[c + 1].out_spec)
+            dtc = None
+            if joint and dt_out is not None:
+                dtc = dt_out[:, :, ch.q_heads[0] - base:ch.q_heads[1] - base]
+            g = ring_backward(ch.setup, saved[c], doc, dtc)
+            pending.append(start_head_to_seq(list(g[:3]), ch.spec, [dq, dk, dv]))
+            if joint:
+                djq[:, :, ch.q_heads[0]:ch.q_heads[1]] += g[3]
+                djk[:, :, ch.kv_heads[0]:ch.kv_heads[1]] += g[4]
+                djv[:, :, ch.kv_heads[0]:ch.kv_heads[1]] += g[5]
+        for w in pending:
+            w.wait()
+        return (None, dq, dk, dv) + ((djq, djk, djv) if joint else (None,) * 3)
+
+
+def _joint_slices(ch: _Chunk, jq, jk, jv):
+    if jq is None:
+        return None, None, None
+    (qlo, qhi), (klo, khi) = ch.q_heads, ch.kv_heads
+    return jq[:, :, qlo:qhi], jk[:, :, klo:khi], jv[:, :, klo:khi]
+
+
+def ulysses_chunks() -> int:
+    """Head chunks the Ulysses pipeline aims for (``SPATTN_ULYSSES_CHUNKS``, default 2)."""
+    return max(1, int(os.environ.get("SPATTN_ULYSSES_CHUNKS", "2")))
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = False,
               softmax_scale: Optional[float] = None, return_lse: bool = False, backend: str = "auto",
               seq_len: Optional[int] = None, layout: str = "contiguous",
@@ -154,49 +256,52 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
     if joint is not None:
         jq, jk, jv = _Replicated.apply(mesh, *joint) if mesh.world_size > 1 else joint
 
-    pieces = geo.pieces_per_rank
-    if U > 1:
-        plan = head_plan(hq, hkv, U)
-        u = mesh.ulysses_rank
+    pieces, L, i = geo.pieces_per_rank, U * geo.chunk, mesh.ring_rank
+    starts = tuple((r * L,) if pieces == 1 else (r * L, (2 * R - 1 - r) * L) for r in range(R))
+
+    def setup(backend_) -> RingSetup:
+        return RingSetup(mesh.ring_group, R, i, L, starts, geo.seq_len, bool(causal), scale, backend_,
+                         ring_engine or default_ring_engine())
+
+    if U == 1:
+        chunks = [_Chunk(setup(be), None, None, (0, hq), (0, hkv))]
+    else:
+        plan, u = head_plan(hq, hkv, U), mesh.ulysses_rank
         # Head-sharded sequence in global order: piece 0 of every rank, then (zigzag) piece 1 reversed.
         order = [(r, 0) for r in range(U)] + ([(r, 1) for r in reversed(range(U))] if pieces == 2 else [])
-        spec = A2ASpec(mesh.ulysses_group, [plan.q_ranges, plan.kv_ranges, plan.kv_ranges], pieces, order)
-        out_spec = A2ASpec(mesh.ulysses_group, [plan.q_ranges], pieces, order)
-        q, k, v = SeqToHead.apply(spec, q, k, v)
-        (qlo, qhi), (klo, khi) = plan.q_ranges[u], plan.kv_ranges[u]
-        if joint is not None:
-            jq, jk, jv = jq[:, :, qlo:qhi], jk[:, :, klo:khi], jv[:, :, klo:khi]
-        index = plan.local_kv_index(u)
-        if index is not None:
-            be = HeadMapBackend(be, index)
-
-    L = U * geo.chunk
-    i = mesh.ring_rank
-    starts = tuple((r * L,) if pieces == 1 else (r * L, (2 * R - 1 - r) * L) for r in range(R))
-    setup = RingSetup(mesh.ring_group, R, i, L, starts, geo.seq_len, bool(causal), scale, be,
-                      ring_engine or default_ring_engine())
-    out, lse, t_out, t_lse = RingAttention.apply(setup, q, k, v, jq, jk, jv)
-    if return_lse:
-        lse = _mask_lse(lse, setup)
+        chunks = []
+        for p in pipeline_plans(plan, ulysses_chunks()):
+            index = p.local_kv_index(u)
+            chunks.append(_Chunk(
+                setup(be if index is None else HeadMapBackend(be, index)),
+                A2ASpec(mesh.ulysses_group, [p.q_ranges, p.kv_ranges, p.kv_ranges], pieces, order),
+                A2ASpec(mesh.ulysses_group, [p.q_ranges], pieces, order), p.q_ranges[u], p.kv_ranges[u]))
+    out, lse, t_out, t_lse = _SPAttention.apply(chunks, q, k, v, jq, jk, jv)
 
     if U > 1:
-        (out,) = HeadToSeq.apply(out_spec, [hq], out)
-        if return_lse:  # (B, h, S) -> (B, S, h, 1) for the all-to-all, and back
-            (lse,) = head_to_seq([lse.transpose(1, 2).unsqueeze(-1).contiguous()], out_spec, [hq])
+        if return_lse:  # (B, h, U*s) head-sharded -> (B, s, h, 1) for the all-to-all -> (B, H, s)
+            (lse,) = start_head_to_seq([lse.transpose(1, 2).unsqueeze(-1).contiguous()],
+                                       A2ASpec(mesh.ulysses_group, [plan.q_ranges], pieces, order),
+                                       [lse.new_zeros(q.shape[:3] + (1,))]).wait()
             lse = lse.squeeze(-1).transpose(1, 2).contiguous()
         if joint is not None:
             t_out = _GatherHeads.apply(t_out, mesh.ulysses_group, plan.q_ranges)
             if return_lse:
                 t_lse = _GatherHeads.apply(t_lse.transpose(1, 2).unsqueeze(-1).contiguous(),
                                            mesh.ulysses_group, plan.q_ranges).squeeze(-1).transpose(1, 2)
+    if return_lse:
+        lse = _mask_lse(lse, geo, mesh, layout)
     res = (out,) + ((t_out,) if joint is not None else ())
     if return_lse:
         res += (lse,) + ((t_lse,) if joint is not None else ())
     return res[0] if len(res) == 1 else res
 
 
-def _mask_lse(lse: Tensor, setup: RingSetup) -> Tensor:
-    rows = setup.pad_rows()
+def _mask_lse(lse: Tensor, geo: Geometry, mesh: SPMesh, layout: str) -> Tensor:
+    """-inf on this rank's padded rows (B, H, s)."""
+    c = geo.chunk
+    rows = [(j * c + geo.valid(cid * c, c), (j + 1) * c) for j, cid in enumerate(geo.chunk_ids(mesh.sp_rank))]
+    rows = [r for r in rows if r[0] < r[1]]
     if not rows:
         return lse
     lse = lse.clone()

@@ -110,7 +110,6 @@ class A2ASpec:
         self.ranges = [[tuple(r) for r in rs] for rs in ranges]
         self.pieces = pieces
         self.order = [tuple(o) for o in order]
-        self.overlap = [any(a[1] > b[0] for a, b in zip(sorted(rs), sorted(rs)[1:])) for rs in self.ranges]
 
 
 def _counts(spec: A2ASpec, b: int, s: int, d: int):
@@ -133,8 +132,20 @@ def _blocks(flat: Tensor, counts: Sequence[int], shapes_per_rank) -> List[List[T
     return out
 
 
-def seq_to_head(xs: Sequence[Tensor], spec: A2ASpec) -> List[Tensor]:
-    """(B, s, H_i, D) sequence shards -> (B, U*s, n_i, D) this rank's heads over the group's sequence."""
+class A2AWork:
+    """An all-to-all in flight: ``wait()`` finishes it and returns the unpacked tensors."""
+
+    def __init__(self, work, finish):
+        self._work, self._finish = work, finish
+
+    def wait(self) -> List[Tensor]:
+        self._work.wait()
+        return self._finish()
+
+
+def start_seq_to_head(xs: Sequence[Tensor], spec: A2ASpec) -> A2AWork:
+    """(B, s, H_i, D) sequence shards -> (B, U*s, n_i, D) this rank's heads over the group's sequence.
+    Packs and starts the exchange; the result is unpacked by ``wait()``."""
     b, s, _, d = xs[0].shape
     c = s // spec.pieces
     send_n, recv_n = _counts(spec, b, s, d)
@@ -144,21 +155,26 @@ def seq_to_head(xs: Sequence[Tensor], spec: A2ASpec) -> List[Tensor]:
     for t, row in enumerate(_blocks(send, send_n, send_shapes)):
         for x, rs, blk in zip(xs, spec.ranges, row):
             blk.copy_(x[:, :, rs[t][0]:rs[t][1]])
-    dist.all_to_all_single(recv, send, recv_n, send_n, group=spec.group)
-    mine = [(b, s, rs[spec.rank][1] - rs[spec.rank][0], d) for rs in spec.ranges]
-    blocks = _blocks(recv, recv_n, [mine] * spec.size)
-    outs = []
-    for i, shp in enumerate(mine):
-        out = xs[i].new_empty((b, spec.size * s, shp[2], d))
-        for j, (u, p) in enumerate(spec.order):
-            out[:, j * c:(j + 1) * c].copy_(blocks[u][i][:, p * c:(p + 1) * c])
-        outs.append(out)
-    return outs
+    work = dist.all_to_all_single(recv, send, recv_n, send_n, group=spec.group, async_op=True)
+
+    def finish() -> List[Tensor]:
+        mine = [(b, s, rs[spec.rank][1] - rs[spec.rank][0], d) for rs in spec.ranges]
+        blocks = _blocks(recv, recv_n, [mine] * spec.size)
+        outs = []
+        for i, shp in enumerate(mine):
+            out = xs[i].new_empty((b, spec.size * s, shp[2], d))
+            for j, (u, p) in enumerate(spec.order):
+                out[:, j * c:(j + 1) * c].copy_(blocks[u][i][:, p * c:(p + 1) * c])
+            outs.append(out)
+        return outs
+
+    return A2AWork(_Keep(work, send), finish)
 
 
-def head_to_seq(ys: Sequence[Tensor], spec: A2ASpec, heads: Sequence[int]) -> List[Tensor]:
-    """Inverse of ``seq_to_head``: (B, U*s, n_i, D) -> (B, s, heads[i], D); where ranges overlap the
-    contributions are summed (that is the gradient of sending one head to several ranks)."""
+def start_head_to_seq(ys: Sequence[Tensor], spec: A2ASpec, outs: Sequence[Tensor]) -> A2AWork:
+    """Inverse of ``start_seq_to_head``: (B, U*s, n_i, D) -> added into ``outs[i]`` (B, s, H_i, D)
+    at the heads of every rank's range. Adding is what makes overlapping ranges (a KV head sent to
+    several ranks) sum their gradients; pass zero-initialized ``outs``."""
     b, total, _, d = ys[0].shape
     s = total // spec.size
     c = s // spec.pieces
@@ -170,40 +186,25 @@ def head_to_seq(ys: Sequence[Tensor], spec: A2ASpec, heads: Sequence[int]) -> Li
     for j, (u, p) in enumerate(spec.order):
         for i, y in enumerate(ys):
             send_blocks[u][i][:, p * c:(p + 1) * c].copy_(y[:, j * c:(j + 1) * c])
-    dist.all_to_all_single(recv, send, recv_n, send_n, group=spec.group)
-    recv_shapes = [[(b, s, rs[t][1] - rs[t][0], d) for rs in spec.ranges] for t in range(spec.size)]
-    blocks = _blocks(recv, recv_n, recv_shapes)
-    outs = []
-    for i, (rs, h) in enumerate(zip(spec.ranges, heads)):
-        out = (ys[i].new_zeros if spec.overlap[i] else ys[i].new_empty)((b, s, h, d))
-        for t in range(spec.size):
-            dst = out[:, :, rs[t][0]:rs[t][1]]
-            dst.add_(blocks[t][i]) if spec.overlap[i] else dst.copy_(blocks[t][i])
-        outs.append(out)
-    return outs
+    work = dist.all_to_all_single(recv, send, recv_n, send_n, group=spec.group, async_op=True)
+
+    def finish() -> List[Tensor]:
+        recv_shapes = [[(b, s, rs[t][1] - rs[t][0], d) for rs in spec.ranges] for t in range(spec.size)]
+        blocks = _blocks(recv, recv_n, recv_shapes)
+        for i, rs in enumerate(spec.ranges):
+            for t in range(spec.size):
+                outs[i][:, :, rs[t][0]:rs[t][1]].add_(blocks[t][i])
+        return list(outs)
+
+    return A2AWork(_Keep(work, send), finish)
 
 
-class SeqToHead(torch.autograd.Function):
-    """Differentiable ``seq_to_head``; its backward is the inverse all-to-all."""
+class _Keep:
+    """Holds the send buffer alive until the transfer reading it is waited for."""
 
-    @staticmethod
-    def forward(ctx, spec: A2ASpec, *xs):
-        ctx.spec, ctx.heads = spec, [x.shape[2] for x in xs]
-        return tuple(seq_to_head(xs, spec))
+    def __init__(self, work, *keep):
+        self.work, self.keep = work, keep
 
-    @staticmethod
-    def backward(ctx, *gs):
-        return (None, *head_to_seq([g.contiguous() for g in gs], ctx.spec, ctx.heads))
-
-
-class HeadToSeq(torch.autograd.Function):
-    """Differentiable ``head_to_seq``; its backward is the forward all-to-all."""
-
-    @staticmethod
-    def forward(ctx, spec: A2ASpec, heads: Sequence[int], *ys):
-        ctx.spec = spec
-        return tuple(head_to_seq(ys, spec, heads))
-
-    @staticmethod
-    def backward(ctx, *gs):
-        return (None, None, *seq_to_head([g.contiguous() for g in gs], ctx.spec))
+    def wait(self):
+        self.work.wait()
+        self.keep = ()

@@ -113,37 +113,36 @@ def _running(q: Tensor, heads: int) -> Tuple[Tensor, Tensor]:
             torch.full((b, heads, s), float("-inf"), dtype=torch.float32, device=q.device))
 
 
-class RingAttention(torch.autograd.Function):
-    """out, lse, joint_out, joint_lse = RingAttention.apply(setup, q, k, v, jq, jk, jv).
+Saved = Tuple[Optional[Tensor], ...]
+
+
+def ring_forward(st: RingSetup, q: Tensor, k: Tensor, v: Tensor, jq: Optional[Tensor] = None,
+                 jk: Optional[Tensor] = None, jv: Optional[Tensor] = None):
+    """Ring attention forward over ``st.group``.
 
     q: (B, Sl, Hq, D) local queries; k, v: (B, Sl, Hkv, D); jq/jk/jv: (B, T, H*, D) or None.
-    lse is the real LSE (padded rows included); the caller masks what it shows the user.
+    Returns out (q's dtype, padded rows 0), lse (the real fp32 LSE, padded rows included),
+    t_out, t_lse (None without joint tokens).
     """
-
-    @staticmethod
-    def forward(ctx, st: RingSetup, q, k, v, jq, jk, jv):
-        be, i = st.backend, st.rank
-        # A rank left without heads (fewer heads than Ulysses ranks) has nothing to compute, and
-        # neither has the rest of its ring (same heads): skip the ring, keep the autograd graph.
-        R = st.size if q.shape[2] else 0
-        out, lse = _running(q, q.shape[2])
-        kv = torch.stack([k, v])  # K and V travel as one message
-        comm = make_ring_comm(st.group, kv, st.engine) if R > 1 else None
-        cur = kv
-        for j in range(R):
-            if j + 1 < R:
-                comm.start(cur)
-            _blocks_forward(be, q, cur, st.plan((i - j) % R), st.scale, out, lse)
-            if j + 1 < R:
-                cur = comm.wait()
-        joint = jq is not None
-        t_out = t_lse = None
-        if joint and q.shape[2] == 0:
-            t_out, t_lse = _running(jq, 0)
-            t_out = t_out.to(q.dtype)
-        elif joint:
+    be, i = st.backend, st.rank
+    # A rank left without heads (fewer heads than Ulysses ranks) has nothing to compute, and
+    # neither has the rest of its ring (same heads): no compute, no ring.
+    R = st.size if q.shape[2] else 0
+    out, lse = _running(q, q.shape[2])
+    kv = torch.stack([k, v])  # K and V travel as one message
+    comm = make_ring_comm(st.group, kv, st.engine) if R > 1 else None
+    cur = kv
+    for j in range(R):
+        if j + 1 < R:
+            comm.start(cur)
+        _blocks_forward(be, q, cur, st.plan((i - j) % R), st.scale, out, lse)
+        if j + 1 < R:
+            cur = comm.wait()
+    t_out = t_lse = None
+    if jq is not None:
+        t_out, t_lse = _running(jq, jq.shape[2])
+        if R:
             merge_(out, lse, *block_forward(be, q, jk, jv, False, st.scale))
-            t_out, t_lse = _running(jq, jq.shape[2])
             n = st.kv_valid(i)
             if n:
                 merge_(t_out, t_lse, *block_forward(be, jq, k[:, :n], v[:, :n], False, st.scale))
@@ -151,71 +150,66 @@ class RingAttention(torch.autograd.Function):
                 merge_(t_out, t_lse, *block_forward(be, jq, jk, jv, False, st.scale))
             if R > 1:
                 t_out, t_lse = _allgather_merge(t_out, t_lse, st.group, R)
-            t_out = t_out.to(q.dtype)
-        out = out.to(q.dtype)
-        for r0, r1 in st.pad_rows():
-            out[:, r0:r1] = 0
-        ctx.st, ctx.joint = st, joint
-        ctx.save_for_backward(q, k, v, out, lse, jq, jk, jv, t_out, t_lse)
-        ctx.mark_non_differentiable(lse)
-        if joint:
-            ctx.mark_non_differentiable(t_lse)
-        return out, lse, t_out, t_lse
+        t_out = t_out.to(q.dtype)
+    out = out.to(q.dtype)
+    for r0, r1 in st.pad_rows():
+        out[:, r0:r1] = 0
+    return out, lse, t_out, t_lse
 
-    @staticmethod
-    def backward(ctx, dout, _dlse, dt_out, _dt_lse):
-        st = ctx.st
-        q, k, v, out, lse, jq, jk, jv, t_out, t_lse = ctx.saved_tensors
-        be, i = st.backend, st.rank
-        if q.shape[2] == 0:
-            zeros = [torch.zeros_like(t) if t is not None else None for t in (q, k, v, jq, jk, jv)]
-            return (None, *zeros)
-        R = st.size
-        pad = st.pad_rows()
-        if pad:  # padded rows are outputs of nothing: their gradient must not flow anywhere
-            dout = dout.clone()
-            for r0, r1 in pad:
-                dout[:, r0:r1] = 0
-        dout = dout.contiguous()
-        dq = torch.zeros_like(q, dtype=torch.float32)
-        kv = torch.stack([k, v])
-        # Block (dk, dv) accumulate in fp32: scratch[0] for step 0 (it is sent away), scratch[1] after.
-        scratch = [torch.zeros_like(kv, dtype=torch.float32) for _ in range(min(R, 2))]
-        kv_comm = make_ring_comm(st.group, kv, st.engine) if R > 1 else None
-        dkv_comm = make_ring_comm(st.group, scratch[0], st.engine) if R > 1 else None
-        joint = ctx.joint
-        if joint:
-            djq, djk, djv = (torch.zeros_like(t, dtype=torch.float32) for t in (jq, jk, jv))
-            dt_out = torch.zeros_like(t_out) if dt_out is None else dt_out.contiguous()
-        cur, send = kv, None
-        for j in range(R):
-            if j + 1 < R:
-                kv_comm.start(cur)
-            acc = scratch[min(j, 1)]
-            if j > 1:
-                acc.zero_()
-            _blocks_backward(be, dout, q, cur, out, lse, st.plan((i - j) % R), st.scale, dq, acc)
-            if joint and j == 0:
-                be.backward(dout, q, jk, jv, out, lse, False, st.scale, dq=dq, dk=djk, dv=djv)
-                n = st.kv_valid(i)
-                if n:
-                    be.backward(dt_out, jq, k[:, :n], v[:, :n], t_out, t_lse, False, st.scale,
-                                dq=djq, dk=acc[0][:, :n], dv=acc[1][:, :n])
-                if i == 0:
-                    be.backward(dt_out, jq, jk, jv, t_out, t_lse, False, st.scale, dq=djq, dk=djk, dv=djv)
-            if j == 0:
-                send = acc
-            else:
-                send = dkv_comm.wait()  # partial (dk, dv) of this block from the ranks before us
-                send.add_(acc)
-            if R > 1:
-                dkv_comm.start(send)
-            if j + 1 < R:
-                cur = kv_comm.wait()
-        dkv = dkv_comm.wait() if R > 1 else send  # our own block's gradient, home after a full lap
-        grads = [dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype)]
-        grads += [djq.to(jq.dtype), djk.to(jk.dtype), djv.to(jv.dtype)] if joint else [None] * 3
-        return (None, *grads)
+
+def ring_backward(st: RingSetup, saved: Saved, dout: Tensor, dt_out: Optional[Tensor] = None):
+    """Gradients of ``ring_forward``. saved = (q, k, v, out, lse, jq, jk, jv, t_out, t_lse) as the
+    forward took and returned them. Returns (dq, dk, dv, djq, djk, djv); the joint ones are this
+    rank's contributions (None without joint tokens)."""
+    q, k, v, out, lse, jq, jk, jv, t_out, t_lse = saved
+    be, i = st.backend, st.rank
+    joint = jq is not None
+    if q.shape[2] == 0:
+        return tuple(torch.zeros_like(t) if t is not None else None for t in (q, k, v, jq, jk, jv))
+    R = st.size
+    pad = st.pad_rows()
+    if pad:  # padded rows are outputs of nothing: their gradient must not flow anywhere
+        dout = dout.clone()
+        for r0, r1 in pad:
+            dout[:, r0:r1] = 0
+    dout = dout.contiguous()
+    dq = torch.zeros_like(q, dtype=torch.float32)
+    kv = torch.stack([k, v])
+    # Block (dk, dv) accumulate in fp32: scratch[0] for step 0 (it is sent away), scratch[1] after.
+    scratch = [torch.zeros_like(kv, dtype=torch.float32) for _ in range(min(R, 2))]
+    kv_comm = make_ring_comm(st.group, kv, st.engine) if R > 1 else None
+    dkv_comm = make_ring_comm(st.group, scratch[0], st.engine) if R > 1 else None
+    if joint:
+        djq, djk, djv = (torch.zeros_like(t, dtype=torch.float32) for t in (jq, jk, jv))
+        dt_out = torch.zeros_like(t_out) if dt_out is None else dt_out.contiguous()
+    cur, send = kv, None
+    for j in range(R):
+        if j + 1 < R:
+            kv_comm.start(cur)
+        acc = scratch[min(j, 1)]
+        if j > 1:
+            acc.zero_()
+        _blocks_backward(be, dout, q, cur, out, lse, st.plan((i - j) % R), st.scale, dq, acc)
+        if joint and j == 0:
+            be.backward(dout, q, jk, jv, out, lse, False, st.scale, dq=dq, dk=djk, dv=djv)
+            n = st.kv_valid(i)
+            if n:
+                be.backward(dt_out, jq, k[:, :n], v[:, :n], t_out, t_lse, False, st.scale,
+                            dq=djq, dk=acc[0][:, :n], dv=acc[1][:, :n])
+            if i == 0:
+                be.backward(dt_out, jq, jk, jv, t_out, t_lse, False, st.scale, dq=djq, dk=djk, dv=djv)
+        if j == 0:
+            send = acc
+        else:
+            send = dkv_comm.wait()  # partial (dk, dv) of this block from the ranks before us
+            send.add_(acc)
+        if R > 1:
+            dkv_comm.start(send)
+        if j + 1 < R:
+            cur = kv_comm.wait()
+    dkv = dkv_comm.wait() if R > 1 else send  # our own block's gradient, home after a full lap
+    grads = (dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype))
+    return grads + ((djq.to(jq.dtype), djk.to(jk.dtype), djv.to(jv.dtype)) if joint else (None,) * 3)
 
 
 def _allgather_merge(out: Tensor, lse: Tensor, group, size: int) -> Tuple[Tensor, Tensor]:

@@ -51,11 +51,30 @@ class HeadPlan:
         return torch.tensor(idx, dtype=torch.long)
 
 
+def _kv_range(lo: int, hi: int, g: int) -> Range:
+    return (lo // g, (hi - 1) // g + 1) if hi > lo else (0, 0)
+
+
 def head_plan(heads_q: int, heads_kv: int, degree: int) -> HeadPlan:
     g = heads_q // heads_kv
     q_ranges = balanced_ranges(heads_q, degree)
-    kv_ranges = [(lo // g, (hi - 1) // g + 1) if hi > lo else (0, 0) for lo, hi in q_ranges]
-    return HeadPlan(tuple(q_ranges), tuple(kv_ranges), g)
+    return HeadPlan(tuple(q_ranges), tuple(_kv_range(lo, hi, g) for lo, hi in q_ranges), g)
+
+
+def pipeline_plans(plan: HeadPlan, target: int) -> List[HeadPlan]:
+    """Split every rank's heads into n chunks, so the all-to-all of chunk c+1 (and the return of
+    chunk c-1) overlaps the attention of chunk c. n is the largest value <= ``target`` that gives
+    every rank with heads at least one head per chunk and sends no KV head twice (no extra traffic)."""
+    g = plan.group_size
+    sizes = [hi - lo for lo, hi in plan.q_ranges]
+    for n in range(max(1, min([target] + [x for x in sizes if x])), 0, -1):
+        subs = [[(lo + a, lo + b) for a, b in balanced_ranges(hi - lo, n)] for lo, hi in plan.q_ranges]
+        chunks = [HeadPlan(tuple(sub[c] for sub in subs), tuple(_kv_range(*sub[c], g) for sub in subs), g)
+                  for c in range(n)]
+        kv_sent = [sum(ch.kv_ranges[t][1] - ch.kv_ranges[t][0] for ch in chunks) for t in range(len(sizes))]
+        if kv_sent == [hi - lo for lo, hi in plan.kv_ranges]:
+            return chunks
+    return [plan]
 
 
 class HeadMapBackend:

@@ -5,7 +5,8 @@ with ``spattn.gather``; rank 0 computes the references and returns the errors fo
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -42,6 +43,7 @@ class Case:
     joint_strategy: str = "front"
     backend: str = "auto"
     engine: str = "python"
+    chunks: Optional[int] = None  # Ulysses pipeline head chunks (SPATTN_ULYSSES_CHUNKS)
     seed: int = 0
 
     @property
@@ -101,6 +103,19 @@ def _full_reference(c: Case, q, k, v, dout, joint, dtype, impl: str):
 
 def run_case(c: Case) -> Optional[dict]:
     """Run on every rank. Returns, on rank 0, {name: (err, sdpa_err, ref_max)}."""
+    old = os.environ.get("SPATTN_ULYSSES_CHUNKS")
+    if c.chunks is not None:
+        os.environ["SPATTN_ULYSSES_CHUNKS"] = str(c.chunks)
+    try:
+        return _run_case(c)
+    finally:
+        if old is None:
+            os.environ.pop("SPATTN_ULYSSES_CHUNKS", None)
+        else:
+            os.environ["SPATTN_ULYSSES_CHUNKS"] = old
+
+
+def _run_case(c: Case) -> Optional[dict]:
     mesh = get_mesh(c.u, c.r)
     q, k, v, dout, joint = _inputs(c)
     kw = dict(seq_len=c.seq, layout=c.layout)

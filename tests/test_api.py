@@ -176,3 +176,19 @@ def test_padding_trims_keys_noncausal():
     st = _setup(2, 0, "contiguous", seq_len=13, causal=False)
     assert st.plan(1) == [(0, 8, 0, 5, False)]          # rank 1 holds 5 real keys of 8
     assert st.pad_rows() == [] and _setup(2, 1, "contiguous", seq_len=13).pad_rows() == [(5, 8)]
+
+
+def test_pipeline_plans_never_send_kv_twice():
+    from spattn.ulysses import head_plan, pipeline_plans
+
+    for hq, hkv, u, target in [(8, 8, 2, 2), (24, 8, 4, 4), (8, 1, 2, 4), (24, 8, 16, 2), (6, 3, 2, 3), (3, 1, 8, 2)]:
+        plan = head_plan(hq, hkv, u)
+        chunks = pipeline_plans(plan, target)
+        for t in range(u):
+            qs = [c.q_ranges[t] for c in chunks]
+            assert qs[0][0] == plan.q_ranges[t][0] and qs[-1][1] == plan.q_ranges[t][1]
+            assert all(a[1] == b[0] for a, b in zip(qs, qs[1:])), "chunks must tile the rank's heads"
+            kv = sum(c.kv_ranges[t][1] - c.kv_ranges[t][0] for c in chunks)
+            assert kv == plan.kv_ranges[t][1] - plan.kv_ranges[t][0]
+    assert len(pipeline_plans(head_plan(8, 8, 2), 2)) == 2
+    assert len(pipeline_plans(head_plan(8, 1, 2), 4)) == 1  # MQA: splitting would resend the KV head

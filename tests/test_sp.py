@@ -67,3 +67,12 @@ def test_ring_engines(mesh, engine):
     u, r = mesh
     for causal in (False, True):
         check(Case(u, r, seq=32 * u * r, heads=4, head_dim=32, causal=causal, engine=engine))
+
+
+# -- the Ulysses pipeline over head chunks gives the same results for any chunk count ---------------
+@pytest.mark.parametrize("chunks", [1, 3, 4])
+@pytest.mark.parametrize("mesh", [(2, 1), (2, 2), (4, 1)], ids=["u2r1", "u2r2", "u4r1"])
+def test_ulysses_pipeline_chunks(mesh, chunks):
+    u, r = mesh
+    check(Case(u, r, seq=16 * u * r, heads=8, head_dim=32, causal=True, chunks=chunks))
+    check(Case(u, r, seq=50, heads=12, kv_heads=4, head_dim=16, text=5, chunks=chunks))
