@@ -7,10 +7,13 @@
 
 Layout: (batch, seq, heads, head_dim). LSE: natural log, fp32, (batch, heads, seq).
 """
-from . import ops
+from . import _ext, ops
 from .attention import attention
 from .layout import gather, local_seq_len, shard
 from .mesh import SPMesh, init_mesh
+
+# Fused merge kernels of the optional C++ extension; silent no-op when it is not built.
+_ext.register_merge_if_available()
 
 __all__ = ["attention", "init_mesh", "SPMesh", "shard", "gather", "local_seq_len", "ops"]
 __version__ = "0.1.0"

@@ -76,3 +76,41 @@ def test_ulysses_pipeline_chunks(mesh, chunks):
     u, r = mesh
     check(Case(u, r, seq=16 * u * r, heads=8, head_dim=32, causal=True, chunks=chunks))
     check(Case(u, r, seq=50, heads=12, kv_heads=4, head_dim=16, text=5, chunks=chunks))
+
+
+# -- the same suite on the Triton kernels (interpreter on CPU; reduced shapes, it is slow) ----------
+def triton_available() -> bool:
+    try:
+        import torch
+
+        from spattn.backends import get_backend
+
+        get_backend("triton", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        return True
+    except Exception:  # noqa: BLE001 - not installed, or no interpreter / GPU
+        return False
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("mesh", [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1), (1, 4)],
+                         ids=["u1r1", "u2r1", "u1r2", "u2r2", "u4r1", "u1r4"])
+def test_triton_backend(mesh, dtype):
+    if not triton_available():
+        pytest.skip("triton backend unavailable: install triton (CPU runs need TRITON_INTERPRET=1)")
+    import torch
+
+    if dtype == "bf16" and not torch.cuda.is_available():
+        pytest.skip("bf16 tl.dot is unsupported by the Triton interpreter (triton issue 11584); needs a GPU")
+    u, r = mesh
+    for causal in (False, True):
+        check(Case(u, r, seq=8 * u * r, heads=4, head_dim=16, causal=causal, dtype=dtype, backend="triton"))
+
+
+@pytest.mark.parametrize("mesh", [(2, 2), (1, 4)], ids=["u2r2", "u1r4"])
+def test_triton_backend_shapes(mesh):
+    if not triton_available():
+        pytest.skip("triton backend unavailable: install triton (CPU runs need TRITON_INTERPRET=1)")
+    u, r = mesh
+    kw = dict(head_dim=24, backend="triton")
+    check(Case(u, r, seq=29, heads=6, kv_heads=3, causal=True, layout="zigzag", **kw))
+    check(Case(u, r, seq=21, heads=6, kv_heads=2, text=5, **kw))
