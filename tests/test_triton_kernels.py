@@ -1,0 +1,380 @@
+"""Triton flash attention (fwd with LSE, bwd), fused merge and their custom ops, against fp64 references
+and torch's SDPA.
+
+Without a GPU the kernels run in Triton's interpreter on CPU tensors (TRITON_INTERPRET=1 must be set
+before the kernel modules are imported; conftest.py does it too). Half-precision bounds: the kernel's
+error vs an fp64 reference may be at most twice torch's own error (SDPA in that dtype) plus a small floor.
+"""
+import math
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # harmless if conftest.py already did it; must precede the kernel imports
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from spattn.kernels import flash_attn as fa  # noqa: E402
+from spattn.kernels import merge as mg  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRET else "cuda"
+if not INTERPRET and not torch.cuda.is_available():  # pragma: no cover
+    pytest.skip("needs a CUDA device or TRITON_INTERPRET=1", allow_module_level=True)
+
+BF16_SKIP = pytest.mark.skipif(INTERPRET, reason="bf16 tl.dot returns garbage under the Triton interpreter "
+                                                 "(triton issue 11584); bf16 is checked on a GPU")
+# (dtype, atol, rtol): floor added to 2x torch's own error vs fp64.
+DTYPES = [
+    pytest.param((torch.float32, 2e-5, 1e-5), id="fp32"),
+    pytest.param((torch.float16, 2e-3, 1e-3), id="fp16"),
+    pytest.param((torch.bfloat16, 1e-2, 8e-3), id="bf16", marks=BF16_SKIP),
+]
+LSE_TOL = 1e-4  # LSE comes from fp32 accumulation of exact products for every input dtype
+
+# (B, Sq, Sk, Hq, Hkv, D, q_offset, k_offset)
+FWD_CASES = [
+    pytest.param((1, 1, 1, 2, 2, 16, 0, 0), id="len1-d16"),
+    pytest.param((2, 17, 17, 2, 2, 40, 0, 0), id="len17-d40"),
+    pytest.param((1, 97, 97, 4, 1, 64, 0, 0), id="len97-mqa-d64"),
+    pytest.param((1, 130, 130, 8, 2, 80, 0, 0), id="len130-gqa4-d80"),
+    pytest.param((1, 64, 100, 8, 2, 96, 0, 0), id="sq64-sk100-gqa4-d96"),
+    pytest.param((1, 33, 70, 2, 2, 128, 0, 0), id="sq33-sk70-d128"),
+    pytest.param((1, 32, 64, 2, 1, 64, 64, 0), id="qoff64-visible"),
+    pytest.param((1, 32, 64, 2, 1, 64, 0, 64), id="koff64-masked"),
+    pytest.param((1, 48, 40, 2, 2, 64, 16, 40), id="offsets-partial"),
+    pytest.param((1, 20, 20, 1, 1, 256, 0, 0), id="d256"),
+]
+BWD_CASES = [c for c in FWD_CASES if c.id in ("len1-d16", "len17-d40", "len97-mqa-d64", "sq64-sk100-gqa4-d96",
+                                              "sq33-sk70-d128", "koff64-masked", "offsets-partial")]
+
+
+def _rand(*shape, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float32).to(dtype=dtype, device=DEVICE)
+
+
+def _qkv(case, dtype, seed=0):
+    b, sq, sk, hq, hkv, d, _, _ = case
+    return (_rand(b, sq, hq, d, dtype=dtype, seed=seed), _rand(b, sk, hkv, d, dtype=dtype, seed=seed + 1),
+            _rand(b, sk, hkv, d, dtype=dtype, seed=seed + 2))
+
+
+def _ref64(q, k, v, *args):
+    """fp64 forward reference (out in fp64, not cast back to the input dtype)."""
+    return fa.flash_attn_fwd_ref(q.double(), k.double(), v.double(), *args, compute_dtype=torch.float64)
+
+
+def _mask(sq, sk, q_offset, k_offset):
+    """Boolean (Sq, Sk): key j visible to query i iff k_offset + j <= q_offset + i."""
+    i = torch.arange(sq, device=DEVICE)[:, None] + q_offset
+    return torch.arange(sk, device=DEVICE)[None, :] + k_offset <= i
+
+
+def _sdpa(q, k, v, causal, scale, q_offset, k_offset):
+    """torch's SDPA on (B, H, S, D) transposes with explicit GQA repeat and global-position mask."""
+    group = q.shape[2] // k.shape[2]
+    qt = q.transpose(1, 2)
+    kt = k.repeat_interleave(group, dim=2).transpose(1, 2)
+    vt = v.repeat_interleave(group, dim=2).transpose(1, 2)
+    mask = _mask(q.shape[1], k.shape[1], q_offset, k_offset) if causal else None
+    return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale).transpose(1, 2)
+
+
+def _err(a, ref):
+    return (a.double() - ref.double()).nan_to_num(0.0).abs()
+
+
+def _assert_within(actual, ref64, torch_out, atol, rtol, what):
+    """|actual - ref| <= 2 * max|torch - ref| + atol + rtol * |ref| elementwise, and no NaN."""
+    assert not torch.isnan(actual).any(), f"{what}: NaN"
+    bound = 2 * _err(torch_out, ref64).max() + atol + rtol * ref64.double().abs()
+    excess = (_err(actual, ref64) - bound).max().item()
+    assert excess <= 0, f"{what}: max error {_err(actual, ref64).max().item():.3e} exceeds bound by {excess:.3e}"
+
+
+def _assert_lse(lse, ref_lse):
+    assert lse.dtype == torch.float32 and lse.shape == ref_lse.shape
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)), "-inf rows differ"
+    fin = torch.isfinite(ref_lse)
+    assert torch.isfinite(lse[fin]).all()
+    torch.testing.assert_close(lse[fin], ref_lse[fin].float(), atol=LSE_TOL, rtol=LSE_TOL)
+
+
+# ----------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", FWD_CASES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype_tol", DTYPES)
+def test_forward_matches_reference_and_sdpa(case, causal, dtype_tol):
+    dtype, atol, rtol = dtype_tol
+    *_, q_off, k_off = case
+    q, k, v = _qkv(case, dtype)
+    scale = q.shape[-1] ** -0.5
+    out, lse = fa.flash_attn_fwd(q, k, v, causal, scale, q_off, k_off)
+    ref_out, ref_lse = _ref64(q, k, v, causal, scale, q_off, k_off)
+    assert out.shape == q.shape and out.dtype == dtype and lse.shape == (q.shape[0], q.shape[2], q.shape[1])
+    # The plain-torch ref itself agrees with SDPA in fp64 (rows that see no key: SDPA gives NaN, we give 0).
+    sdpa64 = _sdpa(q.double(), k.double(), v.double(), causal, scale, q_off, k_off).nan_to_num(0.0)
+    torch.testing.assert_close(ref_out.double(), sdpa64, atol=1e-10, rtol=1e-10)
+    torch_out = _sdpa(q, k, v, causal, scale, q_off, k_off).nan_to_num(0.0)
+    _assert_within(out, ref_out, torch_out, atol, rtol, "out")
+    _assert_lse(lse, ref_lse)
+    dead = torch.isneginf(ref_lse).transpose(1, 2)  # (B, Sq, Hq)
+    assert (out[dead] == 0).all(), "rows that see no key must be exactly 0"
+
+
+def test_forward_fully_masked_block_is_zero_and_neginf():
+    q, k, v = _qkv((1, 32, 64, 2, 1, 64, 0, 64), torch.float32)
+    out, lse = fa.flash_attn_fwd(q, k, v, True, None, q_offset=0, k_offset=64)
+    assert torch.isneginf(lse).all() and (out == 0).all()
+
+
+def test_forward_strided_inputs():
+    b, s, h, d = 2, 45, 4, 40
+    # q: a (B, H, S, D) tensor viewed as (B, S, H, D); k/v: slices of a packed qkv with a stride-2 last dim.
+    q = _rand(b, h, s, d, dtype=torch.float32).transpose(1, 2)
+    kv = _rand(b, s, 2, 2, 2 * d, dtype=torch.float32, seed=3)
+    k, v = kv[:, :, 0, :, ::2], kv[:, :, 1, :, ::2]
+    assert not q.is_contiguous() and k.stride(-1) == 2
+    out, lse = fa.flash_attn_fwd(q, k, v, True, None)
+    ref_out, ref_lse = _ref64(q, k, v, True, None)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=1e-5)
+    _assert_lse(lse, ref_lse)
+
+
+def test_forward_empty_key_block():
+    q = _rand(1, 5, 2, 16, dtype=torch.float32)
+    k = _rand(1, 0, 2, 16, dtype=torch.float32)
+    out, lse = fa.flash_attn_fwd(q, k, k.clone(), False)
+    assert (out == 0).all() and torch.isneginf(lse).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------
+def _true_grads(q, k, v, dout, causal, scale, q_off, k_off, dtype):
+    """fp64 autograd through the reference, and torch's own grads (autograd through SDPA in ``dtype``)."""
+    def grads(fn, cast):
+        xs = [t.detach().to(cast).requires_grad_() for t in (q, k, v)]
+        o = fn(*xs)
+        o.backward(dout.to(cast))
+        return [x.grad.nan_to_num(0.0) for x in xs]
+
+    ref = grads(lambda a, b, c: fa.flash_attn_fwd_ref(a, b, c, causal, scale, q_off, k_off,
+                                                      compute_dtype=torch.float64)[0], torch.float64)
+    mine = grads(lambda a, b, c: _sdpa(a, b, c, causal, scale, q_off, k_off), dtype)
+    return ref, mine
+
+
+@pytest.mark.parametrize("case", BWD_CASES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype_tol", DTYPES)
+def test_backward_matches_reference(case, causal, dtype_tol):
+    dtype, atol, rtol = dtype_tol
+    *_, q_off, k_off = case
+    q, k, v = _qkv(case, dtype)
+    scale = q.shape[-1] ** -0.5
+    out, lse = fa.flash_attn_fwd(q, k, v, causal, scale, q_off, k_off)
+    dout = _rand(*out.shape, dtype=dtype, seed=7)
+    dq, dk, dv = fa.flash_attn_bwd(dout, q, k, v, out, lse, causal, scale, q_off, k_off)
+    assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
+    assert dq.dtype == dk.dtype == dv.dtype == dtype
+    ref, torch_g = _true_grads(q, k, v, dout, causal, scale, q_off, k_off, dtype)
+    # The ref backward (from the given out/lse, as a ring calls it) equals autograd in fp64.
+    ref_bwd = fa.flash_attn_bwd_ref(dout, q, k, v, out, lse, causal, scale, q_off, k_off, torch.float64)
+    if dtype == torch.float32:
+        for a, r in zip(ref_bwd, ref):
+            torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-4)
+    # Gradients scale with sqrt(seq) and |v|: floor relative to the reference's magnitude.
+    for name, g, r, t in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, torch_g):
+        _assert_within(g, r, t, atol * max(1.0, r.abs().max().item()), rtol, name)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_backward_accumulates_into_prefilled_fp32_buffers(causal):
+    case = (1, 40, 56, 4, 2, 40, 8, 0)
+    q, k, v = _qkv(case, torch.float16)
+    out, lse = fa.flash_attn_fwd(q, k, v, causal, None, 8, 0)
+    dout = _rand(*out.shape, dtype=torch.float16, seed=5)
+    fresh = fa.flash_attn_bwd(dout, q, k, v, out, lse, causal, None, 8, 0)
+    # Strided fp32 accumulators (every other row of a bigger buffer), pre-filled.
+    bufs = [_rand(t.shape[0], 2 * t.shape[1], *t.shape[2:], dtype=torch.float32, seed=11 + i)[:, ::2]
+            for i, t in enumerate((q, k, v))]
+    before = [b.clone() for b in bufs]
+    res = fa.flash_attn_bwd(dout, q, k, v, out, lse, causal, None, 8, 0, dq=bufs[0], dk=bufs[1], dv=bufs[2])
+    for r, b, b0, g in zip(res, bufs, before, fresh):
+        assert r is b and r.dtype == torch.float32
+        torch.testing.assert_close(b, b0 + g.float(), atol=2e-3, rtol=1e-3)
+    # A lone dk accumulator: dv is returned fresh (as zeros + grads), dq as a new tensor.
+    dk_acc = torch.ones(k.shape, dtype=torch.float32, device=DEVICE)
+    dq2, dk2, dv2 = fa.flash_attn_bwd(dout, q, k, v, out, lse, causal, None, 8, 0, dk=dk_acc)
+    assert dk2 is dk_acc
+    torch.testing.assert_close(dk2, 1 + fresh[1].float(), atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(dv2.float(), fresh[2].float(), atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(dq2.float(), fresh[0].float(), atol=0, rtol=0)
+
+
+def test_ring_blocks_with_offsets_merge_and_accumulate_to_full_attention():
+    """Keys split over 3 'ranks': per-block fwd with k_offset, fused merge, per-block bwd from the final
+    (out, lse) into fp32 accumulators == one full causal attention."""
+    b, s, hq, hkv, d = 1, 60, 4, 2, 32
+    q, k, v = _qkv((b, s, s, hq, hkv, d, 0, 0), torch.float32, seed=21)
+    dout = _rand(b, s, hq, d, dtype=torch.float32, seed=9)
+    bounds = [(0, 16), (16, 45), (45, 60)]
+    out = torch.zeros(b, s, hq, d, dtype=torch.float32, device=DEVICE)
+    lse = torch.full((b, hq, s), -math.inf, dtype=torch.float32, device=DEVICE)
+    for lo, hi in bounds:
+        o, l = fa.flash_attn_fwd(q, k[:, lo:hi], v[:, lo:hi], True, None, 0, lo)
+        mg.merge_(out, lse, o, l)
+    full_out, full_lse = fa.flash_attn_fwd(q, k, v, True)
+    torch.testing.assert_close(out, full_out, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, full_lse, atol=2e-6, rtol=1e-5)
+    dq = torch.zeros_like(q)
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    for lo, hi in bounds:
+        fa.flash_attn_bwd(dout, q, k[:, lo:hi], v[:, lo:hi], out, lse, True, None, 0, lo,
+                          dq=dq, dk=dk[:, lo:hi], dv=dv[:, lo:hi])
+    full = fa.flash_attn_bwd(dout, q, k, v, full_out, full_lse, True)
+    for a, f in zip((dq, dk, dv), full):
+        torch.testing.assert_close(a, f, atol=2e-5, rtol=1e-5)
+
+
+def test_backward_strided_inputs_and_dout():
+    b, s, h, d = 1, 37, 2, 80
+    q = _rand(b, h, s, d, dtype=torch.float32).transpose(1, 2)
+    kv = _rand(b, s, 2, h, 2 * d, dtype=torch.float32, seed=3)
+    k, v = kv[:, :, 0, :, ::2], kv[:, :, 1, :, ::2]
+    out, lse = fa.flash_attn_fwd(q, k, v, True)
+    dout = _rand(b, h, s, d, dtype=torch.float32, seed=4).transpose(1, 2)
+    got = fa.flash_attn_bwd(dout, q, k, v, out, lse, True)
+    ref = fa.flash_attn_bwd_ref(dout, q, k, v, out, lse, True, compute_dtype=torch.float64)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g.double(), r, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# merge
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("blk_dtype", [torch.float32, torch.float16], ids=["blk_fp32", "blk_fp16"])
+@pytest.mark.parametrize("d", [16, 40, 128])
+def test_merge_matches_reference_with_neginf_rows(blk_dtype, d):
+    b, s, h = 2, 37, 3
+    out = _rand(b, h, s, d, dtype=torch.float32).transpose(1, 2)  # strided running output
+    lse = _rand(b, h, s, dtype=torch.float32, seed=1) * 3
+    blk_out = _rand(b, s, h, d, dtype=blk_dtype, seed=2)
+    blk_lse = _rand(b, h, s, dtype=torch.float32, seed=3) * 3
+    lse[0, 0, :6] = -math.inf        # running side has seen nothing (its out rows are 0)
+    out[0, :6, 0] = 0.0
+    blk_lse[0, 0, 3:9] = -math.inf   # block side sees nothing on rows 3..8 (rows 3..5: both sides)
+    blk_out[0, 3:9, 0] = 0.0
+    ref_out, ref_lse = mg.merge_ref(out, lse, blk_out, blk_lse)
+    got_out, got_lse = mg.merge_(out, lse, blk_out, blk_lse)
+    assert got_out is out and got_lse is lse
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    torch.testing.assert_close(out, ref_out, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, atol=1e-6, rtol=1e-6)
+    assert torch.isneginf(lse[0, 0, 3:6]).all() and (out[0, 3:6, 0] == 0).all()
+    assert torch.isfinite(lse[0, 0, 6:9]).all() and torch.isfinite(lse[0, 0, :3]).all()
+
+
+def test_merge_ref_matches_spattn_ops_reference():
+    ops = pytest.importorskip("spattn.ops")
+    out, lse = _rand(1, 9, 2, 24, dtype=torch.float32), _rand(1, 2, 9, dtype=torch.float32, seed=1)
+    bo, bl = _rand(1, 9, 2, 24, dtype=torch.float32, seed=2), _rand(1, 2, 9, dtype=torch.float32, seed=3)
+    bl[0, 1] = -math.inf
+    for a, r in zip(mg.merge_ref(out, lse, bo, bl), ops.merge_ref(out, lse, bo, bl)):
+        torch.testing.assert_close(a, r, atol=0, rtol=0)
+
+
+def test_merge_garbage_in_dead_running_output_does_not_leak():
+    out = torch.full((1, 4, 1, 16), 1e30, device=DEVICE)  # uninitialised-looking running output
+    lse = torch.full((1, 1, 4), -math.inf, device=DEVICE)
+    blk = _rand(1, 4, 1, 16, dtype=torch.float32)
+    blk_lse = torch.zeros(1, 1, 4, device=DEVICE)
+    mg.merge_(out, lse, blk, blk_lse)
+    torch.testing.assert_close(out, blk)
+    assert (lse == 0).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# custom ops, fake tensors, backend contract
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tb():
+    return pytest.importorskip("spattn.backends.triton_backend")
+
+
+def test_custom_ops_fake_tensor_shapes(tb):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(2, 33, 8, 40, dtype=torch.float16, device=DEVICE)
+        k = torch.empty(2, 50, 2, 40, dtype=torch.float16, device=DEVICE)
+        out, lse = torch.ops.spattn.flash_fwd(q, k, k, True, 0.1, 0, 0)
+        assert out.shape == q.shape and out.dtype == q.dtype
+        assert lse.shape == (2, 8, 33) and lse.dtype == torch.float32
+        dq, dk, dv = torch.ops.spattn.flash_bwd(out, q, k, k, out, lse, True, 0.1, 0, 0)
+        assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, k.shape)
+        acc = torch.empty(q.shape, dtype=torch.float32, device=DEVICE)
+        kacc = torch.empty(k.shape, dtype=torch.float32, device=DEVICE)
+        assert torch.ops.spattn.flash_bwd_acc_(out, q, k, k, out, lse, acc, kacc, kacc.clone(), True, 0.1, 0, 0) is None
+        assert torch.ops.spattn.merge_(acc, lse, out, lse) is None
+
+
+def test_custom_ops_opcheck(tb):
+    q, k, v = _qkv((1, 9, 12, 2, 1, 16, 0, 0), torch.float32)
+    torch.library.opcheck(torch.ops.spattn.flash_fwd.default, (q, k, v, True, 0.25, 3, 0))
+    out, lse = torch.ops.spattn.flash_fwd(q, k, v, True, 0.25, 3, 0)
+    dout = torch.randn_like(out)
+    torch.library.opcheck(torch.ops.spattn.flash_bwd.default, (dout, q, k, v, out, lse, True, 0.25, 3, 0))
+    accs = (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))
+    torch.library.opcheck(torch.ops.spattn.flash_bwd_acc_.default,
+                          (dout, q, k, v, out, lse, *accs, True, 0.25, 3, 0))
+    torch.library.opcheck(torch.ops.spattn.merge_.default, (out.clone(), lse.clone(), out, lse))
+
+
+def test_triton_backend_contract(tb):
+    be = tb.TritonBackend()
+    assert be.name == "triton" and be.available(torch.device(DEVICE))
+    q, k, v = _qkv((1, 30, 30, 4, 2, 32, 0, 0), torch.float32)
+    out, lse = be.forward(q, k, v, True, 0.2)
+    ref_out, ref_lse = _ref64(q, k, v, True, 0.2)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=1e-5)
+    _assert_lse(lse, ref_lse)
+    dout = torch.randn_like(out)
+    fresh = be.backward(dout, q, k, v, out, lse, True, 0.2)
+    accs = [torch.ones(t.shape, dtype=torch.float32, device=DEVICE) for t in (q, k, v)]
+    res = be.backward(dout, q, k, v, out, lse, True, 0.2, *accs)
+    for r, a, g in zip(res, accs, fresh):
+        assert r is a
+        torch.testing.assert_close(r, 1 + g, atol=1e-5, rtol=1e-5)
+
+
+def test_triton_merge_registered_with_ops(tb):
+    ops = pytest.importorskip("spattn.ops")
+    out, lse = _rand(1, 7, 2, 16, dtype=torch.float32), _rand(1, 2, 7, dtype=torch.float32, seed=1)
+    bo, bl = _rand(1, 7, 2, 16, dtype=torch.float32, seed=2), _rand(1, 2, 7, dtype=torch.float32, seed=3)
+    ref = ops.merge_ref(out, lse, bo, bl)
+    got = ops.merge_(out.clone(), lse.clone(), bo, bl, impl="triton")
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-6)
+
+
+def test_attention_with_lse_autograd_through_triton_backend(tb):
+    ops = pytest.importorskip("spattn.ops")
+    q, k, v = (t.requires_grad_() for t in _qkv((1, 21, 21, 2, 1, 16, 0, 0), torch.float32))
+    out, lse = ops.attention_with_lse(q, k, v, causal=True, backend="triton")
+    out.square().sum().backward()
+    xs = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = fa.flash_attn_fwd_ref(*xs, True, compute_dtype=torch.float64)
+    ref_out.square().sum().backward()
+    torch.testing.assert_close(out.double(), ref_out.detach(), atol=2e-5, rtol=1e-5)
+    _assert_lse(lse, ref_lse)
+    for t, x in zip((q, k, v), xs):
+        torch.testing.assert_close(t.grad.double(), x.grad, atol=1e-4, rtol=1e-4)
