@@ -117,8 +117,12 @@ def merge_ref(out: Tensor, lse: Tensor, blk_out: Tensor, blk_lse: Tensor) -> Tup
 
 
 def _merge_torch_(out: Tensor, lse: Tensor, blk_out: Tensor, blk_lse: Tensor) -> None:
-    new_out, new_lse = merge_ref(out, lse, blk_out, blk_lse)
-    out.copy_(new_out)
+    # merge_ref's math, with the two passes over the (large) output done in place.
+    new_lse = torch.logaddexp(lse, blk_lse)
+    safe = new_lse.masked_fill(torch.isinf(new_lse), 0.0)
+    w_a = torch.exp(lse - safe).transpose(1, 2).unsqueeze(-1)      # (B, S, H, 1)
+    w_b = torch.exp(blk_lse - safe).transpose(1, 2).unsqueeze(-1)
+    out.mul_(w_a).addcmul_(blk_out, w_b)
     lse.copy_(new_lse)
 
 

@@ -93,11 +93,19 @@ class RingSetup:
         return calls
 
 
-def _blocks_forward(be, q: Tensor, kv: Tensor, calls: Sequence[Call], scale: float,
-                    out: Tensor, lse: Tensor) -> None:
+def _blocks_forward(be, q: Tensor, kv, calls: Sequence[Call], scale: float, out: Tensor, lse: Tensor,
+                    empty: bool) -> bool:
+    """Fold the calls' results into (out, lse). ``empty``: nothing folded in yet, so a block that
+    covers every row is copied instead of merged. Returns whether (out, lse) is still empty."""
     for q0, q1, k0, k1, causal in calls:
         o, l = block_forward(be, q[:, q0:q1], kv[0][:, k0:k1], kv[1][:, k0:k1], causal, scale)
-        merge_(out[:, q0:q1], lse[:, :, q0:q1], o, l)
+        if empty and q0 == 0 and q1 == out.shape[1]:
+            out.copy_(o)
+            lse.copy_(l)
+        else:
+            merge_(out[:, q0:q1], lse[:, :, q0:q1], o, l)
+        empty = False
+    return empty
 
 
 def _blocks_backward(be, dout, q, kv, out, lse, calls, scale, dq, dkv) -> None:
@@ -129,13 +137,13 @@ def ring_forward(st: RingSetup, q: Tensor, k: Tensor, v: Tensor, jq: Optional[Te
     # neither has the rest of its ring (same heads): no compute, no ring.
     R = st.size if q.shape[2] else 0
     out, lse = _running(q, q.shape[2])
-    kv = torch.stack([k, v])  # K and V travel as one message
+    kv = torch.stack([k, v]) if R > 1 else (k, v)  # K and V travel as one message
     comm = make_ring_comm(st.group, kv, st.engine) if R > 1 else None
-    cur = kv
+    cur, empty = kv, True
     for j in range(R):
         if j + 1 < R:
             comm.start(cur)
-        _blocks_forward(be, q, cur, st.plan((i - j) % R), st.scale, out, lse)
+        empty = _blocks_forward(be, q, cur, st.plan((i - j) % R), st.scale, out, lse, empty)
         if j + 1 < R:
             cur = comm.wait()
     t_out = t_lse = None
@@ -173,10 +181,15 @@ def ring_backward(st: RingSetup, saved: Saved, dout: Tensor, dt_out: Optional[Te
         for r0, r1 in pad:
             dout[:, r0:r1] = 0
     dout = dout.contiguous()
+    calls = st.plan(i)
+    sl = q.shape[1]
+    if R == 1 and not joint and len(calls) == 1 and calls[0][:4] == (0, sl, 0, sl):
+        # One block covering everything (Ulysses, or a mesh of one): no accumulators needed.
+        return be.backward(dout, q, k, v, out, lse, calls[0][4], st.scale) + (None,) * 3
     dq = torch.zeros_like(q, dtype=torch.float32)
-    kv = torch.stack([k, v])
+    kv = torch.stack([k, v]) if R > 1 else (k, v)
     # Block (dk, dv) accumulate in fp32: scratch[0] for step 0 (it is sent away), scratch[1] after.
-    scratch = [torch.zeros_like(kv, dtype=torch.float32) for _ in range(min(R, 2))]
+    scratch = [k.new_zeros((2,) + k.shape, dtype=torch.float32) for _ in range(min(R, 2))]
     kv_comm = make_ring_comm(st.group, kv, st.engine) if R > 1 else None
     dkv_comm = make_ring_comm(st.group, scratch[0], st.engine) if R > 1 else None
     if joint:
