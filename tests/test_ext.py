@@ -69,6 +69,14 @@ def test_merge_cpu_matches_ref(dtype, shape, inf):
     _check_against_ref(*_inputs(shape, dtype, inf), C.merge_cpu_)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_merge_cpu_portable_path(dtype, monkeypatch):
+    """The at::vec path used on CPUs without AVX2/F16C gives the same results."""
+    monkeypatch.setenv("SPATTN_MERGE_NO_AVX2", "1")
+    for shape in SHAPES:
+        _check_against_ref(*_inputs(shape, dtype, "both"), C.merge_cpu_)
+
+
 def test_merge_cpu_both_minus_inf_row_stays_empty():
     out, lse, blk, blk_lse = _inputs((1, 8, 2, 16), torch.float32, "all")
     C.merge_cpu_(out, lse, blk, blk_lse)
