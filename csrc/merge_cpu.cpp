@@ -106,9 +106,16 @@ bool cpu_has_avx2() {
 }
 #endif
 
+// out/lse may be strided views (the ring merges into slices of its running output); only their last
+// dim must be dense. blk/blk_lse are contiguous.
+struct Strides {
+  int64_t ob, os, oh;  // out (B, S, H, D), D dense
+  int64_t lb, lh;      // lse (B, H, S), S dense
+};
+
 template <typename scalar_t>
 void merge_kernel(float* out, float* lse, const scalar_t* blk, const float* blk_lse, int64_t B,
-                  int64_t S, int64_t H, int64_t D) {
+                  int64_t S, int64_t H, int64_t D, Strides st) {
 #ifdef SPATTN_X86_AVX2
   // SPATTN_MERGE_NO_AVX2=1 forces the portable path (tests cover both).
   const bool avx2 = cpu_has_avx2() && std::getenv("SPATTN_MERGE_NO_AVX2") == nullptr;
@@ -126,7 +133,7 @@ void merge_kernel(float* out, float* lse, const scalar_t* blk, const float* blk_
       const int64_t n = std::min(kTokChunk, S - s0);
       // Phase 1: lse rows are contiguous along S, so the logaddexp/exps vectorize there.
       for (int64_t h = 0; h < H; ++h) {
-        float* l = lse + (b * H + h) * S + s0;
+        float* l = lse + b * st.lb + h * st.lh + s0;
         const float* bl = blk_lse + (b * H + h) * S + s0;
         float* pa = wa.data() + h * kTokChunk;
         float* pb = wb.data() + h * kTokChunk;
@@ -142,8 +149,9 @@ void merge_kernel(float* out, float* lse, const scalar_t* blk, const float* blk_
       // Phase 2: one streaming pass over this chunk's output rows.
       for (int64_t i = 0; i < n; ++i) {
         const int64_t row0 = ((b * S) + s0 + i) * H;
+        float* orow = out + b * st.ob + (s0 + i) * st.os;
         for (int64_t h = 0; h < H; ++h) {
-          float* o = out + (row0 + h) * D;
+          float* o = orow + h * st.oh;
           const scalar_t* x = blk + (row0 + h) * D;
 #ifdef SPATTN_X86_AVX2
           if (avx2) {
@@ -173,8 +181,9 @@ void check_merge_args(const at::Tensor& out, const at::Tensor& lse, const at::Te
               "spattn merge: lse must be (B, H, S) = (", B, ", ", H, ", ", S, "), got ", lse.sizes());
   TORCH_CHECK(blk_lse.sizes() == lse.sizes(), "spattn merge: blk_lse ", blk_lse.sizes(),
               " must have lse's shape ", lse.sizes());
-  TORCH_CHECK(out.is_contiguous() && lse.is_contiguous(),
-              "spattn merge: out and lse are updated in place and must be contiguous");
+  TORCH_CHECK(out.stride(3) == 1 && lse.stride(2) == 1,
+              "spattn merge: out and lse are updated in place and need a dense last dim (got strides ",
+              out.strides(), " and ", lse.strides(), ")");
   TORCH_CHECK(blk_out.device() == out.device() && lse.device() == out.device() &&
                   blk_lse.device() == out.device(),
               "spattn merge: all tensors must be on one device");
@@ -191,10 +200,11 @@ void merge_cpu_(const at::Tensor& out, const at::Tensor& lse, const at::Tensor& 
   float* l = lse.data_ptr<float>();
   const float* bl = blse.const_data_ptr<float>();
   const int64_t B = out.size(0), S = out.size(1), H = out.size(2), D = out.size(3);
+  const Strides st{out.stride(0), out.stride(1), out.stride(2), lse.stride(0), lse.stride(1)};
   switch (blk.scalar_type()) {
-    case at::kFloat: return merge_kernel(o, l, blk.const_data_ptr<float>(), bl, B, S, H, D);
-    case at::kBFloat16: return merge_kernel(o, l, blk.const_data_ptr<at::BFloat16>(), bl, B, S, H, D);
-    case at::kHalf: return merge_kernel(o, l, blk.const_data_ptr<at::Half>(), bl, B, S, H, D);
+    case at::kFloat: return merge_kernel(o, l, blk.const_data_ptr<float>(), bl, B, S, H, D, st);
+    case at::kBFloat16: return merge_kernel(o, l, blk.const_data_ptr<at::BFloat16>(), bl, B, S, H, D, st);
+    case at::kHalf: return merge_kernel(o, l, blk.const_data_ptr<at::Half>(), bl, B, S, H, D, st);
     default: TORCH_CHECK(false, "spattn merge: blk_out must be float32, bfloat16 or float16, got ", blk.scalar_type());
   }
 }

@@ -139,9 +139,9 @@ def ring_engine_class(required: bool = False):
 def _fused_merge(mod: ModuleType):
     """The in-place merge ``fn(out, lse, blk_out, blk_lse)`` for ops.register_merge.
 
-    The kernels update contiguous fp32 ``out``/``lse`` in place (block inputs may be strided: they are
-    made contiguous); anything else goes to the torch merge, so the contract of ``ops.merge_`` holds
-    for every input.
+    The kernels update fp32 ``out``/``lse`` in place, also strided views of them (the ring merges into
+    sequence slices) as long as the last dim is dense; block inputs may have any layout (they are made
+    contiguous). Anything else goes to the torch merge, so ``ops.merge_``'s contract always holds.
     """
     from . import ops  # lazy: ops must not depend on the extension at import time
 
@@ -154,7 +154,7 @@ def _fused_merge(mod: ModuleType):
         kernel = kernels.get(out.device.type)
         if (kernel is not None and out.dtype == torch.float32 and lse.dtype == torch.float32
                 and blk_lse.dtype == torch.float32 and blk_out.dtype in ok_blk
-                and out.is_contiguous() and lse.is_contiguous()):
+                and out.dim() == 4 and lse.dim() == 3 and out.stride(3) == 1 and lse.stride(2) == 1):
             kernel(out, lse, blk_out, blk_lse)
         else:
             ops._merge_torch_(out, lse, blk_out, blk_lse)

@@ -89,11 +89,20 @@ def test_merge_registered_and_strided_inputs():
     # blk as a strided view (e.g. a slice of a packed buffer) takes the fast path after .contiguous().
     packed = torch.stack([blk, blk]).transpose(0, 1).contiguous()
     _check_against_ref(out, lse, packed[:, 0], blk_lse, lambda *a: ops.merge_(*a, impl="cpp"))
-    # A non-contiguous running output falls back to the torch merge, still in place.
-    wide = torch.zeros(2, 20, 3, 80)
-    o = wide[..., :40]
-    o.copy_(out)
     ref_out, ref_lse = ops.merge_ref(out, lse, blk, blk_lse)
+    # Sequence slices of a bigger running output (as the ring merges them): fused, in place.
+    big_o, big_l = torch.zeros(2, 50, 3, 40), torch.full((2, 3, 50), NEG_INF)
+    o, l = big_o[:, 7:27], big_l[:, :, 7:27]
+    o.copy_(out)
+    l.copy_(lse)
+    C.merge_cpu_(o, l, blk, blk_lse)
+    torch.testing.assert_close(o, ref_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(l, ref_lse)
+    assert not big_o[:, 27:].any() and bool((big_l[:, :, :7] == NEG_INF).all())  # outside untouched
+    # A running output with a strided last dim falls back to the torch merge, still in place.
+    wide = torch.zeros(2, 20, 3, 80)
+    o = wide[..., ::2]
+    o.copy_(out)
     l = lse.clone()
     ops.merge_(o, l, blk, blk_lse)  # "auto" picks "cpp" for CPU tensors
     torch.testing.assert_close(o, ref_out, rtol=1e-5, atol=1e-6)
