@@ -11,7 +11,7 @@ IDS = [f"u{u}r{r}" for u, r in HYBRIDS]
 
 
 # -- sequence lengths not divisible by the mesh (padding must get exactly zero weight) -------------
-@pytest.mark.parametrize("seq", [97, 1025 // 4, 6889 // 32, 13])
+@pytest.mark.parametrize("seq", [97, 257, 6889 // 32, 13])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("mesh", HYBRIDS, ids=IDS)
 def test_any_seq_len(mesh, causal, seq):
@@ -24,6 +24,15 @@ def test_any_seq_len(mesh, causal, seq):
 def test_any_seq_len_low_precision(mesh, dtype):
     u, r = mesh
     check(Case(u, r, seq=97, heads=4, head_dim=40, causal=True, dtype=dtype))
+
+
+@pytest.mark.parametrize("seq,mesh,causal", [(1025, (2, 2), True), (1025, (1, 8), False), (6889, (4, 2), False)],
+                         ids=["1025-u2r2-causal", "1025-u1r8", "6889-u4r2"])
+def test_real_lengths(seq, mesh, causal):
+    # Qwen-Image at 1328x1328 has 83x83 = 6889 image tokens: divisible by nothing useful.
+    u, r = mesh
+    check(Case(u, r, seq=seq, heads=3 if seq == 6889 else 4, kv_heads=1 if seq == 6889 else None,
+               head_dim=16, causal=causal))
 
 
 # -- head counts not divisible by the Ulysses degree, GQA and MQA ---------------------------------
