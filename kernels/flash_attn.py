@@ -474,6 +474,14 @@ def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"flash_attn: q, k, v must share one of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
+def _check_int32_offsets(**tensors: Tensor) -> None:
+    """Kernels index within one batch element in int32 (only the batch offset is int64)."""
+    for name, t in tensors.items():
+        if t is not None and sum((n - 1) * st for n, st in zip(t.shape[1:], t.stride()[1:])) >= 2 ** 31:
+            raise ValueError(f"flash_attn: {name} spans >= 2**31 elements within one batch element "
+                             f"(shape {tuple(t.shape)}, strides {t.stride()}); split it along the sequence")
+
+
 def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: Optional[float] = None,
                    q_offset: int = 0, k_offset: int = 0,
                    config: Optional[TileConfig] = None) -> Tuple[Tensor, Tensor]:
@@ -484,6 +492,7 @@ def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale:
     Returns out (B, Sq, Hq, D) in q's dtype and lse (B, Hq, Sq) fp32 natural log (-inf: row saw no key).
     """
     _check(q, k, v)
+    _check_int32_offsets(q=q, k=k, v=v)
     B, Sq, Hq, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     scale = D ** -0.5 if scale is None else float(scale)
@@ -519,6 +528,7 @@ def flash_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     B, Sq, Hq, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     scale = D ** -0.5 if scale is None else float(scale)
+    _check_int32_offsets(q=q, k=k, v=v, dout=dout, out=out, dq=dq, dk=dk, dv=dv)
     acc_q = dq is not None
     acc_kv = dk is not None or dv is not None
     dq = torch.empty_like(q) if dq is None else dq

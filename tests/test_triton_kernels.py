@@ -339,6 +339,26 @@ def test_custom_ops_opcheck(tb):
     torch.library.opcheck(torch.ops.spattn.merge_.default, (out.clone(), lse.clone(), out, lse))
 
 
+def test_custom_ops_trace_under_torch_compile(tb):
+    """fullgraph compile (aot_eager: no C++ toolchain needed) through the fake impls and the mutating merge."""
+    q, k, v = _qkv((1, 9, 12, 2, 1, 16, 0, 0), torch.float32)
+
+    def step(q, k, v, acc_out, acc_lse):
+        out, lse = torch.ops.spattn.flash_fwd(q, k, v, True, 0.25, 3, 0)
+        torch.ops.spattn.merge_(acc_out, acc_lse, out, lse)
+        dq, dk, dv = torch.ops.spattn.flash_bwd(out, q, k, v, out, lse, True, 0.25, 3, 0)
+        return acc_out * 2, dq, dk, dv
+
+    def fresh():
+        return (torch.zeros(1, 9, 2, 16, device=DEVICE), torch.full((1, 2, 9), -math.inf, device=DEVICE))
+
+    acc_c, acc_e = fresh(), fresh()
+    got = torch.compile(step, backend="aot_eager", fullgraph=True)(q, k, v, *acc_c)
+    want = step(q, k, v, *acc_e)
+    for g, w in zip(got + acc_c, want + acc_e):
+        torch.testing.assert_close(g, w, atol=0, rtol=0)
+
+
 def test_triton_backend_contract(tb):
     be = tb.TritonBackend()
     assert be.name == "triton" and be.available(torch.device(DEVICE))
