@@ -54,7 +54,7 @@ def test_every_shipped_config_is_reported(rows):
 
     got = {(r["kernel"], r["arch"], r["head_dim"], r["dtype"]) for r in rows}
     want = {(k, f"sm_{a}", d, t) for k in ("fwd", "preprocess", "dkdv", "dq", "merge") for a in fa.ARCHS
-            for d in fa.HEAD_DIM_BUCKETS for t in ("fp16", "fp32")}
+            for d in fa.HEAD_DIM_BUCKETS for t in ("fp16", "bf16", "fp32")}
     assert want <= got, f"missing: {sorted(want - got)[:10]}"
 
 
