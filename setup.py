@@ -70,9 +70,7 @@ def _arch_list(spec: str) -> str:
 def _pip_cuda_dirs(sub: str):
     """include/ or lib/ dirs of the CUDA wheels torch pulls in (nvidia/cu13/...): the system toolkit
     may ship only nvcc and the runtime, while ATen/cuda headers need cuBLAS/cuSPARSE headers too."""
-    import site
-
-    roots = site.getsitepackages() + [site.getusersitepackages()]
+    roots = [p for p in sys.path if p and os.path.isdir(os.path.join(p, "nvidia"))]  # .pth paths too
     found = []
     for root in roots:
         for d in sorted(glob.glob(os.path.join(root, "nvidia", "*", sub))):
@@ -195,7 +193,7 @@ setup(
     package_dir={"spattn": "spattn", "spattn.kernels": "kernels"},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy"],
-    extras_require={"triton": ["triton"], "test": ["pytest"]},
+    extras_require={"triton": ["triton"], "test": ["pytest", "triton"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
