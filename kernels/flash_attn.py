@@ -21,8 +21,8 @@ import triton.language as tl
 
 Tensor = torch.Tensor
 
-LOG2E = 1.4426950408889634  # log2(e): natural-log scores -> base 2
-LN2 = 0.6931471805599453    # ln(2): base-2 LSE -> natural log
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): natural-log scores -> base 2
+LN2 = tl.constexpr(0.6931471805599453)    # ln(2): base-2 LSE -> natural log
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,7 +62,7 @@ def _load_lse2(LSE, rows, n_rows, stride_ls, EVEN_ROWS: tl.constexpr):
         lse = tl.load(LSE + rows * stride_ls)
     else:
         lse = tl.load(LSE + rows * stride_ls, mask=rows < n_rows, other=float("inf"))
-    return tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -129,7 +129,7 @@ def _flash_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(Q + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, offs_m, seqlen_q,
                    offs_d, HEAD_DIM, BLOCK_D, EVEN_M)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -155,7 +155,7 @@ def _flash_fwd_kernel(
     seen = l_i > 0.0
     l_safe = tl.where(seen, l_i, 1.0)
     out = acc / l_safe[:, None]
-    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(seen, (m_i + tl.math.log2(l_safe)) * LN2, float("-inf"))
     _store_rows(Out + offs_m[:, None] * stride_os + offs_d[None, :] * stride_od, out, offs_m, seqlen_q,
                 offs_d, HEAD_DIM, False)
     tl.store(LSE + offs_m * stride_ls, lse, mask=offs_m < seqlen_q)
@@ -252,7 +252,7 @@ def _flash_bwd_dkdv_kernel(
                    offs_n, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, EVEN_N)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
 
     # Query i sees key j iff j <= i + causal_shift.
     causal_shift = q_offset - k_offset
@@ -346,7 +346,7 @@ def _flash_bwd_dq_kernel(
     lse2 = _load_lse2(LSE + b * stride_lb + h * stride_lh, offs_m, seqlen_q, stride_ls, EVEN_M)
     delta = tl.load(Delta + bh.to(tl.int64) * seqlen_q + offs_m, mask=offs_m < seqlen_q, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    qk_scale = sm_scale * 1.4426950408889634
+    qk_scale = sm_scale * LOG2E
 
     causal_shift = q_offset - k_offset
     if IS_CAUSAL:
