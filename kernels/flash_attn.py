@@ -376,48 +376,36 @@ class TileConfig(NamedTuple):
     num_stages: int
 
 
-# (arch, BLOCK_D) -> config for 2-byte inputs (fp16/bf16). sm_90 tiles put >= 64 rows per warpgroup on
-# the dot's M side so Triton lowers tl.dot to wgmma (checked: forward everywhere, dK/dV and dQ up to
-# head_dim 128). Chosen for zero spills at <= 255 registers (see bench/kernel_report.py).
-_CONFIGS: Dict[str, Dict[Tuple[int, int], TileConfig]] = {
-    "fwd": {
-        (80, 16): TileConfig(128, 64, 4, 3), (80, 32): TileConfig(128, 64, 4, 3),
-        (80, 64): TileConfig(128, 64, 4, 3), (80, 128): TileConfig(128, 64, 8, 3),
-        (80, 256): TileConfig(64, 64, 8, 2),
-        (90, 16): TileConfig(128, 64, 4, 3), (90, 32): TileConfig(128, 64, 4, 3),
-        (90, 64): TileConfig(128, 128, 8, 3), (90, 128): TileConfig(128, 64, 8, 3),
-        (90, 256): TileConfig(128, 32, 8, 2),
-    },
+T = TileConfig
+ARCHS = (80, 90)  # table columns: sm_80 (A100 and other pre-Hopper), sm_90 (H100)
+HEAD_DIM_BUCKETS = (16, 32, 64, 128, 256)  # BLOCK_D: head_dim padded to a power of two
+# kind -> BLOCK_D -> (sm_80 config, sm_90 config); every entry compiles with zero spills at <= 255
+# registers and fits shared memory (bench/kernel_report.py, tests/test_kernel_report.py).
+# fp16/bf16: sm_90 tiles put >= 64 rows per warpgroup on the dot's M side so Triton lowers tl.dot to
+# wgmma (forward at every head_dim, dK/dV and dQ up to 128).
+_CONFIGS: Dict[str, Dict[int, Tuple[TileConfig, TileConfig]]] = {
+    "fwd": {16: (T(128, 64, 4, 3), T(128, 64, 4, 3)), 32: (T(128, 64, 4, 3), T(128, 64, 4, 3)),
+            64: (T(128, 64, 4, 3), T(128, 128, 8, 3)), 128: (T(128, 64, 8, 3), T(128, 64, 8, 3)),
+            256: (T(64, 64, 8, 2), T(128, 32, 8, 2))},
     # block_m: query tile looped over, block_n: owned key tile (dK/dV accumulators stay in registers).
-    "dkdv": {
-        (80, 16): TileConfig(32, 64, 4, 3), (80, 32): TileConfig(32, 64, 4, 3),
-        (80, 64): TileConfig(32, 128, 8, 3), (80, 128): TileConfig(32, 64, 8, 2),
-        (80, 256): TileConfig(16, 32, 8, 2),
-        (90, 16): TileConfig(32, 64, 4, 3), (90, 32): TileConfig(32, 64, 4, 3),
-        (90, 64): TileConfig(32, 128, 8, 3), (90, 128): TileConfig(16, 64, 8, 2),
-        (90, 256): TileConfig(16, 32, 8, 2),
-    },
+    "dkdv": {16: (T(32, 64, 4, 3), T(32, 64, 4, 3)), 32: (T(32, 64, 4, 3), T(32, 64, 4, 3)),
+             64: (T(32, 128, 8, 3), T(32, 128, 8, 3)), 128: (T(32, 64, 8, 2), T(16, 64, 8, 2)),
+             256: (T(16, 32, 8, 2), T(16, 32, 8, 2))},
     # block_m: owned query tile, block_n: key tile looped over.
-    "dq": {
-        (80, 16): TileConfig(64, 32, 4, 3), (80, 32): TileConfig(64, 32, 4, 3),
-        (80, 64): TileConfig(128, 32, 8, 3), (80, 128): TileConfig(64, 32, 4, 2),
-        (80, 256): TileConfig(32, 16, 4, 2),
-        (90, 16): TileConfig(64, 32, 4, 3), (90, 32): TileConfig(64, 32, 4, 3),
-        (90, 64): TileConfig(128, 32, 8, 3), (90, 128): TileConfig(64, 64, 8, 2),
-        (90, 256): TileConfig(32, 16, 4, 2),
-    },
+    "dq": {16: (T(64, 32, 4, 3), T(64, 32, 4, 3)), 32: (T(64, 32, 4, 3), T(64, 32, 4, 3)),
+           64: (T(128, 32, 8, 3), T(128, 32, 8, 3)), 128: (T(64, 32, 4, 2), T(64, 64, 8, 2)),
+           256: (T(32, 16, 4, 2), T(32, 16, 4, 2))},
 }
-# fp32 inputs: "ieee" dots run on the FMA units with operands in registers, so tiles are much smaller.
-_FP32_CONFIGS: Dict[str, Dict[Tuple[int, int], TileConfig]] = {
-    "fwd": {**{(a, bd): TileConfig(64, 32, 8, 2) for a in (80, 90) for bd in (16, 32, 64)},
-            (80, 128): TileConfig(32, 16, 8, 2), (90, 128): TileConfig(32, 16, 8, 2),
-            (80, 256): TileConfig(32, 16, 8, 1), (90, 256): TileConfig(32, 16, 8, 1)},
-    "dkdv": {**{(a, bd): TileConfig(16, 32, 8, 2) for a in (80, 90) for bd in (16, 32, 64)},
-             (90, 16): TileConfig(16, 32, 4, 2), (90, 32): TileConfig(16, 32, 4, 2),
-             (80, 128): TileConfig(32, 32, 8, 2), (90, 128): TileConfig(16, 16, 4, 1),
-             (80, 256): TileConfig(16, 16, 4, 1), (90, 256): TileConfig(16, 32, 8, 2)},
-    "dq": {(a, bd): TileConfig(32, 16, 8, 2) for a in (80, 90) for bd in (16, 32, 64, 128, 256)},
+# fp32: "ieee" dots run on the FMA units with both operands in registers, so tiles are much smaller.
+_FP32_CONFIGS: Dict[str, Dict[int, Tuple[TileConfig, TileConfig]]] = {
+    "fwd": {16: (T(64, 32, 8, 2),) * 2, 32: (T(64, 32, 8, 2),) * 2, 64: (T(64, 32, 8, 2),) * 2,
+            128: (T(32, 16, 8, 2),) * 2, 256: (T(32, 16, 8, 1),) * 2},
+    "dkdv": {16: (T(16, 32, 8, 2), T(16, 32, 4, 2)), 32: (T(16, 32, 8, 2), T(16, 32, 4, 2)),
+             64: (T(16, 32, 8, 2),) * 2, 128: (T(32, 32, 8, 2), T(16, 16, 4, 1)),
+             256: (T(16, 16, 4, 1), T(16, 32, 8, 2))},
+    "dq": {bd: (T(32, 16, 8, 2),) * 2 for bd in HEAD_DIM_BUCKETS},
 }
+del T
 
 
 def preprocess_block_m(block_d: int) -> int:
@@ -426,8 +414,6 @@ def preprocess_block_m(block_d: int) -> int:
 
 
 INTERPRET_CONFIG = TileConfig(32, 32, 4, 1)  # small tiles: several tiles (and tails) even at seq ~100
-ARCHS = (80, 90)
-HEAD_DIM_BUCKETS = (16, 32, 64, 128, 256)
 
 
 def block_d_for(head_dim: int) -> int:
@@ -445,7 +431,7 @@ def arch_key(capability: Tuple[int, int]) -> int:
 def tile_config(kind: str, arch: int, head_dim: int, dtype: torch.dtype) -> TileConfig:
     """The shipped config of kernel ``kind`` ("fwd", "dkdv", "dq") for ``arch`` (80 or 90)."""
     bd = block_d_for(head_dim)
-    return (_FP32_CONFIGS if dtype == torch.float32 else _CONFIGS)[kind][(arch, bd)]
+    return (_FP32_CONFIGS if dtype == torch.float32 else _CONFIGS)[kind][bd][ARCHS.index(arch)]
 
 
 def _config(kind: str, t: Tensor, head_dim: int) -> TileConfig:
