@@ -499,6 +499,20 @@ def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale:
     return out, lse
 
 
+def flash_attn_bwd_preprocess(out: Tensor, dout: Tensor) -> Tensor:
+    """delta = rowsum(dout * out) in fp32. out, dout: (B, Sq, H, D), any float dtypes and strides ->
+    delta (B, H, Sq) fp32, contiguous (the layout the dK/dV and dQ kernels index)."""
+    B, Sq, H, D = out.shape
+    delta = torch.empty((B, H, Sq), dtype=torch.float32, device=out.device)
+    if delta.numel() == 0:
+        return delta
+    bd = block_d_for(D)
+    pre_m = preprocess_block_m(bd)
+    _bwd_preprocess_kernel[(triton.cdiv(Sq, pre_m), B * H)](
+        out, dout, delta, *out.stride(), *dout.stride(), H, Sq, HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=pre_m)
+    return delta
+
+
 def flash_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                    causal: bool = False, scale: Optional[float] = None, q_offset: int = 0, k_offset: int = 0,
                    dq: Optional[Tensor] = None, dk: Optional[Tensor] = None, dv: Optional[Tensor] = None,
@@ -513,6 +527,12 @@ def flash_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     _check(q, k, v)
     B, Sq, Hq, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
+    if out.shape != q.shape or dout.shape != q.shape or lse.shape != (B, Hq, Sq) or lse.dtype != torch.float32:
+        raise ValueError(f"flash_attn_bwd: out {tuple(out.shape)} and dout {tuple(dout.shape)} must match q "
+                         f"{tuple(q.shape)}; lse {tuple(lse.shape)} {lse.dtype} must be ({B}, {Hq}, {Sq}) fp32")
+    for name, g, like in (("dq", dq, q), ("dk", dk, k), ("dv", dv, v)):
+        if g is not None and g.shape != like.shape:
+            raise ValueError(f"flash_attn_bwd: accumulator {name} {tuple(g.shape)} must be {tuple(like.shape)}")
     scale = D ** -0.5 if scale is None else float(scale)
     _check_int32_offsets(q=q, k=k, v=v, dout=dout, out=out, dq=dq, dk=dk, dv=dv)
     acc_q = dq is not None
@@ -527,10 +547,7 @@ def flash_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
                 g.zero_()
         return dq, dk, dv
     bd = block_d_for(D)
-    delta = torch.empty((B, Hq, Sq), dtype=torch.float32, device=q.device)
-    pre_m = preprocess_block_m(bd)
-    _bwd_preprocess_kernel[(triton.cdiv(Sq, pre_m), B * Hq)](
-        out, dout, delta, *out.stride(), *dout.stride(), Hq, Sq, HEAD_DIM=D, BLOCK_D=bd, BLOCK_M=pre_m)
+    delta = flash_attn_bwd_preprocess(out, dout)
     cfg_kv, cfg_q = config or (_config("dkdv", q, D), _config("dq", q, D))
     common = dict(HEAD_DIM=D, BLOCK_D=bd, IS_CAUSAL=bool(causal), DOT_PREC=dot_precision(q.dtype))
     _flash_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg_kv.block_n), B * Hkv)](
@@ -575,6 +592,11 @@ def flash_attn_fwd_ref(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, sc
     p = torch.exp(s - lse.nan_to_num(neginf=0.0).unsqueeze(-1))  # -inf rows: p = 0
     vf = v.to(compute_dtype).repeat_interleave(q.shape[2] // k.shape[2], dim=2).transpose(1, 2)
     return torch.matmul(p, vf).transpose(1, 2).to(q.dtype), lse.float()
+
+
+def flash_attn_bwd_preprocess_ref(out: Tensor, dout: Tensor) -> Tensor:
+    """Reference of :func:`flash_attn_bwd_preprocess`: (B, Sq, H, D) x2 -> (B, H, Sq) fp32."""
+    return (out.double() * dout.double()).sum(-1).transpose(1, 2).float()
 
 
 def flash_attn_bwd_ref(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,

@@ -196,6 +196,25 @@ def test_backward_matches_reference(case, causal, dtype_tol):
         _assert_within(g, r, t, atol * max(1.0, r.abs().max().item()), rtol, name)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("d", [16, 40, 256])
+def test_backward_preprocess_delta(dtype, d):
+    out = _rand(2, 4, 37, d, dtype=dtype).transpose(1, 2)  # strided
+    dout = _rand(2, 37, 4, d, dtype=torch.float32, seed=1)  # dout may differ in dtype from out
+    delta = fa.flash_attn_bwd_preprocess(out, dout)
+    assert delta.shape == (2, 4, 37) and delta.dtype == torch.float32 and delta.is_contiguous()
+    torch.testing.assert_close(delta, fa.flash_attn_bwd_preprocess_ref(out, dout), atol=1e-4, rtol=1e-5)
+
+
+def test_backward_rejects_mismatched_shapes():
+    q, k, v = _qkv((1, 8, 8, 2, 1, 16, 0, 0), torch.float32)
+    out, lse = fa.flash_attn_fwd(q, k, v)
+    with pytest.raises(ValueError, match="lse"):
+        fa.flash_attn_bwd(out, q, k, v, out, lse.transpose(1, 2))
+    with pytest.raises(ValueError, match="accumulator dk"):
+        fa.flash_attn_bwd(out, q, k, v, out, lse, dk=torch.zeros_like(q))
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_backward_accumulates_into_prefilled_fp32_buffers(causal):
     case = (1, 40, 56, 4, 2, 40, 8, 0)
