@@ -460,6 +460,15 @@ def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"flash_attn: q, k, v must share one of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
+MAX_GRID_Y = 65535  # CUDA limit of grid dim 1, where the kernels put batch * heads
+
+
+def _check_grid(batch: int, heads: int) -> None:
+    if batch * heads > MAX_GRID_Y:
+        raise ValueError(f"flash_attn: batch * heads = {batch * heads} exceeds the CUDA grid limit {MAX_GRID_Y}; "
+                         f"call it on batch chunks")
+
+
 def _check_int32_offsets(**tensors: Tensor) -> None:
     """Kernels index within one batch element in int32 (only the batch offset is int64)."""
     for name, t in tensors.items():
@@ -479,6 +488,7 @@ def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale:
     """
     _check(q, k, v)
     _check_int32_offsets(q=q, k=k, v=v)
+    _check_grid(q.shape[0], q.shape[2])
     B, Sq, Hq, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     scale = D ** -0.5 if scale is None else float(scale)
@@ -535,6 +545,7 @@ def flash_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
             raise ValueError(f"flash_attn_bwd: accumulator {name} {tuple(g.shape)} must be {tuple(like.shape)}")
     scale = D ** -0.5 if scale is None else float(scale)
     _check_int32_offsets(q=q, k=k, v=v, dout=dout, out=out, dq=dq, dk=dk, dv=dv)
+    _check_grid(B, Hq)
     acc_q = dq is not None
     acc_kv = dk is not None or dv is not None
     dq = torch.empty_like(q) if dq is None else dq

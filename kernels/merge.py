@@ -88,6 +88,8 @@ def merge_(out: Tensor, lse: Tensor, blk_out: Tensor, blk_lse: Tensor) -> Tuple[
     B, S, H, D = out.shape
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
+    if B * H > 65535:  # CUDA limit of grid dim 1
+        raise ValueError(f"merge_: batch * heads = {B * H} exceeds the CUDA grid limit 65535; merge batch chunks")
     bd = max(16, triton.next_power_of_2(D))
     bs = merge_block_s(bd)
     _merge_kernel[(triton.cdiv(S, bs), B * H)](
