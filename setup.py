@@ -141,6 +141,11 @@ def _extensions():
     src = [os.path.join("csrc", f) for f in ("ring_engine.cpp", "merge_cpu.cpp")]
     cxx_flags = ["-O3", f"-DSPATTN_SRC_HASH={csrc_hash()}"]
     kwargs = {}
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is OpenMP in torch's builds and runs serially in a TU without -fopenmp.
+        # libgomp.so.1 resolves to the copy torch already loaded: one thread pool, torch's thread count.
+        cxx_flags.append("-fopenmp")
+        kwargs["extra_link_args"] = ["-fopenmp"]
     if with_cuda:
         os.environ["TORCH_CUDA_ARCH_LIST"] = _arch_list(os.environ.get("SPATTN_CUDA_ARCHS", "80;90"))
         src.append(os.path.join("csrc", "merge_cuda.cu"))

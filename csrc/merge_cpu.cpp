@@ -15,6 +15,13 @@
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
 #define SPATTN_X86_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,f16c")
+// SLEEF's 8-wide exp/log1p: libtorch_cpu exports them (torch's own AVX2 kernels use them), so the
+// LSE math runs as fast and as accurately as torch's without building SLEEF here.
+extern "C" __m256 Sleef_expf8_u10(__m256);
+extern "C" __m256 Sleef_log1pf8_u10(__m256);
+#pragma GCC pop_options
 #endif
 
 namespace spattn {
@@ -100,6 +107,40 @@ __attribute__((target("avx2,f16c"))) void scale_row_avx2(float* out, const scala
   for (; d < D; ++d) out[d] = out[d] * wa + load1(blk + d) * wb;
 }
 
+// lse_weights() for 8 lanes with AVX2 + SLEEF; same formula, same special cases.
+__attribute__((target("avx2,f16c"))) inline void lse_weights_avx2(const float* a_p, const float* b_p, float* new_p,
+                                                                 float* wa_p, float* wb_p) {
+  const __m256 a = _mm256_loadu_ps(a_p), b = _mm256_loadu_ps(b_p);
+  const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256 mx = _mm256_max_ps(a, b), mn = _mm256_min_ps(a, b);
+  const __m256 lae = _mm256_add_ps(mx, Sleef_log1pf8_u10(Sleef_expf8_u10(_mm256_sub_ps(mn, mx))));
+  const __m256 mx_inf = _mm256_cmp_ps(_mm256_andnot_ps(sign, mx), inf, _CMP_EQ_OQ);
+  const __m256 nl = _mm256_blendv_ps(lae, mx, mx_inf);
+  const __m256 nl_inf = _mm256_cmp_ps(_mm256_andnot_ps(sign, nl), inf, _CMP_EQ_OQ);
+  const __m256 safe = _mm256_blendv_ps(nl, _mm256_setzero_ps(), nl_inf);
+  _mm256_storeu_ps(new_p, nl);
+  _mm256_storeu_ps(wa_p, Sleef_expf8_u10(_mm256_sub_ps(a, safe)));
+  _mm256_storeu_ps(wb_p, Sleef_expf8_u10(_mm256_sub_ps(b, safe)));
+}
+
+// Phase 1 over n <= kTokChunk entries of one (b, h) lse row.
+__attribute__((target("avx2,f16c"))) void lse_row_avx2(float* l, const float* bl, int64_t n, float* pa, float* pb) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) lse_weights_avx2(l + i, bl + i, l + i, pa + i, pb + i);
+  if (i < n) {  // tail through a padded copy
+    float ta[8], tb[8], tn[8], twa[8], twb[8];
+    std::fill(ta, ta + 8, 0.f);
+    std::fill(tb, tb + 8, 0.f);
+    std::copy(l + i, l + n, ta);
+    std::copy(bl + i, bl + n, tb);
+    lse_weights_avx2(ta, tb, tn, twa, twb);
+    std::copy(tn, tn + (n - i), l + i);
+    std::copy(twa, twa + (n - i), pa + i);
+    std::copy(twb, twb + (n - i), pb + i);
+  }
+}
+
 bool cpu_has_avx2() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
   return ok;
@@ -137,6 +178,12 @@ void merge_kernel(float* out, float* lse, const scalar_t* blk, const float* blk_
         const float* bl = blk_lse + (b * H + h) * S + s0;
         float* pa = wa.data() + h * kTokChunk;
         float* pb = wb.data() + h * kTokChunk;
+#ifdef SPATTN_X86_AVX2
+        if (avx2) {
+          lse_row_avx2(l, bl, n, pa, pb);
+          continue;
+        }
+#endif
         for (int64_t i = 0; i < n; i += fVec::size()) {
           const int cnt = static_cast<int>(std::min<int64_t>(fVec::size(), n - i));
           fVec nl, va, vb;
