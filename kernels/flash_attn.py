@@ -65,6 +65,22 @@ def _load_lse2(LSE, rows, n_rows, stride_ls, EVEN_ROWS: tl.constexpr):
     return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
 
 
+@triton.jit
+def _key_range(start_m, seqlen_k, causal_shift, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               IS_CAUSAL: tl.constexpr):
+    """Key range of query tile ``start_m``: keys [0, full_hi) need no mask (whole BLOCK_N tiles every row
+    sees), [full_hi, hi) need the bounds/causal mask, keys >= hi are invisible to every row.
+    Key j is visible to query i iff j <= i + causal_shift (global positions k_offset + j <= q_offset + i)."""
+    if IS_CAUSAL:
+        # Past the last row's diagonal nothing is visible; up to the first row's diagonal everything is.
+        hi = tl.minimum(seqlen_k, tl.maximum(start_m * BLOCK_M + BLOCK_M + causal_shift, 0))
+        full_hi = tl.minimum(hi, tl.maximum(start_m * BLOCK_M + causal_shift + 1, 0)) // BLOCK_N * BLOCK_N
+    else:
+        hi = seqlen_k
+        full_hi = seqlen_k // BLOCK_N * BLOCK_N
+    return full_hi, hi
+
+
 # ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
@@ -134,16 +150,8 @@ def _flash_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    # Key j is visible to query i iff j <= i + causal_shift (global positions k_offset + j <= q_offset + i).
     causal_shift = q_offset - k_offset
-    if IS_CAUSAL:
-        # Keys past the last row's diagonal are invisible to the whole tile; keys up to the first row's
-        # diagonal are visible to every row and need no mask.
-        hi = tl.minimum(seqlen_k, tl.maximum(start_m * BLOCK_M + BLOCK_M + causal_shift, 0))
-        full_hi = tl.minimum(hi, tl.maximum(start_m * BLOCK_M + causal_shift + 1, 0)) // BLOCK_N * BLOCK_N
-    else:
-        hi = seqlen_k
-        full_hi = seqlen_k // BLOCK_N * BLOCK_N
+    full_hi, hi = _key_range(start_m, seqlen_k, causal_shift, BLOCK_M, BLOCK_N, IS_CAUSAL)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
                                offs_m, offs_d, 0, full_hi, seqlen_k, causal_shift, qk_scale,
                                HEAD_DIM, BLOCK_N, BLOCK_D, False, IS_CAUSAL, EVEN_N, DOT_PREC)
@@ -349,12 +357,7 @@ def _flash_bwd_dq_kernel(
     qk_scale = sm_scale * LOG2E
 
     causal_shift = q_offset - k_offset
-    if IS_CAUSAL:
-        hi = tl.minimum(seqlen_k, tl.maximum(start_m * BLOCK_M + BLOCK_M + causal_shift, 0))
-        full_hi = tl.minimum(hi, tl.maximum(start_m * BLOCK_M + causal_shift + 1, 0)) // BLOCK_N * BLOCK_N
-    else:
-        hi = seqlen_k
-        full_hi = seqlen_k // BLOCK_N * BLOCK_N
+    full_hi, hi = _key_range(start_m, seqlen_k, causal_shift, BLOCK_M, BLOCK_N, IS_CAUSAL)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
                        offs_m, offs_d, 0, full_hi, seqlen_k, causal_shift, qk_scale,
                        HEAD_DIM, BLOCK_N, BLOCK_D, False, IS_CAUSAL, EVEN_N, DOT_PREC)
