@@ -131,7 +131,8 @@ def compile_one(job: Tuple) -> Dict[str, object]:
         k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
         use = _res_usage(k.asm["cubin"])
         row.update(registers=use.get("reg", -1), shared=k.metadata.shared, local=use.get("local", -1),
-                   stack=use.get("stack", -1), spills=use["spill_stl"], wgmma=("wgmma" in k.asm["ptx"]) if arch >= 90 else None,
+                   stack=use.get("stack", -1), spills=use["spill_stl"],
+                   wgmma=("wgmma" in k.asm["ptx"]) if arch >= 90 else None,
                    hgmma=use["hgmma"] if arch >= 90 else None, fits_smem=k.metadata.shared <= SMEM_LIMIT[arch],
                    error=None)
     except Exception as e:  # reported as a row; the test fails on it
@@ -158,8 +159,8 @@ def report_rows(kinds=KINDS, archs=fa.ARCHS, head_dims=fa.HEAD_DIM_BUCKETS, dtyp
 
 
 def format_table(rows: List[Dict[str, object]]) -> str:
-    cols = ("kernel", "arch", "dtype", "head_dim", "config", "registers", "shared", "local", "stack", "spills", "wgmma",
-            "hgmma", "fits_smem", "error")
+    cols = ("kernel", "arch", "dtype", "head_dim", "config", "registers", "shared", "local", "stack", "spills",
+            "wgmma", "hgmma", "fits_smem", "error")
     cells = [[("-" if r.get(c) is None else str(r.get(c))) for c in cols] for r in rows]
     widths = [max(len(c), *(len(x[i]) for x in cells)) if cells else len(c) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)).rstrip()]

@@ -285,9 +285,11 @@ def _flash_bwd_dkdv_kernel(
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, Dh, stride_qs, stride_qd, stride_dos, stride_dod,
                                  stride_ls, offs_n, offs_d, full_lo, seqlen_q, seqlen_q, causal_shift, qk_scale,
                                  HEAD_DIM, BLOCK_M, BLOCK_D, False, EVEN_M, DOT_PREC)
-    _store_rows(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :] * stride_dkd,
+    _store_rows(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dks
+                + offs_d[None, :] * stride_dkd,
                 dk * sm_scale, offs_n, seqlen_k, offs_d, HEAD_DIM, ACCUMULATE)
-    _store_rows(DV + b * stride_dvb + kvh * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :] * stride_dvd,
+    _store_rows(DV + b * stride_dvb + kvh * stride_dvh + offs_n[:, None] * stride_dvs
+                + offs_d[None, :] * stride_dvd,
                 dv, offs_n, seqlen_k, offs_d, HEAD_DIM, ACCUMULATE)
 
 
@@ -460,7 +462,8 @@ def _check(q: Tensor, k: Tensor, v: Tensor) -> None:
     if k.shape[2] == 0 or q.shape[2] % k.shape[2]:
         raise ValueError(f"flash_attn: heads_q ({q.shape[2]}) must be a multiple of heads_kv ({k.shape[2]})")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"flash_attn: q, k, v must share one of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(f"flash_attn: q, k, v must share one of fp16/bf16/fp32, got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}")
 
 
 MAX_GRID_Y = 65535  # CUDA limit of grid dim 1, where the kernels put batch * heads

@@ -61,7 +61,8 @@ def _merge_kernel(
     o_b = tl.load(BlkOut + b * stride_bob + h * stride_boh + offs_s[:, None] * stride_bos
                   + offs_d[None, :] * stride_bod, mask=mask, other=0.0).to(tl.float32)
     # A side with weight 0 must not leak garbage (e.g. an uninitialised running out): select, don't multiply.
-    new_o = tl.where(w_a[:, None] > 0.0, o_a * w_a[:, None], 0.0) + tl.where(w_b[:, None] > 0.0, o_b * w_b[:, None], 0.0)
+    new_o = (tl.where(w_a[:, None] > 0.0, o_a * w_a[:, None], 0.0)
+             + tl.where(w_b[:, None] > 0.0, o_b * w_b[:, None], 0.0))
     tl.store(o_ptrs, new_o.to(Out.dtype.element_ty), mask=mask)
     tl.store(lse_ptrs, new_lse, mask=row_ok)
 
@@ -80,12 +81,14 @@ def merge_(out: Tensor, lse: Tensor, blk_out: Tensor, blk_lse: Tensor) -> Tuple[
     out, blk_out: (B, S, H, D), any strides, any float dtype (fp32 out recommended: it is the running sum).
     lse, blk_lse: (B, H, S) fp32, any strides.
     """
-    if out.shape != blk_out.shape or lse.shape != blk_lse.shape or lse.shape != (out.shape[0], out.shape[2], out.shape[1]):
+    if out.dim() != 4:
+        raise ValueError(f"merge_: out must be (batch, seq, heads, head_dim), got shape {tuple(out.shape)}")
+    B, S, H, D = out.shape
+    if out.shape != blk_out.shape or lse.shape != blk_lse.shape or lse.shape != (B, H, S):
         raise ValueError(f"merge_: shapes out {tuple(out.shape)}, lse {tuple(lse.shape)}, blk_out "
                          f"{tuple(blk_out.shape)}, blk_lse {tuple(blk_lse.shape)} do not match (B,S,H,D)/(B,H,S)")
     if lse.dtype != torch.float32 or blk_lse.dtype != torch.float32:
         raise ValueError(f"merge_: lse and blk_lse must be fp32, got {lse.dtype}, {blk_lse.dtype}")
-    B, S, H, D = out.shape
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
     if B * H > 65535:  # CUDA limit of grid dim 1

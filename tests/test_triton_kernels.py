@@ -342,7 +342,8 @@ def test_custom_ops_fake_tensor_shapes(tb):
         assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, k.shape)
         acc = torch.empty(q.shape, dtype=torch.float32, device=DEVICE)
         kacc = torch.empty(k.shape, dtype=torch.float32, device=DEVICE)
-        assert torch.ops.spattn.flash_bwd_acc_(out, q, k, k, out, lse, acc, kacc, kacc.clone(), True, 0.1, 0, 0) is None
+        res = torch.ops.spattn.flash_bwd_acc_(out, q, k, k, out, lse, acc, kacc, kacc.clone(), True, 0.1, 0, 0)
+        assert res is None
         assert torch.ops.spattn.merge_(acc, lse, out, lse) is None
 
 

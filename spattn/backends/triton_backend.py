@@ -108,7 +108,8 @@ class TritonBackend:
 
     def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
                  scale: float, dq: Optional[Tensor] = None, dk: Optional[Tensor] = None,
-                 dv: Optional[Tensor] = None, q_offset: int = 0, k_offset: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
+                 dv: Optional[Tensor] = None, q_offset: int = 0,
+                 k_offset: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
         """Block gradients from the rows' final (out, lse); added into dq/dk/dv in place when given."""
         args = (bool(causal), float(scale), int(q_offset), int(k_offset))
         if dq is None and dk is None and dv is None:
