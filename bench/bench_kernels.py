@@ -169,8 +169,12 @@ def _save(rows: List[Dict[str, object]], out_dir: str) -> None:
     import matplotlib.pyplot as plt
 
     panels = sorted({(r["phase"], r["dtype"], r["head_dim"], r["causal"]) for r in rows}, key=str)
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.5), squeeze=False)
-    for ax, (phase, dname, d, causal) in zip(axes[0], panels):
+    ncols = min(4, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.5 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (phase, dname, d, causal) in zip(axes.flat, panels):
         for name in sorted({r["provider"] for r in rows}):
             pts = [(r["seqlen"], r["tflops"]) for r in rows if r["provider"] == name and
                    (r["phase"], r["dtype"], r["head_dim"], r["causal"]) == (phase, dname, d, causal)]
