@@ -69,7 +69,10 @@ def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out_q
     kv = torch.randn((2,) + shape, generator=g, device=device, dtype=dtype)  # K and V: one message
 
     def compute(block: torch.Tensor) -> None:
-        ops.attention_with_lse(q, block[0], block[1], backend=args.backend)
+        if args.sleep_compute_ms:  # stands in for compute that leaves the CPU free (a GPU kernel)
+            time.sleep(args.sleep_compute_ms / 1e3)
+        else:
+            ops.attention_with_lse(q, block[0], block[1], backend=args.backend)
 
     rows: Dict[str, Dict[str, float]] = {}
     engines = [e for e in args.engines.split(",") if e != "cpp" or _ext.available()]
@@ -110,7 +113,8 @@ def _table(rows: Dict[str, Dict[str, float]], args: argparse.Namespace) -> str:
     mb = 2 * args.batch * args.seq * args.heads * args.dim * {"fp32": 4, "bf16": 2, "fp16": 2}[args.dtype] / 2**20
     head = (f"ring step, {args.ranks} {'NCCL' if args.device == 'cuda' else 'gloo'} ranks, "
             f"block B={args.batch} S={args.seq} H={args.heads} D={args.dim} {args.dtype}, "
-            f"K/V message {mb:.1f} MiB, median of {args.iters}, slowest rank")
+            f"K/V message {mb:.1f} MiB, median of {args.iters}, slowest rank"
+            + (f", compute = sleep {args.sleep_compute_ms} ms" if args.sleep_compute_ms else ""))
     lines = [head, f"{'engine':<8} {'compute':>10} {'transfer':>10} {'overlapped':>11} {'sum':>9} "
                    f"{'max':>9} {'overl/max':>10} {'overl/sum':>10} {'in start()':>11}"]
     for engine, r in rows.items():
@@ -132,6 +136,9 @@ def main() -> None:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--backend", default="auto", help="attention backend for the compute part")
     p.add_argument("--engines", default="python,cpp")
+    p.add_argument("--sleep-compute-ms", type=float, default=0.0,
+                   help="replace the attention by a sleep of this many ms: shows whether the transfer "
+                        "progresses in the background when compute does not occupy the CPU")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     args = p.parse_args()
