@@ -50,7 +50,7 @@ FWD_CASES = [
     pytest.param((1, 20, 20, 1, 1, 256, 0, 0), id="d256"),
 ]
 BWD_CASES = [c for c in FWD_CASES if c.id in ("len1-d16", "len17-d40", "len97-mqa-d64", "sq64-sk100-gqa4-d96",
-                                              "sq33-sk70-d128", "koff64-masked", "offsets-partial")]
+                                              "sq33-sk70-d128", "koff64-masked", "offsets-partial", "d256")]
 
 
 def _rand(*shape, dtype, seed=0):
