@@ -1,5 +1,6 @@
-// Fused in-place LSE merge on CPU: one pass over out/blk_out, vectorized with at::vec and
-// parallel with at::parallel_for. The eager torch version makes ~10 full passes with temporaries.
+// Fused in-place LSE merge on CPU: one pass over out/blk_out (the eager torch merge makes several,
+// plus temporaries and a dtype promotion for bf16/fp16 blocks), parallel with at::parallel_for.
+// Portable at::vec code, plus AVX2/F16C row kernels and SLEEF LSE math chosen at run time on x86-64.
 #include "spattn.h"
 
 #include <ATen/Parallel.h>
@@ -12,7 +13,7 @@
 #include <limits>
 #include <vector>
 
-#if defined(__GNUC__) && defined(__x86_64__)
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)  // GCC's target pragmas/attributes
 #include <immintrin.h>
 #define SPATTN_X86_AVX2 1
 #pragma GCC push_options
