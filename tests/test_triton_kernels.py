@@ -394,6 +394,11 @@ def test_triton_backend_contract(tb):
     for r, a, g in zip(res, accs, fresh):
         assert r is a
         torch.testing.assert_close(r, 1 + g, atol=1e-5, rtol=1e-5)
+    # Offsets (extension beyond the contract): keys after every query -> nothing visible, zero grads.
+    out2, lse2 = be.forward(q, k, v, True, 0.2, q_offset=0, k_offset=64)
+    assert torch.isneginf(lse2).all() and (out2 == 0).all()
+    grads = be.backward(dout, q, k, v, out2, lse2, True, 0.2, q_offset=0, k_offset=64)
+    assert all((g == 0).all() for g in grads)
 
 
 def test_triton_merge_registered_with_ops(tb):
