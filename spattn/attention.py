@@ -76,6 +76,21 @@ def _validate(q, k, v, mesh, causal, seq_len, layout, joint, joint_strategy) -> 
     return geo
 
 
+def _check_across_ranks(mesh: SPMesh, sig: Tuple) -> None:
+    """SPATTN_CHECK=1: compare the call's signature on every rank of the mesh with small
+    all-gathers (same size everywhere, so they cannot hang on the very mismatch they look for).
+    Gathered over the Ulysses group, then those lists over the ring group: every rank sees all."""
+    sigs: List = [sig]
+    for g in mesh.groups():
+        parts: List = [None] * dist.get_world_size(g)
+        dist.all_gather_object(parts, sigs, group=g)
+        sigs = [x for p in parts for x in p]
+    if any(x != sigs[0] for x in sigs):
+        raise ValueError("spattn.attention: ranks called attention with different arguments "
+                         f"(shapes, dtype, causal, geometry, joint), by sp_rank: {sigs}; every rank of "
+                         "the mesh must pass equal-shaped shards (use spattn.shard)")
+
+
 class _Replicated(torch.autograd.Function):
     """Identity on a tensor replicated on every rank of the mesh; backward sums every rank's
     gradient contribution, so each rank returns the full gradient."""
@@ -248,6 +263,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
     """
     joint = (joint_q, joint_k, joint_v) if any(t is not None for t in (joint_q, joint_k, joint_v)) else None
     geo = _validate(q, k, v, mesh, causal, seq_len, layout, joint, joint_strategy)
+    if os.environ.get("SPATTN_CHECK") == "1" and mesh.world_size > 1:
+        _check_across_ranks(mesh, (tuple(q.shape), tuple(k.shape), str(q.dtype), bool(causal), geo,
+                                   tuple(tuple(t.shape) for t in joint) if joint else None))
     be = get_backend(backend, q.device)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     U, R = mesh.ulysses_degree, mesh.ring_degree

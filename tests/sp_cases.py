@@ -259,3 +259,20 @@ def subgroup_mesh(u: int, r: int) -> list:
     ref = F.scaled_dot_product_attention(q.transpose(1, 2), q.transpose(1, 2), q.transpose(1, 2),
                                          is_causal=True).transpose(1, 2)
     return [(out - ref).abs().max().item(), mesh.sp_rank]
+
+
+def mismatched_shards(u: int, r: int) -> str:
+    """Rank 0 passes a longer shard than the others. With SPATTN_CHECK=1 every rank must raise the
+    same clear error instead of entering a mismatched collective."""
+    mesh = get_mesh(u, r)
+    n = 12 if dist.get_rank() == 0 else 8
+    x = torch.randn(1, n, 4, 16)
+    os.environ["SPATTN_CHECK"] = "1"
+    try:
+        spattn.attention(x, x, x, mesh)
+    except ValueError as e:
+        dist.barrier()
+        return str(e)
+    finally:
+        os.environ.pop("SPATTN_CHECK")
+    raise AssertionError("mismatched shards were not detected")

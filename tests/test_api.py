@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import spattn
 from dist_harness import run_on_ranks
-from sp_cases import expect_error, mesh_info, shard_gather_roundtrip, subgroup_mesh
+from sp_cases import expect_error, mesh_info, mismatched_shards, shard_gather_roundtrip, subgroup_mesh
 from spattn.ops import merge_ref
 from spattn.ring import RingSetup
 
@@ -67,6 +67,12 @@ ERRORS = {
 def test_errors(kind):
     msg = run_on_ranks(4, expect_error, 2, 2, kind)
     assert ERRORS[kind] in msg, msg
+
+
+@pytest.mark.parametrize("u,r", [(2, 2), (4, 1), (1, 4)])
+def test_mismatch_between_ranks_is_an_error_not_a_hang(u, r):
+    msg = run_on_ranks(4, mismatched_shards, u, r, timeout=60)
+    assert "different arguments" in msg, msg
 
 
 def test_unknown_layout_in_shard():
