@@ -62,6 +62,8 @@ class TorchBackend:
                 dot, qt, kt, vt, ot, lse, None, None, sq, sk, 0.0, causal, zero, zero, scale=scale)
         else:
             zero = torch.zeros((), dtype=torch.int64, device=q.device)
+            # Give the kernel the LSE in the shape its forward returns (seq padded to 32).
+            lse = torch.nn.functional.pad(lse, (0, -lse.shape[-1] % 32))
             g = aten._scaled_dot_product_efficient_attention_backward(
                 dot, qt, kt, vt, None, ot, lse, zero, zero, 0.0, [True, True, True, False], causal,
                 scale=scale)[:3]
