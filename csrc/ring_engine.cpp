@@ -49,10 +49,11 @@ class RingEngine {
   RingEngine& operator=(const RingEngine&) = delete;
 
   ~RingEngine() {
-    // Never let a transfer write into buffers that are about to be freed.
+    // Never let a transfer write into buffers that are about to be freed: wait for it (on CUDA, order
+    // the comm stream after it, which is what the buffers' recordStream made the allocator wait for).
     if (in_flight_) {
       try {
-        for (auto& w : works_) w->wait();
+        wait_works();
       } catch (...) {
       }
     }
@@ -94,21 +95,13 @@ class RingEngine {
   at::Tensor wait() {
     TORCH_CHECK(in_flight_, "spattn RingEngine.wait called without start()");
     at::Tensor recv = bufs_[free_];
+    wait_works();
 #ifdef SPATTN_WITH_CUDA
-    if (comm_) {
-      {
-        // Work::wait() orders the *current* stream after the transfer; make that the comm stream,
-        // then order the caller's compute stream after the comm stream with one event.
-        c10::cuda::CUDAStreamGuard guard(*comm_);
-        for (auto& w : works_) w->wait();
-        done_.record(*comm_);
-      }
+    if (comm_) {  // order the caller's compute stream after the comm stream with one event
+      done_.record(*comm_);
       done_.block(c10::cuda::getCurrentCUDAStream(recv.device().index()));
-      finish();
-      return recv;
     }
 #endif
-    for (auto& w : works_) w->wait();
     finish();
     return recv;
   }
@@ -126,6 +119,19 @@ class RingEngine {
   }
 
  private:
+  // Block until the posted transfers finish. Work::wait() orders the *current* CUDA stream after the
+  // transfer, so on CUDA it runs with the comm stream current.
+  void wait_works() {
+#ifdef SPATTN_WITH_CUDA
+    if (comm_) {
+      c10::cuda::CUDAStreamGuard guard(*comm_);
+      for (auto& w : works_) w->wait();
+      return;
+    }
+#endif
+    for (auto& w : works_) w->wait();
+  }
+
   // Post the send and the receive as one batch (coalesced where the backend supports it, as
   // torch.distributed.batch_isend_irecv does) so that NCCL cannot deadlock on the ring.
   void issue(const at::Tensor& recv) {
