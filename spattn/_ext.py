@@ -141,7 +141,8 @@ def _fused_merge(mod: ModuleType):
 
     The kernels update fp32 ``out``/``lse`` in place, also strided views of them (the ring merges into
     sequence slices) as long as the last dim is dense; block inputs may have any layout (they are made
-    contiguous). Anything else goes to the torch merge, so ``ops.merge_``'s contract always holds.
+    contiguous). Anything else goes to the torch merge, so ``ops.merge_``'s contract always holds; so
+    do tensors that autograd tracks (the kernels write through raw pointers, invisible to autograd).
     """
     from . import ops  # lazy: ops must not depend on the extension at import time
 
@@ -154,7 +155,8 @@ def _fused_merge(mod: ModuleType):
         kernel = kernels.get(out.device.type)
         if (kernel is not None and out.dtype == torch.float32 and lse.dtype == torch.float32
                 and blk_lse.dtype == torch.float32 and blk_out.dtype in ok_blk
-                and out.dim() == 4 and lse.dim() == 3 and out.stride(3) == 1 and lse.stride(2) == 1):
+                and out.dim() == 4 and lse.dim() == 3 and out.stride(3) == 1 and lse.stride(2) == 1
+                and not (torch.is_grad_enabled() and (out.requires_grad or blk_out.requires_grad))):
             kernel(out, lse, blk_out, blk_lse)
         else:
             ops._merge_torch_(out, lse, blk_out, blk_lse)

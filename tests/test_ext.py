@@ -109,6 +109,17 @@ def test_merge_registered_and_strided_inputs():
     torch.testing.assert_close(l, ref_lse)
 
 
+def test_merge_autograd_tracked_inputs_use_torch():
+    """Autograd must see the merge when it tracks the block: the fused kernel is bypassed then."""
+    assert _ext.register_merge_if_available()
+    out, lse, blk, blk_lse = _inputs((1, 8, 2, 16), torch.float32, "none")
+    blk.requires_grad_(True)
+    o = out.clone()
+    ops.merge_(o, lse.clone(), blk, blk_lse)
+    o.sum().backward()
+    assert blk.grad is not None and blk.grad.abs().sum() > 0
+
+
 def test_merge_cpu_rejects_bad_shapes():
     out, lse, blk, blk_lse = _inputs((1, 8, 2, 16), torch.float32, "none")
     with pytest.raises(RuntimeError, match="lse must be"):
