@@ -49,6 +49,12 @@ class RingEngine {
   RingEngine& operator=(const RingEngine&) = delete;
 
   ~RingEngine() {
+    // Python drops the engine holding the GIL. If ours is the last reference to a gloo ProcessGroup
+    // (the user already called destroy_process_group), destroying it joins gloo's worker threads,
+    // which may need the GIL to free Python-owned tensors: release it meanwhile, as torch's own c10d
+    // bindings do, or the process deadlocks.
+    std::optional<pybind11::gil_scoped_release> nogil;
+    if (Py_IsInitialized() && PyGILState_Check()) nogil.emplace();
     // Never let a transfer write into buffers that are about to be freed: wait for it (on CUDA, order
     // the comm stream after it, which is what the buffers' recordStream made the allocator wait for).
     if (in_flight_) {
@@ -57,6 +63,9 @@ class RingEngine {
       } catch (...) {
       }
     }
+    works_.clear();
+    sending_ = at::Tensor();
+    pg_.reset();
   }
 
   // Start sending `send` to the next rank and receiving the previous rank's block into the buffer

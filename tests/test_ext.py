@@ -287,6 +287,24 @@ def engine_subgroups_and_errors():
     return True
 
 
+def engine_outlives_group(rounds):
+    """Dropping an engine after destroy_process_group(group) releases the last reference to the
+    group; that must not deadlock on the GIL with gloo's worker threads (it did once)."""
+    import torch.distributed as dist
+
+    from spattn._ext import CppRingComm
+
+    for _ in range(rounds):
+        g = dist.new_group(list(range(dist.get_world_size())))
+        eng = CppRingComm(g, torch.empty(4))
+        eng.start(torch.zeros(4))
+        eng.wait()
+        dist.barrier(group=g)
+        dist.destroy_process_group(g)
+        del eng, g
+    return True
+
+
 @pytest.mark.parametrize("world", [2, 4])
 def test_engine_ring_matches_python(world):
     assert run_on_ranks(world, engine_ring_matches_python, 2 * world + 1)
@@ -299,3 +317,7 @@ def test_engine_two_in_flight(world):
 
 def test_engine_subgroups_and_errors():
     assert run_on_ranks(4, engine_subgroups_and_errors)
+
+
+def test_engine_outlives_group():
+    assert run_on_ranks(2, engine_outlives_group, 20, timeout=120)
