@@ -102,11 +102,10 @@ class _Replicated(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *gs):
-        gs = [g.contiguous() for g in gs]
-        for g in gs:
-            for grp in ctx.mesh.groups():
-                dist.all_reduce(g, group=grp)
-        return (None, *gs)
+        flat = torch.cat([g.reshape(-1) for g in gs])  # one all-reduce per group, not one per tensor
+        for grp in ctx.mesh.groups():
+            dist.all_reduce(flat, group=grp)
+        return (None, *(f.view_as(g) for f, g in zip(flat.split([g.numel() for g in gs]), gs)))
 
 
 class _GatherHeads(torch.autograd.Function):
