@@ -93,19 +93,18 @@ class RingSetup:
         return calls
 
 
-def _blocks_forward(be, q: Tensor, kv, calls: Sequence[Call], scale: float, out: Tensor, lse: Tensor,
-                    empty: bool) -> bool:
-    """Fold the calls' results into (out, lse). ``empty``: nothing folded in yet, so a block that
-    covers every row is copied instead of merged. Returns whether (out, lse) is still empty."""
+def _blocks_forward(be, q: Tensor, kv, calls: Sequence[Call], scale: float, acc: List) -> None:
+    """Fold the calls' results into the running ``acc = [out, lse]``. While nothing is folded in
+    (``acc == [None, None]``) a block covering every row becomes the accumulator itself: no zero
+    fill, no copy, no merge."""
     for q0, q1, k0, k1, causal in calls:
         o, l = block_forward(be, q[:, q0:q1], kv[0][:, k0:k1], kv[1][:, k0:k1], causal, scale)
-        if empty and q0 == 0 and q1 == out.shape[1]:
-            out.copy_(o)
-            lse.copy_(l)
-        else:
-            merge_(out[:, q0:q1], lse[:, :, q0:q1], o, l)
-        empty = False
-    return empty
+        if acc[0] is None:
+            if q0 == 0 and q1 == q.shape[1]:
+                acc[:] = [o.float().contiguous(), l.contiguous()]
+                continue
+            acc[:] = _running(q, q.shape[2])
+        merge_(acc[0][:, q0:q1], acc[1][:, :, q0:q1], o, l)
 
 
 def _blocks_backward(be, dout, q, kv, out, lse, calls, scale, dq, dkv) -> None:
@@ -136,16 +135,16 @@ def ring_forward(st: RingSetup, q: Tensor, k: Tensor, v: Tensor, jq: Optional[Te
     # A rank left without heads (fewer heads than Ulysses ranks) has nothing to compute, and
     # neither has the rest of its ring (same heads): no compute, no ring.
     R = st.size if q.shape[2] else 0
-    out, lse = _running(q, q.shape[2])
     kv = torch.stack([k, v]) if R > 1 else (k, v)  # K and V travel as one message
     comm = make_ring_comm(st.group, kv, st.engine) if R > 1 else None
-    cur, empty = kv, True
+    cur, acc = kv, [None, None]
     for j in range(R):
         if j + 1 < R:
             comm.start(cur)
-        empty = _blocks_forward(be, q, cur, st.plan((i - j) % R), st.scale, out, lse, empty)
+        _blocks_forward(be, q, cur, st.plan((i - j) % R), st.scale, acc)
         if j + 1 < R:
             cur = comm.wait()
+    out, lse = acc if acc[0] is not None else _running(q, q.shape[2])
     t_out = t_lse = None
     if jq is not None:
         t_out, t_lse = _running(jq, jq.shape[2])
