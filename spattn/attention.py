@@ -225,8 +225,8 @@ def _joint_slices(ch: _Chunk, jq, jk, jv):
 
 
 def ulysses_chunks() -> int:
-    """Head chunks the Ulysses pipeline aims for (``SPATTN_ULYSSES_CHUNKS``, default 2)."""
-    return max(1, int(os.environ.get("SPATTN_ULYSSES_CHUNKS", "2")))
+    """Head chunks the Ulysses pipeline aims for (``SPATTN_ULYSSES_CHUNKS``, default 4)."""
+    return max(1, int(os.environ.get("SPATTN_ULYSSES_CHUNKS", "4")))
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = False,
