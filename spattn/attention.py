@@ -263,8 +263,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
     joint = (joint_q, joint_k, joint_v) if any(t is not None for t in (joint_q, joint_k, joint_v)) else None
     geo = _validate(q, k, v, mesh, causal, seq_len, layout, joint, joint_strategy)
     if os.environ.get("SPATTN_CHECK") == "1" and mesh.world_size > 1:
+        # requires_grad too: a rank that skips backward would leave the others in its collectives.
         _check_across_ranks(mesh, (tuple(q.shape), tuple(k.shape), str(q.dtype), bool(causal), geo,
-                                   tuple(tuple(t.shape) for t in joint) if joint else None))
+                                   tuple(tuple(t.shape) for t in joint) if joint else None,
+                                   tuple(t.requires_grad for t in (q, k, v) + (joint or ()))))
     be = get_backend(backend, q.device)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     U, R = mesh.ulysses_degree, mesh.ring_degree
