@@ -91,3 +91,12 @@ def test_zigzag_noncausal_and_bf16(mesh):
     u, r = mesh
     check(Case(u, r, seq=64, heads=4, head_dim=32, causal=False, layout="zigzag"))
     check(Case(u, r, seq=64, heads=4, head_dim=32, causal=True, layout="zigzag", dtype="bf16"))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("mesh", [(2, 4), (8, 1), (1, 8)], ids=["u2r4", "u8r1", "u1r8"])
+def test_fewer_tokens_than_ranks(mesh, layout):
+    # Most ranks hold nothing but padding: they must still take part in every collective.
+    u, r = mesh
+    for seq, causal in ((1, True), (3, False), (3, True)):
+        check(Case(u, r, seq=seq, heads=8, kv_heads=2, head_dim=16, causal=causal, layout=layout))
