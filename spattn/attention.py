@@ -160,7 +160,7 @@ class _SPAttention(torch.autograd.Function):
             saved = [(q, k, v, *res[:2], jq, jk, jv, *res[2:])]
             out, lse, t_out, t_lse = res
         else:
-            out = torch.zeros_like(q)
+            out = torch.empty_like(q)  # every head is written exactly once, by one chunk of one rank
             saved, pending, parts = [], [], []
             work = start_seq_to_head([q, k, v], chunks[0].spec)
             for c, ch in enumerate(chunks):
@@ -169,7 +169,7 @@ class _SPAttention(torch.autograd.Function):
                     work = start_seq_to_head([q, k, v], chunks[c + 1].spec)
                 js = _joint_slices(ch, jq, jk, jv)
                 res = ring_forward(ch.setup, qc, kc, vc, *js)
-                pending.append(start_head_to_seq([res[0]], ch.out_spec, [out]))
+                pending.append(start_head_to_seq([res[0]], ch.out_spec, [out], add=[False]))
                 saved.append((qc, kc, vc, *res[:2], *js, *res[2:]))
                 parts.append(res[1:])
             for w in pending:
@@ -190,7 +190,7 @@ class _SPAttention(torch.autograd.Function):
         if chunks[0].spec is None:
             return (None, *ring_backward(chunks[0].setup, saved[0], dout, dt_out))
         (qs, ks), joint = ctx.shapes, ctx.joint
-        dq = dout.new_zeros(qs)
+        dq = dout.new_empty(qs)  # query heads are disjoint: copied; KV heads may be shared: summed
         dk, dv = dout.new_zeros(ks), dout.new_zeros(ks)
         if joint:
             jq, jk = saved[0][5], saved[0][6]
@@ -207,7 +207,7 @@ class _SPAttention(torch.autograd.Function):
             if joint and dt_out is not None:
                 dtc = dt_out[:, :, ch.q_heads[0] - base:ch.q_heads[1] - base]
             g = ring_backward(ch.setup, saved[c], doc, dtc)
-            pending.append(start_head_to_seq(list(g[:3]), ch.spec, [dq, dk, dv]))
+            pending.append(start_head_to_seq(list(g[:3]), ch.spec, [dq, dk, dv], add=[False, True, True]))
             if joint:
                 djq[:, :, ch.q_heads[0]:ch.q_heads[1]] += g[3]
                 djk[:, :, ch.kv_heads[0]:ch.kv_heads[1]] += g[4]
@@ -301,7 +301,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
         if return_lse:  # (B, h, U*s) head-sharded -> (B, s, h, 1) for the all-to-all -> (B, H, s)
             (lse,) = start_head_to_seq([lse.transpose(1, 2).unsqueeze(-1).contiguous()],
                                        A2ASpec(mesh.ulysses_group, [plan.q_ranges], pieces, order),
-                                       [lse.new_zeros(q.shape[:3] + (1,))]).wait()
+                                       [lse.new_empty(q.shape[:3] + (1,))], add=[False]).wait()
             lse = lse.squeeze(-1).transpose(1, 2).contiguous()
         if joint is not None:
             t_out = _GatherHeads.apply(t_out, mesh.ulysses_group, plan.q_ranges)

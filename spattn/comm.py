@@ -171,10 +171,13 @@ def start_seq_to_head(xs: Sequence[Tensor], spec: A2ASpec) -> A2AWork:
     return A2AWork(_Keep(work, send), finish)
 
 
-def start_head_to_seq(ys: Sequence[Tensor], spec: A2ASpec, outs: Sequence[Tensor]) -> A2AWork:
-    """Inverse of ``start_seq_to_head``: (B, U*s, n_i, D) -> added into ``outs[i]`` (B, s, H_i, D)
-    at the heads of every rank's range. Adding is what makes overlapping ranges (a KV head sent to
-    several ranks) sum their gradients; pass zero-initialized ``outs``."""
+def start_head_to_seq(ys: Sequence[Tensor], spec: A2ASpec, outs: Sequence[Tensor],
+                      add: Optional[Sequence[bool]] = None) -> A2AWork:
+    """Inverse of ``start_seq_to_head``: (B, U*s, n_i, D) -> written into ``outs[i]`` (B, s, H_i, D)
+    at the heads of every rank's range. ``add[i]`` (default True) adds instead of copying: that is
+    what makes overlapping ranges (a KV head sent to several ranks) sum their gradients, and then
+    ``outs[i]`` must start at zero."""
+    add = [True] * len(ys) if add is None else add
     b, total, _, d = ys[0].shape
     s = total // spec.size
     c = s // spec.pieces
@@ -193,7 +196,8 @@ def start_head_to_seq(ys: Sequence[Tensor], spec: A2ASpec, outs: Sequence[Tensor
         blocks = _blocks(recv, recv_n, recv_shapes)
         for i, rs in enumerate(spec.ranges):
             for t in range(spec.size):
-                outs[i][:, :, rs[t][0]:rs[t][1]].add_(blocks[t][i])
+                dst = outs[i][:, :, rs[t][0]:rs[t][1]]
+                dst.add_(blocks[t][i]) if add[i] else dst.copy_(blocks[t][i])
         return list(outs)
 
     return A2AWork(_Keep(work, send), finish)
