@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from dist_harness import run_on_ranks
-from sp_cases import Case, run_case
+from sp_cases import Case, engines_identical, run_case
 
 MESHES = [(1, 1), (2, 1), (1, 2), (4, 1), (2, 2), (1, 4), (8, 1), (4, 2), (2, 4), (1, 8)]
 MESH_IDS = [f"u{u}r{r}" for u, r in MESHES]
@@ -67,6 +67,15 @@ def test_ring_engines(mesh, engine):
     u, r = mesh
     for causal in (False, True):
         check(Case(u, r, seq=32 * u * r, heads=4, head_dim=32, causal=causal, engine=engine))
+
+
+@pytest.mark.parametrize("mesh", [(1, 2), (2, 2), (1, 4)], ids=["u1r2", "u2r2", "u1r4"])
+def test_ring_engines_bit_identical(mesh):
+    if not cpp_available():
+        pytest.skip("spattn._C not built (C++ ring engine): pip install --no-build-isolation -e .")
+    u, r = mesh
+    assert run_on_ranks(u * r, engines_identical, Case(u, r, seq=30 * u * r, heads=4, kv_heads=2, head_dim=24,
+                                                        causal=True, layout="zigzag", dtype="bf16"))
 
 
 # -- the Ulysses pipeline over head chunks gives the same results for any chunk count ---------------
