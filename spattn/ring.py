@@ -11,7 +11,7 @@ key) segment pair is either fully visible, the causal diagonal, or masked; the p
 as few backend calls as possible and skips masked work entirely.
 
 Joint (text) tokens, replicated on every rank and already head-sliced: image queries see the joint
-K/V once (a local block at step 0), text queries see each rank's own image block plus, on ring rank
+K/V once (one local block, not a ring step), text queries see each rank's own image block plus, on ring rank
 0 only, the joint K/V; their partials are all-gathered over the ring and merged, so text work is done
 once across the ring.
 """
