@@ -193,12 +193,21 @@ setup(
     name="spattn",
     version="0.1.0",
     description="Sequence-parallel attention: Ulysses, Ring and hybrid, forward and backward",
-    packages=["spattn", "spattn.backends", "spattn.kernels"],
+    packages=["spattn", "spattn.backends", "spattn.kernels", "spattn.cli", "spattn.integrations"],
     # Triton kernels live at the top level (kernels/) as leaf code, installed as spattn.kernels.
     package_dir={"spattn": "spattn", "spattn.kernels": "kernels"},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy"],
-    extras_require={"triton": ["triton"], "test": ["pytest", "triton"]},
+    extras_require={
+        "triton": ["triton"],
+        # Tested ranges (see README): the integrations import these only when used.
+        "diffusers": ["diffusers>=0.36,<0.43", "transformers>=4.57,<6", "accelerate", "pillow", "tqdm"],
+        "transformers": ["transformers>=4.57,<6"],
+        "bench": ["matplotlib"],
+        "test": ["pytest", "triton", "hypothesis", "psutil", "diffusers>=0.36,<0.43", "transformers>=4.57,<6",
+                 "accelerate", "pillow", "tqdm", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["spattn=spattn.cli.main:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -1,0 +1,38 @@
+"""``spattn`` console script: one parser, one module per subcommand, imported only when chosen.
+
+Each subcommand module exposes ``add_arguments(parser)`` and ``run(args) -> int`` (the exit code).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+# name -> (module, one-line help). Modules are imported lazily: `spattn plan` must not pay for
+# diffusers, `spattn doctor` must work when diffusers is missing.
+COMMANDS = {
+    "generate": ("spattn.cli.generate", "text-to-image with sequence-parallel attention (the guide's workflow)"),
+    "plan": ("spattn.cli.plan", "predict time and speedup per Ulysses x Ring factorization; recommend one"),
+    "doctor": ("spattn.cli.doctor", "versions, backends, devices, links; --selftest checks kernels here"),
+}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="spattn", description="sequence-parallel attention tools")
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
+    name = next((a for a in argv if not a.startswith("-")), None)
+    for cmd, (_, help_) in COMMANDS.items():
+        p = sub.add_parser(cmd, help=help_, description=help_)
+        if cmd == name:  # only the chosen command's module is imported
+            importlib.import_module(COMMANDS[cmd][0]).add_arguments(p)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
