@@ -7,6 +7,7 @@ all-to-all, a mesh of one is plain attention.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import List, Optional, Tuple, Union
@@ -14,6 +15,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 import torch.distributed as dist
 
+from . import check
 from .backends import get_backend
 from .comm import A2ASpec, default_ring_engine, start_head_to_seq, start_seq_to_head
 from .layout import LAYOUTS, Geometry
@@ -76,19 +78,62 @@ def _validate(q, k, v, mesh, causal, seq_len, layout, joint, joint_strategy) -> 
     return geo
 
 
-def _check_across_ranks(mesh: SPMesh, sig: Tuple) -> None:
-    """SPATTN_CHECK=1: compare the call's signature on every rank of the mesh with small
-    all-gathers (same size everywhere, so they cannot hang on the very mismatch they look for).
-    Gathered over the Ulysses group, then those lists over the ring group: every rank sees all."""
-    sigs: List = [sig]
-    for g in mesh.groups():
-        parts: List = [None] * dist.get_world_size(g)
-        dist.all_gather_object(parts, sigs, group=g)
-        sigs = [x for p in parts for x in p]
-    if any(x != sigs[0] for x in sigs):
-        raise ValueError("spattn.attention: ranks called attention with different arguments "
-                         f"(shapes, dtype, causal, geometry, joint), by sp_rank: {sigs}; every rank of "
-                         "the mesh must pass equal-shaped shards (use spattn.shard)")
+def _validate_call(q, k, v, mesh, softmax_scale, backend, joint) -> Tuple[object, float]:
+    """Checks that need the resolved backend and scale (local; before any collective)."""
+    be = get_backend(backend, q.device)
+    if q.shape[0] == 0:
+        raise ValueError("spattn.attention: empty batch (q.shape[0] == 0); skip the call on every rank instead")
+    if softmax_scale is not None:
+        try:
+            scale = float(softmax_scale)
+        except (TypeError, ValueError):
+            raise TypeError(f"spattn.attention: softmax_scale must be a number, got {softmax_scale!r}") from None
+        if not math.isfinite(scale):
+            raise ValueError(f"spattn.attention: softmax_scale must be finite, got {softmax_scale!r}")
+    else:
+        scale = q.shape[-1] ** -0.5
+    limit = _BACKEND_LIMITS.get(getattr(be, "name", ""))
+    if limit is not None:
+        max_d, dtypes = limit
+        if q.shape[-1] > max_d or q.dtype not in dtypes:
+            raise ValueError(f"spattn.attention: backend {be.name!r} takes head_dim <= {max_d} and dtypes "
+                             f"{[str(d) for d in dtypes]}, got head_dim {q.shape[-1]} and {q.dtype}; use "
+                             f"backend='torch' (any head_dim, any float dtype)")
+    if joint is not None and joint[0].shape[1] == 0:
+        raise ValueError("spattn.attention: joint tensors have text_len 0; pass joint_q=joint_k=joint_v=None "
+                         "for no text tokens")
+    return be, scale
+
+
+# Backends with kernel limits (head_dim, dtypes): said before any collective, with the way out.
+_BACKEND_LIMITS = {"triton": (256, (torch.float16, torch.bfloat16, torch.float32))}
+
+
+def _check_across_ranks(mesh: SPMesh, q, k, v, *, causal, geo, scale, return_lse, backend, engine,
+                        joint, joint_strategy, joint_mask=None) -> None:
+    """The per-call cross-rank signature check (spattn.check), on by default; SPATTN_CHECK=0 skips it."""
+    mode = check.check_mode()
+    if not mode or mesh.world_size == 1:
+        return
+    sig = check.signature(q, k, v, mesh=mesh, causal=causal, seq_len=geo.seq_len, layout=geo.layout,
+                          scale=scale, return_lse=return_lse, backend=backend, ring_engine=engine,
+                          ulysses_chunks=ulysses_chunks(), joint=joint, joint_strategy=joint_strategy,
+                          joint_mask=joint_mask, mode=mode)
+    check.check_signature(mesh, sig)
+
+
+def _guarded(what: str):
+    """A peer dying or timing out inside the collectives of ``what`` becomes a RankFailure that
+    names the dead rank(s) where the host can tell."""
+    def deco(fn):
+        def run(ctx, *args):
+            chunks = ctx.chunks if hasattr(ctx, "chunks") else args[0]
+            groups = [g for ch in chunks for g in (ch.setup.group, ch.spec.group if ch.spec else None)]
+            with check.guard_collectives(groups, what):
+                return fn(ctx, *args)
+        run.__name__, run.__doc__ = fn.__name__, fn.__doc__
+        return run
+    return deco
 
 
 class _Replicated(torch.autograd.Function):
@@ -152,6 +197,7 @@ class _SPAttention(torch.autograd.Function):
     """
 
     @staticmethod
+    @_guarded("forward")
     def forward(ctx, chunks: List[_Chunk], q, k, v, jq, jk, jv):
         joint = jq is not None
         ctx.chunks, ctx.shapes, ctx.joint = chunks, (q.shape, k.shape), joint
@@ -184,6 +230,7 @@ class _SPAttention(torch.autograd.Function):
         return out, lse, t_out, t_lse
 
     @staticmethod
+    @_guarded("backward")
     def backward(ctx, dout, _dlse, dt_out, _dt_lse):
         chunks, flat = ctx.chunks, ctx.saved_tensors
         saved = [flat[i:i + _SAVED_PER_CHUNK] for i in range(0, len(flat), _SAVED_PER_CHUNK)]
@@ -262,13 +309,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
     """
     joint = (joint_q, joint_k, joint_v) if any(t is not None for t in (joint_q, joint_k, joint_v)) else None
     geo = _validate(q, k, v, mesh, causal, seq_len, layout, joint, joint_strategy)
-    if os.environ.get("SPATTN_CHECK") == "1" and mesh.world_size > 1:
-        # requires_grad too: a rank that skips backward would leave the others in its collectives.
-        _check_across_ranks(mesh, (tuple(q.shape), tuple(k.shape), str(q.dtype), bool(causal), geo,
-                                   tuple(tuple(t.shape) for t in joint) if joint else None,
-                                   tuple(t.requires_grad for t in (q, k, v) + (joint or ()))))
-    be = get_backend(backend, q.device)
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    be, scale = _validate_call(q, k, v, mesh, softmax_scale, backend, joint)
+    engine = ring_engine or default_ring_engine()
+    _check_across_ranks(mesh, q, k, v, causal=causal, geo=geo, scale=scale, return_lse=return_lse,
+                        backend=backend, engine=engine, joint=joint, joint_strategy=joint_strategy)
     U, R = mesh.ulysses_degree, mesh.ring_degree
     hq, hkv = q.shape[2], k.shape[2]
     jq = jk = jv = None
@@ -279,8 +323,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
     starts = tuple((r * L,) if pieces == 1 else (r * L, (2 * R - 1 - r) * L) for r in range(R))
 
     def setup(backend_) -> RingSetup:
-        return RingSetup(mesh.ring_group, R, i, L, starts, geo.seq_len, bool(causal), scale, backend_,
-                         ring_engine or default_ring_engine())
+        return RingSetup(mesh.ring_group, R, i, L, starts, geo.seq_len, bool(causal), scale, backend_, engine)
 
     if U == 1:
         chunks = [_Chunk(setup(be), None, None, (0, hq), (0, hkv))]

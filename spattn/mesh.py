@@ -9,6 +9,8 @@ from typing import List, Optional, Sequence
 
 import torch.distributed as dist
 
+from .check import check_mode, new_side_group
+
 ProcessGroup = dist.ProcessGroup
 
 __all__ = ["SPMesh", "init_mesh"]
@@ -20,6 +22,16 @@ def _group_size(group: Optional[ProcessGroup]) -> int:
 
 def _group_rank(group: Optional[ProcessGroup]) -> int:
     return 0 if group is None else dist.get_rank(group)
+
+
+def _check_member(group, where: str) -> None:
+    """A rank outside a group gets a placeholder from dist.new_group, not a group: say so."""
+    if group is None:
+        return
+    if not isinstance(group, ProcessGroup) or dist.get_rank(group) < 0:
+        raise ValueError(f"{where}: this rank (global rank {dist.get_rank()}) is not a member of the given "
+                         f"process group; build the mesh only on the ranks of that group "
+                         f"(e.g. `if dist.get_rank() in ranks: init_mesh(..., group=g)`)")
 
 
 class SPMesh:
@@ -35,11 +47,14 @@ class SPMesh:
         sp_rank: this rank's position in the global sequence (0 .. world_size-1).
     """
 
-    def __init__(self, ulysses_group: Optional[ProcessGroup] = None, ring_group: Optional[ProcessGroup] = None):
+    def __init__(self, ulysses_group: Optional[ProcessGroup] = None, ring_group: Optional[ProcessGroup] = None,
+                 *, check_group: Optional[ProcessGroup] = None):
         for name, g in (("ulysses_group", ulysses_group), ("ring_group", ring_group)):
             if g is not None and not dist.is_initialized():
                 raise RuntimeError(f"spattn.SPMesh: {name} given but torch.distributed is not initialized; "
                                    f"call torch.distributed.init_process_group first")
+        for name, g in (("ulysses_group", ulysses_group), ("ring_group", ring_group)):
+            _check_member(g, f"spattn.SPMesh: {name}")
         if ulysses_group is not None and _group_size(ulysses_group) == 1:
             ulysses_group = None  # a group of one exchanges nothing
         if ring_group is not None and _group_size(ring_group) == 1:
@@ -55,6 +70,9 @@ class SPMesh:
         backends = {dist.get_backend(g) for g in (ulysses_group, ring_group) if g is not None}
         self.comm_backend: Optional[str] = backends.pop() if len(backends) == 1 else (
             None if not backends else "mixed")
+        # Gloo side group(s) for the cross-rank argument check (spattn.check); init_mesh passes one
+        # over the whole mesh, otherwise they are made on the first checked call.
+        self._check_groups: Optional[List[ProcessGroup]] = [check_group] if check_group is not None else None
 
     def groups(self) -> List[ProcessGroup]:
         """The non-trivial groups, inner (Ulysses) first."""
@@ -79,6 +97,7 @@ def init_mesh(ulysses_degree: int = 1, ring_degree: int = 1, group: Optional[Pro
     if not dist.is_initialized():
         raise RuntimeError("spattn.init_mesh: torch.distributed is not initialized; call "
                            "torch.distributed.init_process_group(backend=...) first")
+    _check_member(group, "spattn.init_mesh: group")
     size = dist.get_world_size(group)
     if ulysses_degree * ring_degree != size:
         raise ValueError(
@@ -108,4 +127,8 @@ def init_mesh(ulysses_degree: int = 1, ring_degree: int = 1, group: Optional[Pro
                 mine = g
         return mine
 
-    return SPMesh(ulysses_group=build(ulysses_sets, ulysses_degree), ring_group=build(ring_sets, ring_degree))
+    ug, rg = build(ulysses_sets, ulysses_degree), build(ring_sets, ring_degree)
+    # The check's host-side twin of the whole mesh, created here where every rank is known to call
+    # (group creation is itself collective); skipped when the check is off.
+    side = new_side_group(ranks, local) if check_mode() and size > 1 else None
+    return SPMesh(ulysses_group=ug, ring_group=rg, check_group=side)

@@ -1,0 +1,342 @@
+"""The cross-rank argument check: every rank of a mesh must call ``spattn.attention`` with the same
+shapes and options, or the collectives inside pair up wrongly and hang. This module makes that a
+prompt error on every rank, by default.
+
+    per call: this rank's signature, one int64 per field (N_FIELDS of them)
+        --all-gather over a small gloo side group (fixed size: cannot hang on the mismatch itself)-->
+    (world, N_FIELDS) on every rank --> equal rows, or the same ValueError everywhere naming the
+    rank(s) and the field(s) that differ, with each rank's value.
+
+The side group lives on the host (gloo, even when the mesh talks NCCL), so the check never
+synchronizes a GPU. It is created once per mesh and carries its own timeout (``SPATTN_TIMEOUT_S``):
+a rank that raised earlier, or died, makes the others fail within that time with an error naming
+the missing rank(s), never a silent wait.
+
+``SPATTN_CHECK``: unset or ``1`` = signature check (default); ``2`` = also a digest of the joint
+(text) tensors' contents, which must be identical on every rank (reads the tensors: on a GPU that
+is a device sync, hence opt-in); ``0`` = off (production runs that trust their callers).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+import zlib
+from datetime import timedelta
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+Tensor = torch.Tensor
+ProcessGroup = dist.ProcessGroup
+
+__all__ = ["check_mode", "timeout_s", "signature", "check_signature", "side_groups", "RankFailure",
+           "FIELDS", "guard_collectives"]
+
+# Fields of the signature, in order. Shapes are spread over one field per dimension and small
+# options are encoded directly, so an error can print every rank's value, not a hash.
+FIELDS: Tuple[str, ...] = (
+    "global_rank",          # not compared: who sent the row
+    "batch", "q_len", "q_heads", "head_dim", "kv_len", "kv_heads", "v_head_dim",
+    "dtype", "device_type", "causal", "layout", "seq_len", "softmax_scale", "return_lse",
+    "requires_grad",        # bit mask q, k, v, joint_q, joint_k, joint_v (and grad mode): backward collectives
+    "ulysses_degree", "ring_degree", "ulysses_chunks", "backend", "ring_engine",
+    "joint_len", "joint_heads", "joint_kv_heads", "joint_strategy",
+    "joint_mask",           # -1: absent; else its number of elements
+    "joint_digest",         # SPATTN_CHECK=2 only: digest of the joint tensors' contents (else 0)
+)
+N_FIELDS = len(FIELDS)
+_IDX = {f: i for i, f in enumerate(FIELDS)}
+
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float8_e4m3fn,
+           torch.float8_e5m2)
+_ENUMS: Dict[str, Tuple[str, ...]] = {
+    "device_type": ("cpu", "cuda", "meta", "xpu", "mps"),
+    "layout": ("contiguous", "zigzag"),
+    "backend": ("auto", "torch", "reference", "triton"),
+    "ring_engine": ("auto", "python", "cpp"),
+    "joint_strategy": ("front", "rear"),
+}
+
+
+def check_mode() -> int:
+    """``SPATTN_CHECK`` as an int: 0 off, 1 signature (default), 2 signature + joint contents."""
+    raw = os.environ.get("SPATTN_CHECK", "1").strip() or "1"
+    if raw not in ("0", "1", "2"):
+        raise ValueError(f"spattn: SPATTN_CHECK must be 0 (off), 1 (signature check, default) or 2 "
+                         f"(also joint tensor contents), got {raw!r}")
+    return int(raw)
+
+
+def timeout_s() -> float:
+    """``SPATTN_TIMEOUT_S`` (default 30): how long the check waits for the other ranks."""
+    raw = os.environ.get("SPATTN_TIMEOUT_S", "30")
+    try:
+        t = float(raw)
+    except ValueError:
+        t = -1.0
+    if not t > 0:
+        raise ValueError(f"spattn: SPATTN_TIMEOUT_S must be a positive number of seconds, got {raw!r}")
+    return t
+
+
+def _enum(field: str, value: str) -> int:
+    vals = _ENUMS[field]
+    # Unknown names (a backend registered later) still compare correctly through a stable hash.
+    return vals.index(value) if value in vals else (1 << 40) + zlib.crc32(value.encode())
+
+
+def _decode(field: str, v: int) -> str:
+    if field == "dtype":
+        return str(_DTYPES[v]) if 0 <= v < len(_DTYPES) else f"dtype#{v}"
+    if field in _ENUMS:
+        vals = _ENUMS[field]
+        return repr(vals[v]) if 0 <= v < len(vals) else f"<name hash {v - (1 << 40):#x}>"
+    if field == "softmax_scale":
+        return repr(struct.unpack("<d", struct.pack("<q", v))[0])
+    if field in ("causal", "return_lse"):
+        return str(bool(v))
+    if field == "requires_grad":
+        names = ("q", "k", "v", "joint_q", "joint_k", "joint_v")
+        on = [n for i, n in enumerate(names) if v >> i & 1]
+        return "{" + ", ".join(on) + "}" + ("" if v >> 6 & 1 else " (grad mode off)")
+    if field in ("joint_len", "joint_mask", "joint_heads", "joint_kv_heads") and v < 0:
+        return "absent"
+    return str(v)
+
+
+def _digest(ts: Sequence[Optional[Tensor]]) -> int:
+    """Exact content digest (bit patterns weighted by position, int64 wrap-around), equal iff the
+    tensors are bitwise equal with overwhelming probability. Reads the data: check mode 2 only."""
+    acc = 0
+    for n, t in enumerate(ts):
+        if t is None:
+            continue
+        flat = t.detach().contiguous().reshape(-1)
+        if flat.dtype.is_floating_point:
+            ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]
+            flat = flat.view(ints)
+        flat = flat.to(torch.int64)
+        w = torch.arange(1, flat.numel() + 1, dtype=torch.int64, device=flat.device) * 2654435761
+        acc = (acc * 1000003 + int((flat * w).sum().item()) + n) & ((1 << 63) - 1)
+    return acc
+
+
+def signature(q: Tensor, k: Tensor, v: Tensor, *, mesh, causal: bool, seq_len: int, layout: str,
+              scale: float, return_lse: bool, backend: str, ring_engine: str, ulysses_chunks: int,
+              joint: Optional[Sequence[Tensor]] = None, joint_strategy: str = "front",
+              joint_mask: Optional[Tensor] = None, mode: int = 1) -> Tensor:
+    """This rank's call signature: an int64 tensor of ``N_FIELDS`` on the CPU (no device sync)."""
+    jt = tuple(joint) if joint is not None else ()
+    grad = torch.is_grad_enabled()
+    rg = sum(1 << i for i, t in enumerate((q, k, v) + jt) if t.requires_grad and grad) | (int(grad) << 6)
+    sig = {
+        "global_rank": dist.get_rank() if dist.is_initialized() else 0,
+        "batch": q.shape[0], "q_len": q.shape[1], "q_heads": q.shape[2], "head_dim": q.shape[3],
+        "kv_len": k.shape[1], "kv_heads": k.shape[2], "v_head_dim": v.shape[3],
+        "dtype": _DTYPES.index(q.dtype) if q.dtype in _DTYPES else 100 + zlib.crc32(str(q.dtype).encode()),
+        "device_type": _enum("device_type", q.device.type), "causal": int(bool(causal)),
+        "layout": _enum("layout", layout), "seq_len": seq_len,
+        "softmax_scale": struct.unpack("<q", struct.pack("<d", float(scale)))[0],
+        "return_lse": int(bool(return_lse)), "requires_grad": rg,
+        "ulysses_degree": mesh.ulysses_degree, "ring_degree": mesh.ring_degree,
+        "ulysses_chunks": ulysses_chunks, "backend": _enum("backend", backend),
+        "ring_engine": _enum("ring_engine", ring_engine),
+        "joint_len": jt[0].shape[1] if jt else -1, "joint_heads": jt[0].shape[2] if jt else -1,
+        "joint_kv_heads": jt[1].shape[2] if jt else -1,
+        "joint_strategy": _enum("joint_strategy", joint_strategy) if jt else -1,
+        "joint_mask": joint_mask.numel() if joint_mask is not None else -1,
+        "joint_digest": _digest(jt + (joint_mask,)) if mode >= 2 and jt else 0,
+    }
+    return torch.tensor([int(sig[f]) for f in FIELDS], dtype=torch.int64)
+
+
+class RankFailure(RuntimeError):
+    """Another rank of the mesh raised, died, or did not join a collective in time."""
+
+
+# ----------------------------------------------------------------------------------------------
+# The side group(s): gloo, host only, own timeout
+# ----------------------------------------------------------------------------------------------
+def _register_self() -> None:
+    """Record host:pid of this rank in the default store once, so a peer can tell 'dead' from
+    'slow' when a collective fails."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        store.set(f"spattn/pid/{dist.get_rank()}", f"{socket.gethostname()}:{os.getpid()}")
+    except Exception:  # diagnosis is best effort: no store, no names
+        pass
+
+
+def new_side_group(ranks: Sequence[int], local: bool) -> ProcessGroup:
+    """A gloo group over ``ranks`` with the check's timeout. Collective like ``dist.new_group``:
+    with ``local`` only the members call it."""
+    _register_self()
+    return dist.new_group(list(ranks), backend="gloo", timeout=timedelta(seconds=timeout_s()),
+                          use_local_synchronization=local)
+
+
+def side_groups(mesh) -> List[ProcessGroup]:
+    """The mesh's check groups, created on first use (by every rank of the mesh, in its first
+    checked call) when the mesh did not bring them: one gloo twin per mesh group, gathered in
+    two stages (Ulysses, then ring) so every rank sees all rows in sp_rank order."""
+    groups = getattr(mesh, "_check_groups", None)
+    if groups is None:
+        groups = [new_side_group(dist.get_process_group_ranks(g), local=True) for g in mesh.groups()]
+        mesh._check_groups = groups
+    return groups
+
+
+def _gather(groups: Sequence[ProcessGroup], sig: Tensor) -> Tensor:
+    rows = sig.view(1, -1)
+    for g in groups:
+        out = rows.new_empty((dist.get_world_size(g) * rows.shape[0], rows.shape[1]))
+        dist.all_gather_into_tensor(out, rows.contiguous(), group=g)
+        rows = out
+    return rows
+
+
+def check_signature(mesh, sig: Tensor) -> None:
+    """All-gather ``sig`` over the mesh's side groups; raise the same ValueError on every rank when
+    the rows differ, RankFailure when a rank does not join within ``SPATTN_TIMEOUT_S``."""
+    if getattr(mesh, "_check_broken", None):
+        raise RankFailure(f"spattn.attention: this mesh's ranks fell out of step earlier "
+                          f"({mesh._check_broken}); build a new mesh (or restart) after fixing that")
+    groups = side_groups(mesh)
+    mesh._check_calls = getattr(mesh, "_check_calls", 0) + 1
+    t0 = time.monotonic()
+    try:
+        rows = _gather(groups, sig)
+    except Exception as e:  # gloo timeout or a closed connection: name who is missing
+        ranks = [r for g in groups for r in dist.get_process_group_ranks(g)]
+        why = describe_missing(sorted(set(ranks)), f"check{id(mesh):x}", mesh._check_calls,
+                               time.monotonic() - t0)
+        mesh._check_broken = why
+        raise RankFailure(f"spattn.attention: the cross-rank argument check failed: {why} "
+                          f"[{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}]") from e
+    ref = rows[0]
+    bad = (rows != ref).any(dim=0)
+    bad[_IDX["global_rank"]] = False
+    if not bool(bad.any()):
+        return
+    lines = []
+    for f in (FIELDS[i] for i in bad.nonzero().flatten().tolist()):
+        vals = ", ".join(f"rank {int(r[0])}: {_decode(f, int(r[_IDX[f]]))}" for r in rows)
+        lines.append(f"  {f}: {vals}")
+    odd = [int(r[0]) for r in rows if not torch.equal(r[1:], ref[1:])]
+    if len(odd) * 2 > rows.shape[0]:  # no majority in agreement with rank 0: name rank 0's side
+        odd = [int(rows[0][0])]
+    raise ValueError("spattn.attention: ranks called attention with different arguments (the "
+                     "collectives would pair up wrongly and hang). Differing fields, per global rank:\n"
+                     + "\n".join(lines) + f"\nOdd one(s) out: ranks {odd}. Every rank of the mesh must "
+                     "pass equal-shaped shards (use spattn.shard) and the same options.")
+
+
+def describe_missing(ranks: Sequence[int], key: str, call: int, waited: float) -> str:
+    """Best-effort names for the ranks that failed a collective: dead processes (same host, pid
+    gone) and ranks that did not report this call within a short grace period."""
+    try:
+        store = dist.distributed_c10d._get_default_store()
+    except Exception:
+        return f"ranks {list(ranks)} did not all join within {waited:.1f}s (no store to tell which)"
+    me = dist.get_rank()
+    try:
+        store.set(f"spattn/{key}/{me}", str(call))
+    except Exception:
+        return (f"the rendezvous store is unreachable: the rank hosting it (usually global rank 0) "
+                f"has likely died; waited {waited:.1f}s")
+    dead = _dead(store, [r for r in ranks if r != me])
+    deadline = time.monotonic() + min(3.0, timeout_s())
+    late: List[int] = []
+    while True:
+        late = []
+        for r in ranks:
+            if r in dead:
+                continue
+            k = f"spattn/{key}/{r}"
+            try:
+                if not store.check([k]) or int(store.get(k)) < call:
+                    late.append(r)
+            except Exception:
+                late.append(r)
+        if not late or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    parts = []
+    if dead:
+        parts.append(f"rank(s) {dead} died (process gone)")
+    if late:
+        parts.append(f"rank(s) {late} did not reach this call (they raised earlier, are stuck elsewhere, "
+                     f"or called attention a different number of times)")
+    if not parts:
+        parts.append(f"every rank reached the call but the exchange failed after {waited:.1f}s")
+    return "; ".join(parts) + f" (waited {waited:.1f}s; SPATTN_TIMEOUT_S={timeout_s():g})"
+
+
+def _dead(store, ranks: Sequence[int]) -> List[int]:
+    host = socket.gethostname()
+    dead = []
+    for r in ranks:
+        try:
+            k = f"spattn/pid/{r}"
+            if not store.check([k]):
+                continue
+            h, pid = store.get(k).decode().rsplit(":", 1)
+            if h == host and not _alive(int(pid)):
+                dead.append(r)
+        except Exception:
+            continue
+    return dead
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (dead, not yet reaped by its parent) still answers kill(0).
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def guard_collectives(groups: Sequence[ProcessGroup], what: str):
+    """Context manager: a communication error inside (a peer died or timed out mid-forward or
+    mid-backward) is re-raised as RankFailure naming dead peers where that can be told."""
+    return _Guard(groups, what)
+
+
+class _Guard:
+    def __init__(self, groups, what):
+        self.groups, self.what = groups, what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, et, e, tb):
+        if e is None or isinstance(e, (RankFailure, ValueError, TypeError)) or not _is_comm_error(e):
+            return False
+        ranks = sorted({r for g in self.groups if g is not None for r in dist.get_process_group_ranks(g)})
+        try:
+            store = dist.distributed_c10d._get_default_store()
+            dead = _dead(store, [r for r in ranks if r != dist.get_rank()])
+            who = f"rank(s) {dead} died (process gone)" if dead else \
+                f"a peer among ranks {ranks} failed or timed out (no dead process found on this host)"
+        except Exception:
+            who = "the rendezvous store is unreachable: the rank hosting it (usually global rank 0) has likely died"
+        raise RankFailure(f"spattn.attention: communication failed during {self.what}: {who} "
+                          f"[{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}]") from e
+
+
+def _is_comm_error(e: BaseException) -> bool:
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    msg = str(e)
+    return isinstance(e, RuntimeError) and any(s in msg for s in (
+        "Gloo", "gloo", "Connection closed", "Connection reset", "Timed out", "timed out", "NCCL", "Broken pipe"))
