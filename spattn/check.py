@@ -189,11 +189,14 @@ def side_groups(mesh) -> List[ProcessGroup]:
     return groups
 
 
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
 def _gather(groups: Sequence[ProcessGroup], sig: Tensor) -> Tensor:
     rows = sig.view(1, -1)
     for g in groups:
         out = rows.new_empty((dist.get_world_size(g) * rows.shape[0], rows.shape[1]))
-        dist.all_gather_into_tensor(out, rows.contiguous(), group=g)
+        _all_gather(out, rows.contiguous(), group=g)
         rows = out
     return rows
 
