@@ -56,7 +56,19 @@ def block_forward(backend, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale:
         b, sq, hq, _ = q.shape
         return (q.new_zeros(q.shape[:3] + v.shape[3:]),
                 torch.full((b, hq, sq), float("-inf"), dtype=torch.float32, device=q.device))
-    return backend.forward(q, k, v, causal, scale)
+    out, lse = backend.forward(q, k, v, causal, scale)
+    if q.device.type == "cpu":
+        out, lse = _poison_nan_rows(q, out, lse)
+    return out, lse
+
+
+def _poison_nan_rows(q: Tensor, out: Tensor, lse: Tensor) -> Tuple[Tensor, Tensor]:
+    """torch's CPU flash kernel drops a NaN in a query row for some lengths (returns lse 0 and a
+    finite row); SDPA's semantics are a NaN row. Restore them: one pass over q, no sync."""
+    bad = torch.isnan(q).any(-1)                                   # (B, S, H)
+    lse = lse.masked_fill(bad.transpose(1, 2), float("nan"))
+    out = out.masked_fill(bad.unsqueeze(-1), float("nan"))
+    return out, lse
 
 
 class _AttentionWithLSE(torch.autograd.Function):
