@@ -394,33 +394,61 @@ def numerics_body(u: int, r: int, kind: str, causal: bool, layout: str) -> dict:
            (("out", out), ("dq", ql.grad), ("dk", kl.grad), ("dv", vl.grad))}
     if dist.get_rank() != 0:
         return {}
-    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref = _sdpa(*ref_in, causal, scale)
-    ref.backward(dout)
-    exp = {"out": ref.detach(), "dq": ref_in[0].grad, "dk": ref_in[1].grad, "dv": ref_in[2].grad}
+    # Semantics: a poisoned element spreads along visible (query, key) pairs only. Reference: fp64,
+    # each query row against exactly the keys it sees (masked keys are not in the computation, so
+    # no NaN * 0 leaks through them). Baseline: SDPA's fused fp32 kernel, which computes whole
+    # blocks and so may spread a NaN further in backward (never less): spattn must lie in between.
+    ins = [t.double().requires_grad_() for t in (q, k, v)]
+    sc = scale if scale is not None else D ** -0.5
+    rows = []
+    for i in range(S):
+        n = i + 1 if causal else S
+        s_ = torch.einsum("bhd,bkhd->bhk", ins[0][:, i], ins[1][:, :n]) * sc
+        rows.append(torch.einsum("bhk,bkhd->bhd", s_.softmax(-1), ins[2][:, :n]))
+    o = torch.stack(rows, 1)
+    o.backward(dout.double())
+    exp = {"out": o.detach(), "dq": ins[0].grad, "dk": ins[1].grad, "dv": ins[2].grad}
+    bins = [t.clone().requires_grad_() for t in (q, k, v)]
+    bo = _sdpa(*bins, causal, scale)
+    bo.backward(dout)
+    base = {"out": bo.detach(), "dq": bins[0].grad, "dk": bins[1].grad, "dv": bins[2].grad}
     res = {}
     for n in got:
-        a, b = got[n], exp[n]
-        res[n] = dict(nan_same=bool(torch.equal(a.isnan(), b.isnan())),
-                      inf_same=bool(torch.equal(a.isinf(), b.isinf())),
-                      finite_err=float((a - b)[a.isfinite() & b.isfinite()].abs().max()) if
-                      (a.isfinite() & b.isfinite()).any() else 0.0,
-                      n_nan=int(b.isnan().sum()), scale=float(b[b.isfinite()].abs().max()))
+        a, b, c = got[n].double(), exp[n], base[n].double()
+        fin = a.isfinite() & b.isfinite()
+        fin_b = c.isfinite() & b.isfinite()
+        res[n] = dict(nan_exact=bool(torch.equal(a.isnan(), c.isnan())),
+                      nan_between=bool((b.isnan() <= a.isnan()).all() and (a.isnan() <= c.isnan()).all()),
+                      inf_same=bool(torch.equal(a.isinf(), c.isinf())),
+                      err=float((a - b)[fin].abs().max()) if fin.any() else 0.0,
+                      sdpa_err=float((c - b)[fin_b].abs().max()) if fin_b.any() else 0.0,
+                      n_nan=int(b.isnan().sum()), got_nan=int(a.isnan().sum()), sdpa_nan=int(c.isnan().sum()),
+                      scale=float(b[b.isfinite()].abs().max()) if b.isfinite().any() else 0.0)
     return res
 
 
 @pytest.mark.parametrize("kind", ["nan_q", "nan_k", "inf_v", "large"])
 @pytest.mark.parametrize("mode,causal,layout", [("ulysses", True, "contiguous"), ("ring", True, "zigzag"),
                                                 ("ring", False, "contiguous"), ("hybrid", True, "contiguous")])
-def test_nonfinite_and_large_inputs_match_sdpa(kind, mode, causal, layout):
+def test_nonfinite_and_large_inputs_match_sdpa(kind, mode, causal, layout, request):
+    if (mode, kind) == ("hybrid", "nan_k"):
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "known bug found by this test: hybrid causal backward with a NaN key leaves dv of the "
+            "rows that see it finite (8 NaN instead of 128); forward is right. See docs/reliability.md")))
     u, r = MODES[mode]
     res = run_on_ranks(u * r, numerics_body, u, r, kind, causal, layout)
     for n, s in res.items():
-        assert s["nan_same"], f"{n}: NaN pattern differs from SDPA ({s})"
-        assert s["inf_same"], f"{n}: inf pattern differs from SDPA ({s})"
-        assert s["finite_err"] <= 1e-4 * max(1.0, s["scale"]), f"{n}: finite part differs ({s})"
+        if n == "out":  # forward: exactly SDPA's NaN rows (those that see the poisoned element)
+            assert s["nan_exact"], f"{n}: NaN pattern differs from SDPA's ({s})"
+        else:
+            assert s["nan_between"], f"{n}: NaN pattern not between the reference and SDPA's ({s})"
+        assert s["inf_same"], f"{n}: inf pattern differs from SDPA's ({s})"
+        # flash-attention's rule: at most 2x torch's own fp32 error, plus a rounding floor.
+        assert s["err"] <= 2 * s["sdpa_err"] + 1e-5 * max(1.0, s["scale"]), f"{n}: finite part differs ({s})"
     if kind == "nan_q":  # one poisoned query row: only that row of out is NaN (forward)
         assert res["out"]["n_nan"] == 8, res["out"]
+    if kind == "large":
+        assert all(s["n_nan"] == s["got_nan"] == 0 for s in res.values()), res
 
 
 def test_fully_masked_rows_match_sdpa_single_process():
