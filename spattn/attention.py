@@ -323,7 +323,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
     starts = tuple((r * L,) if pieces == 1 else (r * L, (2 * R - 1 - r) * L) for r in range(R))
 
     def setup(backend_) -> RingSetup:
-        return RingSetup(mesh.ring_group, R, i, L, starts, geo.seq_len, bool(causal), scale, backend_, engine)
+        return RingSetup(mesh.ring_group, R, i, L, starts, geo.seq_len, bool(causal), scale, backend_, engine,
+                         mesh.comm_cache)
 
     if U == 1:
         chunks = [_Chunk(setup(be), None, None, (0, hq), (0, hkv))]

@@ -6,7 +6,7 @@ the same code in tests here and on GPUs.
 from __future__ import annotations
 
 import os
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -63,13 +63,23 @@ class RingComm:
         return recv
 
 
-def make_ring_comm(group: ProcessGroup, like: Tensor, engine: str = "auto"):
+def make_ring_comm(group: ProcessGroup, like: Tensor, engine: str = "auto",
+                   cache: Optional["RingCommCache"] = None, slot: str = "kv"):
     """Ring exchange object for ``group``: the C++ engine when built (and asked for), else Python.
 
     engine: "auto" (C++ if available), "python", or "cpp" (error if the extension is missing).
+    cache: reuse the exchange (and its two receive buffers) made for the same group, message shape,
+    dtype, device, engine and ``slot`` by an earlier call; ``slot`` keeps exchanges that are in use
+    at the same time apart (the backward's K/V and dK/dV rings).
     """
     if engine not in ("auto", "python", "cpp"):
         raise ValueError(f"spattn: unknown ring engine {engine!r}; choose 'auto', 'python' or 'cpp'")
+    if cache is not None:
+        return cache.get(group, like, engine, slot)
+    return _new_ring_comm(group, like, engine)
+
+
+def _new_ring_comm(group: ProcessGroup, like: Tensor, engine: str):
     if engine in ("auto", "cpp"):
         from . import _ext  # lazy: the extension is optional
 
@@ -77,6 +87,52 @@ def make_ring_comm(group: ProcessGroup, like: Tensor, engine: str = "auto"):
         if cls is not None:
             return cls(group, like)
     return RingComm(group, like)
+
+
+class _Tracked:
+    """A cached exchange that knows whether a transfer is in flight (an exception part-way through a
+    ring leaves it so: such an exchange is replaced, never reused)."""
+
+    def __init__(self, comm):
+        self.comm, self.busy = comm, False
+
+    def start(self, send: Tensor) -> None:
+        self.busy = True
+        self.comm.start(send)
+
+    def wait(self) -> Tensor:
+        out = self.comm.wait()
+        self.busy = False
+        return out
+
+
+class RingCommCache:
+    """Ring exchanges of one mesh, reused across calls so their receive buffers are allocated once
+    per (group, shape, dtype, device, engine, slot), not twice per call.
+
+    A buffer returned by ``wait()`` is overwritten by a later call: callers copy what they keep.
+    ``allocations`` counts exchanges created (two receive buffers each); a steady loop adds none.
+    """
+
+    def __init__(self, max_entries: int = 16):
+        self._entries: Dict[tuple, _Tracked] = {}
+        self.max_entries = max_entries
+        self.allocations = 0
+
+    def get(self, group: ProcessGroup, like: Tensor, engine: str, slot: str) -> _Tracked:
+        key = (id(group), tuple(like.shape), like.dtype, like.device, engine, slot)
+        hit = self._entries.get(key)
+        if hit is not None and not hit.busy and hit.comm.group is group:
+            self._entries[key] = self._entries.pop(key)  # most recently used last
+            return hit
+        if len(self._entries) >= self.max_entries:  # many shapes (e.g. varying lengths): drop the oldest
+            self._entries.pop(next(iter(self._entries)))
+        hit = self._entries[key] = _Tracked(_new_ring_comm(group, like, engine))
+        self.allocations += 1
+        return hit
+
+    def clear(self) -> None:
+        self._entries.clear()
 
 
 def default_ring_engine() -> str:

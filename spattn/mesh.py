@@ -10,6 +10,7 @@ from typing import List, Optional, Sequence
 import torch.distributed as dist
 
 from .check import check_mode, new_side_group
+from .comm import RingCommCache
 
 ProcessGroup = dist.ProcessGroup
 
@@ -70,6 +71,7 @@ class SPMesh:
         backends = {dist.get_backend(g) for g in (ulysses_group, ring_group) if g is not None}
         self.comm_backend: Optional[str] = backends.pop() if len(backends) == 1 else (
             None if not backends else "mixed")
+        self.comm_cache = RingCommCache()  # ring exchanges (and their buffers) reused across calls
         # Gloo side group(s) for the cross-rank argument check (spattn.check); init_mesh passes one
         # over the whole mesh, otherwise they are made on the first checked call.
         self._check_groups: Optional[List[ProcessGroup]] = [check_group] if check_group is not None else None

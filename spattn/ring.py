@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from .comm import make_ring_comm
+from .comm import RingCommCache, make_ring_comm
 from .ops import block_forward, merge_
 
 Tensor = torch.Tensor
@@ -44,6 +44,7 @@ class RingSetup:
     scale: float
     backend: object
     engine: str = "auto"
+    comm_cache: Optional[RingCommCache] = None  # the mesh's: ring buffers reused across calls
 
     def valid(self, start: int) -> int:
         return max(0, min(self.seg_len, self.seq_len - start))
@@ -136,7 +137,7 @@ def ring_forward(st: RingSetup, q: Tensor, k: Tensor, v: Tensor, jq: Optional[Te
     # neither has the rest of its ring (same heads): no compute, no ring.
     R = st.size if q.shape[2] else 0
     kv = torch.stack([k, v]) if R > 1 else (k, v)  # K and V travel as one message
-    comm = make_ring_comm(st.group, kv, st.engine) if R > 1 else None
+    comm = make_ring_comm(st.group, kv, st.engine, st.comm_cache, "kv") if R > 1 else None
     cur, acc = kv, [None, None]
     for j in range(R):
         if j + 1 < R:
@@ -189,8 +190,8 @@ def ring_backward(st: RingSetup, saved: Saved, dout: Tensor, dt_out: Optional[Te
     kv = torch.stack([k, v]) if R > 1 else (k, v)
     # Block (dk, dv) accumulate in fp32: scratch[0] for step 0 (it is sent away), scratch[1] after.
     scratch = [k.new_zeros((2,) + k.shape, dtype=torch.float32) for _ in range(min(R, 2))]
-    kv_comm = make_ring_comm(st.group, kv, st.engine) if R > 1 else None
-    dkv_comm = make_ring_comm(st.group, scratch[0], st.engine) if R > 1 else None
+    kv_comm = make_ring_comm(st.group, kv, st.engine, st.comm_cache, "kv") if R > 1 else None
+    dkv_comm = make_ring_comm(st.group, scratch[0], st.engine, st.comm_cache, "dkv") if R > 1 else None
     if joint:
         djq, djk, djv = (torch.zeros_like(t, dtype=torch.float32) for t in (jq, jk, jv))
         dt_out = torch.zeros_like(t_out) if dt_out is None else dt_out.contiguous()
@@ -220,7 +221,9 @@ def ring_backward(st: RingSetup, saved: Saved, dout: Tensor, dt_out: Optional[Te
         if j + 1 < R:
             cur = kv_comm.wait()
     dkv = dkv_comm.wait() if R > 1 else send  # our own block's gradient, home after a full lap
-    grads = (dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype))
+    # dkv may be a cached ring buffer that the next call overwrites: the gradients handed out are copies.
+    copy = R > 1 and st.comm_cache is not None
+    grads = (dq.to(q.dtype), dkv[0].to(k.dtype, copy=copy), dkv[1].to(v.dtype, copy=copy))
     return grads + ((djq.to(jq.dtype), djk.to(jk.dtype), djv.to(jv.dtype)) if joint else (None,) * 3)
 
 
