@@ -1,0 +1,96 @@
+"""Benchmark: cost per call of the cross-rank argument check (spattn.check), on CPU gloo ranks.
+
+    python bench/bench_check.py                 # P = 2 and 4, 2000 checks each
+    python bench/bench_check.py -P 8 --iters 5000
+
+Per world size, prints the median and p90 microseconds of (a) building the signature, (b) the
+signature all-gather over the side group (SPATTN_CHECK=1), (c) the same with the joint-contents
+digest (SPATTN_CHECK=2, a 1x64x8x64 text), and (d) one tiny attention forward with the check off
+and on, as the difference a user sees.
+"""
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import socket
+import statistics
+import time
+from datetime import timedelta
+
+
+def _stats(ts):
+    ts = sorted(ts)
+    return statistics.median(ts) * 1e6, ts[int(0.9 * (len(ts) - 1))] * 1e6
+
+
+def _rank_main(rank: int, world: int, port: int, iters: int, out_q) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    import spattn
+    from spattn import check
+
+    mesh = spattn.init_mesh(ring_degree=world)
+    g = torch.Generator().manual_seed(0)  # the text must be identical on every rank
+    q = torch.randn(1, 16, 8, 64, generator=g)
+    t = torch.randn(1, 64, 8, 64, generator=g)
+    kw = dict(mesh=mesh, causal=True, seq_len=16 * world, layout="contiguous", scale=0.125,
+              return_lse=False, backend="auto", ring_engine="auto", ulysses_chunks=4)
+    res = {}
+
+    def timed(fn):
+        for _ in range(50):
+            fn()
+        dist.barrier()
+        ts = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+        return _stats(ts)
+
+    res["signature"] = timed(lambda: check.signature(q, q, q, **kw))
+    res["check (mode 1)"] = timed(lambda: check.check_signature(mesh, check.signature(q, q, q, **kw)))
+    res["check (mode 2, text 64)"] = timed(lambda: check.check_signature(
+        mesh, check.signature(q, q, q, joint=(t, t, t), mode=2, **{**kw, "causal": False})))
+    for mode in ("0", "1"):
+        os.environ["SPATTN_CHECK"] = mode
+        res[f"attention fwd, SPATTN_CHECK={mode}"] = timed(lambda: spattn.attention(q, q, q, mesh, causal=True))
+    if rank == 0:
+        out_q.put(res)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("-P", type=int, nargs="+", default=[2, 4], help="world sizes")
+    p.add_argument("--iters", type=int, default=2000)
+    args = p.parse_args(argv)
+    ctx = mp.get_context("spawn")
+    print(f"{'P':>2}  {'what':<32} {'median us':>10} {'p90 us':>10}")
+    for world in args.P:
+        q = ctx.Queue()
+        port = _free_port()
+        procs = [ctx.Process(target=_rank_main, args=(r, world, port, args.iters, q)) for r in range(world)]
+        for pr in procs:
+            pr.start()
+        res = q.get(timeout=600)
+        for pr in procs:
+            pr.join()
+        for name, (med, p90) in res.items():
+            print(f"{world:>2}  {name:<32} {med:>10.1f} {p90:>10.1f}")
+
+
+if __name__ == "__main__":
+    main()
