@@ -98,6 +98,28 @@ def test_mismatch_message_shows_each_ranks_value():
     assert "rank 1: 'zigzag'" in msg and "rank 2: 'contiguous'" in msg, msg
 
 
+def hand_built_mesh_body() -> str:
+    """An SPMesh built from the user's own groups (no init_mesh): the side groups are made on the
+    first checked call, and a mismatch is still an error on every rank."""
+    w = dist.get_world_size()
+    ug = [dist.new_group([0, 1]), dist.new_group([2, 3])][dist.get_rank() // 2]
+    rg = [dist.new_group([0, 2]), dist.new_group([1, 3])][dist.get_rank() % 2]
+    mesh = spattn.SPMesh(ulysses_group=ug, ring_group=rg)
+    assert mesh.world_size == w and mesh._check_groups is None
+    x = torch.randn(1, 4, 4, 8, generator=torch.Generator().manual_seed(0))
+    spattn.attention(x, x, x, mesh)  # agreeing call: creates the side groups, passes
+    try:
+        spattn.attention(x, x, x, mesh, causal=dist.get_rank() == 3)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_hand_built_mesh_is_checked():
+    msg = run_on_ranks(4, hand_built_mesh_body, timeout=120)
+    assert "  causal: " in msg and "rank 3: True" in msg and "Odd one(s) out: ranks [3]" in msg, msg
+
+
 def joint_content_body(mode: str) -> str:
     """Joint tensors that differ between ranks: caught by SPATTN_CHECK=2 only (it reads them)."""
     mesh = get_mesh(2, 1)
@@ -327,9 +349,10 @@ BAD = {
 
 @pytest.mark.parametrize("kind", sorted(BAD))
 def test_bad_input(kind):
-    msg = run_on_ranks(4, bad_input_body, kind)
-    if kind == "not_member":  # rank 0 is a member and raised its own marker; ranks 2/3 raise the real one
+    if kind == "not_member":  # ranks 0/1 are members (their own marker); ranks 2/3 raise the real one
         msg = run_on_ranks(4, _not_member_msg)
+    else:
+        msg = run_on_ranks(4, bad_input_body, kind)
     if msg == "ValueError: skip":
         pytest.skip("triton is not installed")
     assert BAD[kind] in msg, msg
