@@ -214,8 +214,8 @@ def check_signature(mesh, sig: Tensor) -> None:
         rows = _gather(groups, sig)
     except Exception as e:  # gloo timeout or a closed connection: name who is missing
         ranks = [r for g in groups for r in dist.get_process_group_ranks(g)]
-        why = describe_missing(sorted(set(ranks)), f"check{id(mesh):x}", mesh._check_calls,
-                               time.monotonic() - t0)
+        key = "check/" + "/".join(_group_name(g) for g in groups)  # the same string on every rank
+        why = describe_missing(sorted(set(ranks)), key, mesh._check_calls, time.monotonic() - t0)
         mesh._check_broken = why
         raise RankFailure(f"spattn.attention: the cross-rank argument check failed: {why} "
                           f"[{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}]") from e
@@ -237,6 +237,11 @@ def check_signature(mesh, sig: Tensor) -> None:
                      "pass equal-shaped shards (use spattn.shard) and the same options.")
 
 
+def _group_name(g: ProcessGroup) -> str:
+    name = getattr(g, "group_name", None)
+    return str(name) if name else "-".join(map(str, dist.get_process_group_ranks(g)))
+
+
 def describe_missing(ranks: Sequence[int], key: str, call: int, waited: float) -> str:
     """Best-effort names for the ranks that failed a collective: dead processes (same host, pid
     gone) and ranks that did not report this call within a short grace period."""
@@ -250,48 +255,63 @@ def describe_missing(ranks: Sequence[int], key: str, call: int, waited: float) -
     except Exception:
         return (f"the rendezvous store is unreachable: the rank hosting it (usually global rank 0) "
                 f"has likely died; waited {waited:.1f}s")
-    dead = _dead(store, [r for r in ranks if r != me])
+    # Who reported this call (or a later one)? Poll briefly: the others time out at about the same
+    # moment. What was learned survives the store going away (its host, rank 0, may exit first).
+    pids = _pids(store, [r for r in ranks if r != me])
+    reported, store_lost = {me}, False
     deadline = time.monotonic() + min(3.0, timeout_s())
-    late: List[int] = []
-    while True:
-        late = []
+    while not store_lost:
         for r in ranks:
-            if r in dead:
+            if r in reported:
                 continue
             k = f"spattn/{key}/{r}"
             try:
-                if not store.check([k]) or int(store.get(k)) < call:
-                    late.append(r)
+                if store.check([k]) and int(store.get(k)) >= call:
+                    reported.add(r)
             except Exception:
-                late.append(r)
-        if not late or time.monotonic() > deadline:
+                store_lost = True
+                break
+        silent = [r for r in ranks if r not in reported]
+        if not silent or time.monotonic() > deadline or set(silent) <= set(_dead_of(pids, silent)):
             break
         time.sleep(0.05)
+    silent = [r for r in ranks if r not in reported]
+    dead = _dead_of(pids, silent)
+    late = [r for r in silent if r not in dead]
     parts = []
     if dead:
         parts.append(f"rank(s) {dead} died (process gone)")
     if late:
         parts.append(f"rank(s) {late} did not reach this call (they raised earlier, are stuck elsewhere, "
                      f"or called attention a different number of times)")
+    if store_lost:
+        parts.append("the rendezvous store went away while asking (its host, usually rank 0, exited)")
     if not parts:
         parts.append(f"every rank reached the call but the exchange failed after {waited:.1f}s")
     return "; ".join(parts) + f" (waited {waited:.1f}s; SPATTN_TIMEOUT_S={timeout_s():g})"
 
 
-def _dead(store, ranks: Sequence[int]) -> List[int]:
-    host = socket.gethostname()
-    dead = []
+def _pids(store, ranks: Sequence[int]) -> Dict[int, Tuple[str, int]]:
+    """host, pid of each rank, as recorded when its mesh was built (missing ones skipped)."""
+    out = {}
     for r in ranks:
         try:
             k = f"spattn/pid/{r}"
-            if not store.check([k]):
-                continue
-            h, pid = store.get(k).decode().rsplit(":", 1)
-            if h == host and not _alive(int(pid)):
-                dead.append(r)
+            if store.check([k]):
+                h, pid = store.get(k).decode().rsplit(":", 1)
+                out[r] = (h, int(pid))
         except Exception:
             continue
-    return dead
+    return out
+
+
+def _dead_of(pids: Dict[int, Tuple[str, int]], ranks: Sequence[int]) -> List[int]:
+    host = socket.gethostname()
+    return [r for r in ranks if r in pids and pids[r][0] == host and not _alive(pids[r][1])]
+
+
+def _dead(store, ranks: Sequence[int]) -> List[int]:
+    return _dead_of(_pids(store, ranks), ranks)
 
 
 def _alive(pid: int) -> bool:

@@ -260,11 +260,14 @@ def test_dead_rank_fails_the_others_in_bounded_time(mode, when):
     assert any(f"[{victim}] died" in m for _, m in errors.values()), errors
 
 
-def test_rank_that_raises_before_the_call_is_named():
-    errors = run_with_victim(2, 1, 1, "raise")
-    secs, msg = errors[0]
-    assert "rank(s) [1] did not reach this call" in msg, msg
-    assert BOUND_S - 1 < secs < BOUND_S + 10, f"{secs:.1f}s: {msg}"
+@pytest.mark.parametrize("u,r", [(2, 1), (2, 2)])
+def test_rank_that_raises_before_the_call_is_named(u, r):
+    victim = u * r - 1
+    errors = run_with_victim(u, r, victim, "raise")
+    assert sorted(errors) == list(range(victim)), errors
+    for secs, msg in errors.values():  # every survivor names exactly the absent rank
+        assert f"rank(s) [{victim}] did not reach this call" in msg, msg
+        assert BOUND_S - 1 < secs < BOUND_S + 10, f"{secs:.1f}s: {msg}"
 
 
 # ----------------------------------------------------------------------------------------------
