@@ -35,6 +35,13 @@ def test_general_masks(mesh, mask):
     check(Case(u, r, seq=97, heads=4, head_dim=16, batch=2, text=7, mask=mask, joint_strategy="rear"))
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_all_prompts_padded(batch):
+    # Every prompt shorter than text_len: the joint K/V are cut to the longest prompt (batch 1: no mask left).
+    check(Case(1, 2, seq=13, heads=4, head_dim=16, batch=batch, text=9, mask="short"))
+    check(Case(2, 1, seq=13, heads=4, head_dim=16, batch=batch, text=9, mask="short", joint_strategy="rear"))
+
+
 def test_uneven_heads_pipeline():
     # 6 query / 3 kv heads on 4 Ulysses ranks: uneven head ranges, a non-uniform kv head map
     # (HeadMapBackend) and 3 pipeline chunks, all passing the key lengths through.
