@@ -13,6 +13,7 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
+from torch.compiler import is_compiling
 
 from .backends import get_backend
 from .comm import A2ASpec, default_ring_engine, start_head_to_seq, start_seq_to_head
@@ -116,7 +117,7 @@ def _compact_joint(mask: Optional[Tensor], jk: Tensor, jv: Tensor):
         return jk, jv, None
     T = mask.shape[1]
     lens = mask.sum(1, dtype=torch.int32)
-    if torch.compiler.is_compiling():
+    if is_compiling():
         is_prefix, n = False, T
     else:
         prefix = torch.arange(T, device=mask.device)[None, :] < lens[:, None]
@@ -126,7 +127,7 @@ def _compact_joint(mask: Optional[Tensor], jk: Tensor, jv: Tensor):
         order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices  # (B, T): real keys first
         idx = order[:, :, None, None].expand(-1, -1, *jk.shape[2:])
         jk, jv = jk.gather(1, idx), jv.gather(1, idx)
-    if not torch.compiler.is_compiling() and shortest == n:  # every batch element keeps its first n keys
+    if not is_compiling() and shortest == n:  # every batch element keeps its first n keys
         return jk[:, :n], jv[:, :n], None
     return jk[:, :n], jv[:, :n], lens
 
