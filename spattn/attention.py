@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .backends import get_backend
-from .comm import A2ASpec, default_ring_engine, start_head_to_seq, start_seq_to_head
+from .comm import A2ASpec, count_bytes, default_ring_engine, start_head_to_seq, start_seq_to_head
 from .layout import LAYOUTS, Geometry
 from .mesh import SPMesh
 from .ops import check_qkv
@@ -104,6 +104,8 @@ class _Replicated(torch.autograd.Function):
     def backward(ctx, *gs):
         flat = torch.cat([g.reshape(-1) for g in gs])  # one all-reduce per group, not one per tensor
         for grp in ctx.mesh.groups():
+            n = dist.get_world_size(grp)
+            count_bytes("all_reduce", 2 * (n - 1) * flat.numel() * flat.element_size() // n)
             dist.all_reduce(flat, group=grp)
         return (None, *(f.view_as(g) for f, g in zip(flat.split([g.numel() for g in gs]), gs)))
 
@@ -121,6 +123,7 @@ class _GatherHeads(torch.autograd.Function):
         padded[:, :, :h] = x
         parts = [torch.empty_like(padded) for _ in ranges]
         dist.all_gather(parts, padded, group=group)
+        count_bytes("all_gather", (len(ranges) - 1) * padded.numel() * padded.element_size())
         return torch.cat([p[:, :, :hi - lo] for p, (lo, hi) in zip(parts, ranges)], dim=2)
 
     @staticmethod
