@@ -169,6 +169,20 @@ def test_calibrate_s_plus_p_over_p_from_generate_json(tmp_path):
     assert one["attention_s"] + one["linear_s"] == pytest.approx(p, rel=0.05)
 
 
+def test_calibrate_attention_only_fits_a_fixed_serial_time():
+    """bench/bench_sp.py rows model one attention call: the serial part is a fixed time."""
+    a = _args("--attention-only", "--tokens", "2048", "--heads", "8", "--head-dim", "64", "--layers", "1",
+              "--num-inference-steps", "1", "--text-len", "0", "--tflops", "1", "--link", "pcie")
+    w = plan.workload_from_args(a)
+    hw = plan.hardware_from_args(a)
+    true = replace(hw, efficiency=0.3, serial_s_fixed=0.002)
+    measured = [(u, r, plan.predict_row(w, true, u, r)["total_s"]) for u, r in [(1, 1), (2, 1), (1, 2), (2, 2)]]
+    fit = plan.fit_constants(w, hw, measured)
+    assert fit["efficiency"] == pytest.approx(0.3, rel=1e-6)
+    assert fit["serial_s"] == pytest.approx(0.002, rel=1e-6)
+    assert fit["hardware"].serial_s_per_mpix == 0.0
+
+
 @pytest.mark.parametrize("argv,fix", [
     (["--gpus", "0"], "--gpus must be >= 1"),
     (["--width", "1000"], "multiples of"),

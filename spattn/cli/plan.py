@@ -135,6 +135,7 @@ class Hardware:
     serial_s_per_mpix: float # seconds of undivided work per output megapixel
     latency_us: float        # per collective / P2P step
     calibrated: str          # where the two constants come from
+    serial_s_fixed: float = 0.0  # a fixed undivided time; fitted instead of the per-MPix one for --attention-only
 
 
 _LATENCY_US = {"nvlink": 15.0, "pcie": 30.0}
@@ -231,7 +232,7 @@ def predict_row(w: Workload, hw: Hardware, u: int, r: int, ring_impl: str = "p2p
     passes = w.steps * w.cfg * w.layers
     comm = a2a_s + ring.time_s
     exposed = (a2a_s - a2a_hidden) + ring.exposed_s
-    serial = 0.0 if w.attention_only else hw.serial_s_per_mpix * w.megapixels
+    serial = hw.serial_s_fixed + (0.0 if w.attention_only else hw.serial_s_per_mpix * w.megapixels)
     total = serial + passes * (attn_layer + lin_layer + ring.merge_s + exposed)
     mode = "1 device" if p == 1 else f"ulysses {u}" if r == 1 else f"ring {r}" if u == 1 else f"hybrid {u}x{r}"
     return dict(mode=mode, ulysses_degree=u, ring_degree=r, gpus=p, ring_impl=ring_impl if r > 1 else None,
@@ -269,13 +270,13 @@ def recommend(rows: Sequence[Dict], hw: Hardware, slack: float = 0.05) -> Tuple[
     lean = (lambda x: -x["ulysses_degree"]) if hw.link == "nvlink" else (lambda x: -x["ring_degree"])
     pick = min(ties, key=lambda x: (x["gpus"], lean(x), x["total_s"]))
     if pick is best:
-        why = f"fastest predicted ({pick['total_s']:.1f} s, {pick['speedup']:.2f}x)"
+        why = f"fastest predicted ({_n(pick['total_s'])} s, {pick['speedup']:.2f}x)"
     else:
-        why = (f"within {slack:.0%} of the fastest ({best['mode']}, {best['total_s']:.1f} s)"
+        why = (f"within {slack:.0%} of the fastest ({best['mode']}, {_n(best['total_s'])} s)"
                + (" on fewer devices" if pick["gpus"] < best["gpus"] else
                   f"; {'Ulysses' if hw.link == 'nvlink' else 'Ring'} first on {hw.link}, as the guide advises"))
     share = pick["comm_exposed_s"] / pick["total_s"] if pick["total_s"] else 0.0
-    tail = (f"; exposed communication {pick['comm_exposed_s']:.2f} s ({share:.0%}) over {hw.link}"
+    tail = (f"; exposed communication {_n(pick['comm_exposed_s'])} s ({share:.0%}) over {hw.link}"
             if pick["gpus"] > 1 else "")
     serial = pick["serial_s"] / pick["total_s"] if pick["total_s"] else 0.0
     if pick["gpus"] > 1 and serial > 0.3:
@@ -294,10 +295,11 @@ def fit_constants(w: Workload, hw: Hardware, measured: Sequence[Tuple[int, int, 
 
     T_i = serial + a * W_i + C_i: W_i the compute seconds at nominal peak, C_i the exposed
     communication (which depends on a through the overlap, so the linear fit is iterated). With two
-    rows it is exact; with more it is least squares. A workload with no serial part fits ``a`` only.
+    rows it is exact; with more it is least squares. With ``attention_only`` the serial part is a fixed
+    time (``serial_s_fixed``) instead of seconds per megapixel.
     Returns the constants, the fitted hardware and the per-row residuals.
     """
-    if len(measured) < (1 if w.attention_only or w.megapixels == 0 else 2):
+    if len(measured) < 2:
         raise ValueError("spattn plan --calibrate: need at least two measured rows with different degrees "
                          "(e.g. the 1x1 baseline and one parallel run)")
     fit = hw
@@ -308,23 +310,20 @@ def fit_constants(w: Workload, hw: Hardware, measured: Sequence[Tuple[int, int, 
             cur = predict_row(w, fit, u, r, ring_impl, ulysses_pipeline)
             xs.append(row["attention_s"] + row["linear_s"])
             ys.append(t - cur["comm_exposed_s"] - cur["merge_s"])
-        if w.attention_only or w.megapixels == 0:
-            a, serial = sum(x * y for x, y in zip(xs, ys)) / sum(x * x for x in xs), 0.0
-        else:
-            n = len(xs)
-            mx, my = sum(xs) / n, sum(ys) / n
-            sxx = sum((x - mx) ** 2 for x in xs)
-            if sxx == 0:
-                raise ValueError("spattn plan --calibrate: the measured rows all have the same parallel work; "
-                                 "include the 1x1 baseline and at least one parallel row")
-            a = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-            serial = my - a * mx
+        n = len(xs)
+        mx, my = sum(xs) / n, sum(ys) / n
+        sxx = sum((x - mx) ** 2 for x in xs)
+        if sxx == 0:
+            raise ValueError("spattn plan --calibrate: the measured rows all have the same parallel work; "
+                             "include the 1x1 baseline and at least one parallel row")
+        a = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+        serial = my - a * mx
         if a <= 0:
             raise ValueError("spattn plan --calibrate: the measurements get slower with more devices; the "
                              "s + p/P model does not fit them (check the rows and the model flags)")
-        new = replace(fit, efficiency=1.0 / a,
-                      serial_s_per_mpix=serial / w.megapixels if w.megapixels else 0.0,
-                      calibrated="fitted to measured rows (--calibrate)")
+        per_mpix = w.megapixels > 0 and not w.attention_only
+        new = replace(fit, efficiency=1.0 / a, serial_s_per_mpix=serial / w.megapixels if per_mpix else 0.0,
+                      serial_s_fixed=0.0 if per_mpix else serial, calibrated="fitted to measured rows (--calibrate)")
         done = abs(new.efficiency - fit.efficiency) < 1e-9 * fit.efficiency
         fit = new
         if done:
@@ -334,7 +333,7 @@ def fit_constants(w: Workload, hw: Hardware, measured: Sequence[Tuple[int, int, 
         pred = predict_row(w, fit, u, r, ring_impl, ulysses_pipeline)["total_s"]
         resid.append(dict(ulysses_degree=u, ring_degree=r, measured_s=t, predicted_s=pred, error=pred / t - 1))
     return dict(efficiency=fit.efficiency, serial_s_per_mpix=fit.serial_s_per_mpix,
-                serial_s=fit.serial_s_per_mpix * w.megapixels, hardware=fit, rows=resid)
+                serial_s=fit.serial_s_fixed + fit.serial_s_per_mpix * w.megapixels, hardware=fit, rows=resid)
 
 
 def read_measurements(path: str, where: Sequence[str] = ()) -> List[Tuple[int, int, float]]:
@@ -480,19 +479,23 @@ def hardware_from_args(a: argparse.Namespace) -> Hardware:
     return hw
 
 
-def _gb(x: float) -> str:
-    return f"{x / 1e9:.1f}"
+def _n(x: float) -> str:
+    """Seconds or GB with the digits that matter, from 0.0001 to 10000."""
+    ax = abs(x)
+    return ("0" if x == 0 else f"{x:.1f}" if ax >= 100 else f"{x:.2f}" if ax >= 1 else f"{x:.4f}" if ax >= 1e-3
+            else f"{x:.1e}")
+
+
+COLUMNS = (("attn s", "attention_s", 1), ("other s", "linear_s", 1), ("comm s", "comm_s", 1),
+           ("hidden", "comm_hidden_s", 1), ("exposed", "comm_exposed_s", 1), ("a2a GB", "a2a_bytes_per_rank", 1e9),
+           ("ring GB", "ring_bytes_per_rank", 1e9), ("serial s", "serial_s", 1), ("total s", "total_s", 1))
 
 
 def format_table(rows: Sequence[Dict]) -> str:
-    head = (f"{'mode':<14}{'U':>3}{'R':>3}{'ring':>6}{'attn s':>9}{'other s':>9}{'comm s':>8}{'hidden':>8}"
-            f"{'exposed':>9}{'a2a GB':>8}{'ring GB':>9}{'serial s':>10}{'total s':>9}{'speedup':>9}")
-    lines = [head]
+    lines = [f"{'mode':<12}{'U':>3}{'R':>3}{'ring':>6}" + "".join(f" {h:>8}" for h, _, _ in COLUMNS) + f" {'speedup':>8}"]
     for r in rows:
-        lines.append(f"{r['mode']:<14}{r['ulysses_degree']:>3}{r['ring_degree']:>3}{r['ring_impl'] or '-':>6}"
-                     f"{r['attention_s']:>9.1f}{r['linear_s']:>9.1f}{r['comm_s']:>8.2f}{r['comm_hidden_s']:>8.2f}"
-                     f"{r['comm_exposed_s']:>9.2f}{_gb(r['a2a_bytes_per_rank']):>8}{_gb(r['ring_bytes_per_rank']):>9}"
-                     f"{r['serial_s']:>10.1f}{r['total_s']:>9.1f}{r['speedup']:>8.2f}x")
+        lines.append(f"{r['mode']:<12}{r['ulysses_degree']:>3}{r['ring_degree']:>3}{r['ring_impl'] or '-':>6}"
+                     + "".join(f" {_n(r[k] / div):>8}" for _, k, div in COLUMNS) + f" {r['speedup']:>7.2f}x")
     return "\n".join(lines)
 
 
@@ -520,7 +523,10 @@ def run(a: argparse.Namespace) -> int:
     print("# MODELED, not measured; times are per rank for the whole generation, comm = all-to-all + ring P2P")
     if fitted:
         print(f"# calibrated from {a.calibrate}: efficiency {fitted['efficiency']:.3f}, serial "
-              f"{fitted['serial_s']:.2f} s")
+              f"{_n(fitted['serial_s'])} s")
+        if fitted["efficiency"] > 1:
+            print("# warning: the fitted efficiency is above the nominal peak: --tflops is too low for this machine, "
+                  "or the measured ranks shared their compute (e.g. CPU ranks on one machine)")
         for r in fitted["rows"]:
             print(f"#   {r['ulysses_degree']}x{r['ring_degree']}: measured {r['measured_s']:.3f} s, model "
                   f"{r['predicted_s']:.3f} s ({r['error']:+.1%})")
