@@ -30,16 +30,21 @@ at most one parallel row of the guide; every other row is a prediction). The con
 ``efficiency`` (achieved fraction of the nominal peak) and ``serial_s_per_mpix``; ``fit_constants``
 solves for them and tests/test_plan.py checks that the numbers below are what it returns:
 
-* h800 - fitted to Qwen-Image 2048x2048, 50 steps: baseline (112.5 s) and Ulysses 8 (30.8 s).
-  Predictions: Ulysses 2 and Ulysses 4.
-* a100 - fitted to Qwen-Image 1024x1024, 50 steps: baseline (45.2 s) and Ring 4 (23.3 s).
-  Predictions: Ring 2 and Ulysses 2 x Ring 2.
+* h800 - fitted to Qwen-Image 2048x2048, 50 steps: baseline (112.5 s) and Ulysses 8 (30.8 s), giving
+  efficiency 0.229 and 4.17 s/MPix (17.5 s serial, 16% of the baseline). Predictions: Ulysses 2
+  1.68x (guide 1.73x, -2.9%) and Ulysses 4 2.61x (guide 2.84x, -8.0%).
+* a100 - fitted to Qwen-Image 1024x1024, 50 steps: baseline (45.2 s) and Ring 4 (23.3 s), giving
+  efficiency 0.380 and 13.67 s/MPix (14.3 s serial, 32%). Predictions: Ring 2 1.48x (guide 1.51x,
+  -2.2%) and Ulysses 2 x Ring 2 1.93x (guide 1.87x, +3.2%).
 * h100 - the h800 constants (the same chip; only NVLink differs). Not calibrated on its own.
 * l40 and explicit ``--tflops`` - efficiency: the mean of h800 and a100; serial work: the mean of their
   ``serial_s_per_mpix * peak`` (peak-equivalent seconds), divided by this peak. Not calibrated.
 
 Everything else (FLOP counts, bytes, bandwidth, latency, overlap rules) is fixed up front, not fitted.
-``--calibrate results.csv`` refits the two constants from the user's own measurements.
+The efficiency absorbs what the model does not know about a run (kernel quality, a second CFG pass:
+the guide does not say whether its runs used true CFG; ``--cfg 2`` doubles the transformer work).
+For video (wan) the serial part is the image VAE's seconds per megapixel extrapolated to all frames:
+a rough guess. ``--calibrate results.csv`` refits the two constants from the user's own measurements.
 """
 from __future__ import annotations
 
