@@ -33,7 +33,7 @@ import time
 import traceback
 import zlib
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -53,8 +53,8 @@ import csv
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass, replace
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, replace
+from typing import Callable, Dict, List, Sequence, Tuple
 
 BYTES_BF16 = 2
 
