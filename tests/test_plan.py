@@ -95,6 +95,8 @@ def test_preset_constants_are_the_fit_to_two_guide_rows(hw):
 def test_rows_cover_every_factorization_and_fields():
     rows = _plan_json("--width", "2048", "--height", "2048", "--gpus", "8", "--hardware", "h800")
     got = [(r["ulysses_degree"], r["ring_degree"]) for r in rows]
+    picked = [r for r in rows if r["recommended"]]
+    assert len(picked) == 1 and picked[0]["reason"]
     assert got[0] == (1, 1) and rows[0]["speedup"] == 1.0
     assert sorted(got) == sorted({(u, p // u) for p in (1, 2, 4, 8) for u in (1, 2, 4, 8) if p % u == 0})
     for r in rows:

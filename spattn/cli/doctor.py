@@ -58,10 +58,13 @@ def _version(dist_name: str) -> str:
 def versions() -> Dict[str, str]:
     import torch
 
+    import spattn
+
     cuda = torch.version.cuda or "none (CPU build)"
     return {"python": platform.python_version(), "torch": torch.__version__, "CUDA (torch build)": cuda,
             "triton": _version("triton"), "diffusers": _version("diffusers"),
-            "transformers": _version("transformers"), "spattn": _version("spattn")}
+            "transformers": _version("transformers"),
+            "spattn": f"{_version('spattn')} ({os.path.dirname(os.path.abspath(spattn.__file__))})"}
 
 
 def extension_status() -> str:

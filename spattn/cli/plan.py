@@ -518,6 +518,9 @@ def run(a: argparse.Namespace) -> int:
         print(f"spattn plan: {e}", file=sys.stderr)
         return 2
     pick, why = recommend(rows, hw)
+    for row in rows:
+        row["recommended"] = row is pick
+        row["reason"] = why if row is pick else None
     if a.json:
         print(json.dumps(rows, indent=1))
         return 0
