@@ -421,7 +421,7 @@ def _tflops(fn, flops: float, reps: int = 10) -> float:
     return flops * reps / (start.elapsed_time(end) * 1e-3) / 1e12
 
 
-def perf_lines(res: Results, names: Sequence[str]) -> None:
+def perf_lines(names: Sequence[str]) -> None:
     """TFLOP/s of each backend's forward and forward+backward next to SDPA's (bf16 or fp16)."""
     import torch
 
@@ -450,8 +450,6 @@ def perf_lines(res: Results, names: Sequence[str]) -> None:
 
         def fwd():
             return be.forward(q, k, v, False, scale)
-
-        out, lse = be.forward(q, k, v, False, scale)
 
         def fb():
             o, l = be.forward(q, k, v, False, scale)
@@ -607,7 +605,7 @@ def selftest(args: argparse.Namespace) -> int:
             res.not_checked("hybrid ulysses x ring", f"needs 4 ranks, ran {world}")
     if cuda:
         try:
-            perf_lines(res, usable)
+            perf_lines(usable)
         except Exception as e:  # noqa: BLE001
             res.line(False, "perf", f"{type(e).__name__}: {e}")
     else:
