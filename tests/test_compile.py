@@ -75,7 +75,10 @@ def compiled_vs_eager(u: int, r: int, causal: bool, seq_len: int, layout: str):
     with torch.no_grad():
         o0, l0 = attn_lse(q, k, v)
         o1, l1 = torch.compile(attn_lse, fullgraph=True, backend="aot_eager")(q, k, v)
-    d_lse = max(diff(o0, o1), float((l0 - l1).nan_to_num(posinf=0, neginf=0).abs().max()),
+        # spattn.shard (plain slicing) traces inside the compiled region too
+        y3 = torch.compile(lambda xf: model(spattn.shard(xf, mesh, layout=layout)), fullgraph=True,
+                           backend="aot_eager")(x_full)
+    d_lse = max(diff(o0, o1), diff(y0, y3), float((l0 - l1).nan_to_num(posinf=0, neginf=0).abs().max()),
                 float((l0.isinf() != l1.isinf()).sum()))
     return (diff(y0, y1), diff(gx0, gx1), max(diff(a, b) for a, b in zip(gp0, gp1)), diff(y1, y2), d_lse,
             len(graphs))
