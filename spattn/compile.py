@@ -16,8 +16,9 @@ collectives with Python-side plans, which dynamo cannot trace. Under ``torch.com
 
 A mesh cannot be an op argument, so meshes get an integer id (a weak registry; the id is resolved
 eagerly at trace time and guarded on, so another mesh recompiles). Other options are ints, floats,
-bools and strings. ``spattn.shard`` is plain slicing and traces as is; ``spattn.gather`` (an
-all-gather) stays outside the compiled region. Joint (text) tensors are not supported under compile.
+bools and strings. Joint (text) tensors are op inputs too; their replicated-gradient all-reduce runs
+inside the backward op. ``spattn.shard`` is plain slicing and traces as is; ``spattn.gather`` (an
+all-gather) stays outside the compiled region.
 """
 from __future__ import annotations
 
@@ -63,29 +64,44 @@ def _kwargs(causal, scale, backend, seq_len, layout, ring_engine) -> dict:
                 ring_engine=ring_engine)
 
 
-def _saved_meta(q: Tensor, k: Tensor, mesh: SPMesh) -> List[Tuple[Tuple[int, ...], torch.dtype]]:
-    """Shapes/dtypes of the tensors the eager autograd Function saves that are not op inputs or the
-    output: the LSE (batch, heads, seq) for a ring of one chunk; per Ulysses chunk the head-sharded
-    q, k, v (batch, U*s, h, D), its out and its LSE (batch, h, U*s), fp32."""
+def _slots(mesh: SPMesh, n_chunks: int, joint: bool) -> List[Optional[str]]:
+    """Where each tensor the eager autograd Function saves (chunk-major, ``_SAVED_PER_CHUNK`` per
+    chunk: q, k, v, out, lse, jq, jk, jv, t_out, t_lse) comes from in the custom ops: an op input
+    ("q", "k", "v", "jq", "jk", "jv"), an op output ("out", "jout"), an extra op output ("new") or
+    nothing (None). Ulysses saves head-sharded copies (all new); a ring of one saves its inputs."""
+    if mesh.ulysses_degree == 1:
+        return ["q", "k", "v", "out", "new"] + (["jq", "jk", "jv", "jout", "new"] if joint else [None] * 5)
+    return (["new"] * 5 + (["new"] * 5 if joint else [None] * 5)) * n_chunks
+
+
+def _saved_meta(q: Tensor, k: Tensor, jq: Optional[Tensor], mesh: SPMesh):
+    """(slots, shape/dtype of each "new" slot): LSEs are fp32 (batch, heads, len); head-sharded
+    tensors (batch, len, heads, head_dim) in the input's dtype, len = U * s (image) or T (text)."""
     b, s, hq, d = q.shape
     hkv, U = k.shape[2], mesh.ulysses_degree
+    t = 0 if jq is None else jq.shape[1]
+    f32 = torch.float32
     if U == 1:
-        return [((b, hq, s), torch.float32)]
+        return _slots(mesh, 1, jq is not None), [((b, hq, s), f32)] + ([((b, hq, t), f32)] if jq is not None else [])
     from .attention import ulysses_chunks
 
     u, T, meta = mesh.ulysses_rank, U * s, []
-    for p in pipeline_plans(head_plan(hq, hkv, U), ulysses_chunks()):
+    plans = pipeline_plans(head_plan(hq, hkv, U), ulysses_chunks())
+    for p in plans:
         nq = p.q_ranges[u][1] - p.q_ranges[u][0]
         nkv = p.kv_ranges[u][1] - p.kv_ranges[u][0]
         meta += [((b, T, nq, d), q.dtype), ((b, T, nkv, d), k.dtype), ((b, T, nkv, d), k.dtype),
-                 ((b, T, nq, d), q.dtype), ((b, nq, T), torch.float32)]
-    return meta
+                 ((b, T, nq, d), q.dtype), ((b, nq, T), f32)]
+        if jq is not None:
+            meta += [((b, t, nq, d), q.dtype), ((b, t, nkv, d), k.dtype), ((b, t, nkv, d), k.dtype),
+                     ((b, t, nq, d), q.dtype), ((b, nq, t), f32)]
+    return _slots(mesh, len(plans), jq is not None), meta
 
 
 def _fresh(outs: List[Tensor], inputs) -> List[Tensor]:
     """Contiguous op outputs that alias no input and no other output (the custom-op contract), copying
     only those that would (e.g. q, k, v received in one all-to-all buffer)."""
-    taken = {t.untyped_storage().data_ptr() for t in inputs if t.numel()}
+    taken = {t.untyped_storage().data_ptr() for t in inputs if t is not None and t.numel()}
     result = []
     for t in outs:
         t = t.detach().contiguous()
@@ -96,91 +112,133 @@ def _fresh(outs: List[Tensor], inputs) -> List[Tensor]:
     return result
 
 
-def _plan_key(mesh_id, q, k, causal, scale, backend, seq_len, layout, ring_engine) -> Tuple:
-    return (mesh_id, tuple(q.shape), tuple(k.shape), q.dtype, q.device, causal, scale, backend, seq_len, layout,
-            ring_engine)
+def _plan_key(mesh_id, q, k, jq, causal, scale, backend, seq_len, layout, strategy, ring_engine) -> Tuple:
+    return (mesh_id, tuple(q.shape), tuple(k.shape), None if jq is None else tuple(jq.shape), q.dtype, q.device,
+            causal, scale, backend, seq_len, layout, strategy, ring_engine)
 
 
 @torch.library.custom_op("spattn::attention_fwd", mutates_args=())
-def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, mesh_id: int, causal: bool, scale: Optional[float],
-                   return_lse: bool, backend: str, seq_len: Optional[int], layout: str,
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, jq: Optional[Tensor], jk: Optional[Tensor],
+                   jv: Optional[Tensor], mesh_id: int, causal: bool, scale: Optional[float], return_lse: bool,
+                   backend: str, seq_len: Optional[int], layout: str, joint_strategy: str,
                    ring_engine: Optional[str], save: bool) -> List[Tensor]:
+    """[out, (joint_out), (lse, (joint_lse)), *saved]: spattn.attention's results, then (``save``)
+    the tensors its backward needs that are neither inputs nor results."""
     from .attention import attention
 
     mesh = _mesh(mesh_id)
-    kw = _kwargs(causal, scale, backend, seq_len, layout, ring_engine)
+    joint = jq is not None
     with torch.enable_grad():
         qd, kd, vd = (t.detach().requires_grad_(save) for t in (q, k, v))
-        res = attention(qd, kd, vd, mesh, return_lse=return_lse, **kw)
-    out, lse = (res if return_lse else (res, None))
-    outs = [out.detach()] + ([lse.detach()] if return_lse else [])
+        js = [t.detach().requires_grad_(save) for t in (jq, jk, jv)] if joint else [None] * 3
+        res = attention(qd, kd, vd, mesh, causal=causal, softmax_scale=scale, return_lse=return_lse,
+                        backend=backend, seq_len=seq_len, layout=layout, joint_q=js[0], joint_k=js[1],
+                        joint_v=js[2], joint_strategy=joint_strategy, ring_engine=ring_engine)
+    outs = list(res) if isinstance(res, tuple) else [res]
+    inputs = (q, k, v, jq, jk, jv)
     if not save:
-        return [t.contiguous() for t in outs]
-    node = out.grad_fn  # the eager autograd Function's context: its saved tensors and chunk plan
-    saved = [t for t in node.saved_tensors if t is not None]
-    if mesh.ulysses_degree == 1:
-        saved = saved[4:5]  # q, k, v are the op inputs, out is output 0: only the LSE is new
-    meta = _saved_meta(q, k, mesh)
-    if [(tuple(t.shape), t.dtype) for t in saved] != meta:
+        return _fresh(outs, inputs)
+    # The eager autograd Function's context (out's grad_fn): its saved tensors and chunk plan.
+    node = outs[0].grad_fn
+    slots, meta = _saved_meta(q, k, jq, mesh)
+    flat = node.saved_tensors
+    if len(flat) != len(slots):
+        raise RuntimeError(f"spattn.compile: the eager attention saved {len(flat)} tensors, expected {len(slots)}; "
+                           "_slots is out of date with spattn.attention")
+    new = [t for t, slot in zip(flat, slots) if slot == "new"]
+    if [(tuple(t.shape), t.dtype) for t in new] != meta:
         raise RuntimeError("spattn.compile: the eager attention saved "
-                           f"{[(tuple(t.shape), t.dtype) for t in saved]}, expected {meta}; "
+                           f"{[(tuple(t.shape), t.dtype) for t in new]}, expected {meta}; "
                            "_saved_meta is out of date with spattn.attention")
-    _PLANS[_plan_key(mesh_id, q, k, causal, scale, backend, seq_len, layout, ring_engine)] = node.chunks
-    return _fresh(outs + saved, (q, k, v))
+    _PLANS[_plan_key(mesh_id, q, k, jq, causal, scale, backend, seq_len, layout, joint_strategy,
+                     ring_engine)] = node.chunks
+    return _fresh(outs + new, inputs)
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, mesh_id, causal, scale, return_lse, backend, seq_len, layout, ring_engine, save):
+def _(q, k, v, jq, jk, jv, mesh_id, causal, scale, return_lse, backend, seq_len, layout, joint_strategy,
+      ring_engine, save):
     from .attention import _validate
 
     mesh = _mesh(mesh_id)
-    _validate(q, k, v, mesh, causal, seq_len, layout, None, "front")  # clear errors at compile time
+    joint = None if jq is None else (jq, jk, jv)
+    _validate(q, k, v, mesh, causal, seq_len, layout, joint, joint_strategy)  # clear errors at compile time
     b, s, hq, _ = q.shape
-    outs = [torch.empty_like(q)] + ([q.new_empty((b, hq, s), dtype=torch.float32)] if return_lse else [])
+    outs = [torch.empty_like(q)] + ([torch.empty_like(jq)] if joint else [])
+    if return_lse:
+        outs += [q.new_empty((b, hq, s), dtype=torch.float32)]
+        outs += [q.new_empty((b, hq, jq.shape[1]), dtype=torch.float32)] if joint else []
     if save:
-        outs += [q.new_empty(shape, dtype=dtype) for shape, dtype in _saved_meta(q, k, mesh)]
+        outs += [q.new_empty(shape, dtype=dtype) for shape, dtype in _saved_meta(q, k, jq, mesh)[1]]
     return outs
 
 
 @torch.library.custom_op("spattn::attention_bwd", mutates_args=())
-def _attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, saved: List[Tensor], mesh_id: int,
-                   causal: bool, scale: Optional[float], backend: str, seq_len: Optional[int], layout: str,
+def _attention_bwd(dout: Tensor, djout: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, jq: Optional[Tensor],
+                   jk: Optional[Tensor], jv: Optional[Tensor], out: Tensor, jout: Optional[Tensor],
+                   saved: List[Tensor], mesh_id: int, causal: bool, scale: Optional[float], backend: str,
+                   seq_len: Optional[int], layout: str, joint_strategy: str,
                    ring_engine: Optional[str]) -> List[Tensor]:
-    from .attention import _SAVED_PER_CHUNK, _SPAttention
+    """[dq, dk, dv, (djq, djk, djv)]: the eager backward from the saved tensors (no recomputation)."""
+    from .attention import _SPAttention
 
     mesh = _mesh(mesh_id)
-    chunks = _PLANS.get(_plan_key(mesh_id, q, k, causal, scale, backend, seq_len, layout, ring_engine))
+    joint = jq is not None
+    chunks = _PLANS.get(_plan_key(mesh_id, q, k, jq, causal, scale, backend, seq_len, layout, joint_strategy,
+                                  ring_engine))
     if chunks is None:
         raise RuntimeError("spattn.compile: backward of a compiled attention call whose forward was not run "
                            "in this process")
-    pad = (None,) * (_SAVED_PER_CHUNK - 5)  # the joint slots: unused (no joint tensors under compile)
-    if mesh.ulysses_degree == 1:
-        flat = (q, k, v, out, saved[0]) + pad
-    else:
-        flat = tuple(x for c in range(0, len(saved), 5) for x in tuple(saved[c:c + 5]) + pad)
-    ctx = SimpleNamespace(chunks=chunks, saved_tensors=flat, shapes=(q.shape, k.shape), joint=False)
-    grads = _SPAttention.backward(ctx, dout.contiguous(), None, None, None)
-    return _fresh(grads[1:4], (dout, q, k, v, out, *saved))
+    slots = _slots(mesh, len(chunks), joint)
+    named = dict(q=q, k=k, v=v, jq=jq, jk=jk, jv=jv, out=out, jout=jout)
+    it = iter(saved)
+    flat = tuple(None if slot is None else next(it) if slot == "new" else named[slot] for slot in slots)
+    ctx = SimpleNamespace(chunks=chunks, saved_tensors=flat, shapes=(q.shape, k.shape), joint=joint)
+    dt = None
+    if joint:
+        dt = djout.contiguous() if djout is not None else torch.zeros_like(jout)
+        if mesh.ulysses_degree > 1:  # joint_out gathers heads from the Ulysses group: keep this rank's
+            dt = dt[:, :, chunks[0].q_heads[0]:chunks[-1].q_heads[1]]
+    grads = _SPAttention.backward(ctx, dout.contiguous(), None, dt, None)[1:]
+    if not joint:
+        return _fresh(list(grads[:3]), (dout, q, k, v, out, *saved))
+    dj = grads[3:]
+    if mesh.world_size > 1:  # joint tensors are replicated: every rank contributed to their gradient
+        flat_dj = torch.cat([g.reshape(-1) for g in dj])
+        for grp in mesh.groups():
+            torch.distributed.all_reduce(flat_dj, group=grp)
+        dj = [f.view_as(g) for f, g in zip(flat_dj.split([g.numel() for g in dj]), dj)]
+    return _fresh(list(grads[:3]) + list(dj), (dout, djout, q, k, v, jq, jk, jv, out, jout, *saved))
 
 
 @_attention_bwd.register_fake
-def _(dout, q, k, v, out, saved, mesh_id, causal, scale, backend, seq_len, layout, ring_engine):
-    return [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)]
+def _(dout, djout, q, k, v, jq, jk, jv, out, jout, saved, mesh_id, causal, scale, backend, seq_len, layout,
+      joint_strategy, ring_engine):
+    return [torch.empty_like(t) for t in ((q, k, v) if jq is None else (q, k, v, jq, jk, jv))]
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, mesh_id, causal, scale, return_lse, backend, seq_len, layout, ring_engine, save = inputs
-    ctx.opts = (mesh_id, causal, scale, backend, seq_len, layout, ring_engine)
-    ctx.n_lse = int(return_lse)
-    ctx.save_for_backward(q, k, v, *output)
+    q, k, v, jq, jk, jv, mesh_id, causal, scale, return_lse, backend, seq_len, layout, strategy, engine, _ = inputs
+    ctx.opts = (mesh_id, causal, scale, backend, seq_len, layout, strategy, engine)
+    ctx.joint = jq is not None
+    n_res = (2 if ctx.joint else 1) * (2 if return_lse else 1)
+    ctx.n_res = n_res
+    ctx.save_for_backward(q, k, v, *((jq, jk, jv) if ctx.joint else ()), *output[:1 + ctx.joint],
+                          *output[n_res:])
 
 
 def _backward(ctx, grads):
-    q, k, v, out, *rest = ctx.saved_tensors
-    saved = rest[ctx.n_lse:]
+    t = list(ctx.saved_tensors)
+    q, k, v = t[:3]
+    jq, jk, jv = t[3:6] if ctx.joint else (None,) * 3
+    rest = t[6:] if ctx.joint else t[3:]
+    out, jout = (rest[0], rest[1]) if ctx.joint else (rest[0], None)
+    saved = rest[1 + ctx.joint:]
     dout = grads[0] if grads[0] is not None else torch.zeros_like(out)
-    dq, dk, dv = torch.ops.spattn.attention_bwd(dout, q, k, v, out, saved, *ctx.opts)
-    return dq, dk, dv, None, None, None, None, None, None, None, None, None
+    djout = grads[1] if ctx.joint else None
+    g = torch.ops.spattn.attention_bwd(dout, djout, q, k, v, jq, jk, jv, out, jout, saved, *ctx.opts)
+    dj = tuple(g[3:]) if ctx.joint else (None,) * 3
+    return (*g[:3], *dj) + (None,) * 10
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -191,18 +249,23 @@ def traced_attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: b
                      seq_len: Optional[int] = None, layout: str = "contiguous",
                      joint_q: Optional[Tensor] = None, joint_k: Optional[Tensor] = None,
                      joint_v: Optional[Tensor] = None, joint_strategy: str = "front",
-                     ring_engine: Optional[str] = None, **unsupported):
+                     ring_engine: Optional[str] = None, **newer):
     """``spattn.attention`` while dynamo traces (same arguments and results, see its docstring)."""
-    if joint_q is not None or joint_k is not None or joint_v is not None or \
-            any(x is not None for x in unsupported.values()):
-        raise NotImplementedError("spattn.attention under torch.compile: joint (text) tensors and joint_mask are "
-                                  "not supported yet; call it outside the compiled region "
-                                  "(torch.compiler.disable) or run eagerly")
+    if any(x is not None for x in newer.values()):
+        raise NotImplementedError(f"spattn.attention under torch.compile: {sorted(newer)} not supported yet; "
+                                  "call attention outside the compiled region (torch.compiler.disable)")
     if not isinstance(mesh, SPMesh):
         raise TypeError(f"spattn.attention: mesh must be an SPMesh (from spattn.init_mesh), got {type(mesh).__name__}")
-    _register_mesh(mesh)
-    save = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if any(t is not None for t in (joint_q, joint_k, joint_v)) and any(t is None for t in (joint_q, joint_k, joint_v)):
+        raise ValueError("spattn.attention: pass all of joint_q, joint_k, joint_v, or none of them")
+    mesh_id = _register_mesh(mesh)  # a constant at trace time, not a (possibly dynamic) input
+    if mesh._spattn_op_id != mesh_id:  # reading the attribute makes dynamo guard on it: another mesh recompiles
+        raise RuntimeError("spattn: mesh id changed during tracing")
+    seq_len = None if seq_len is None else int(seq_len)  # static: it decides the ring plan
+    tensors = (q, k, v, joint_q, joint_k, joint_v)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     scale = None if softmax_scale is None else float(softmax_scale)
-    res = _attention_fwd(q, k, v, mesh._spattn_op_id, bool(causal), scale, bool(return_lse), backend, seq_len,
-                         layout, ring_engine, save)
-    return (res[0], res[1]) if return_lse else res[0]
+    res = _attention_fwd(*tensors, mesh_id, bool(causal), scale, bool(return_lse), backend, seq_len,
+                         layout, joint_strategy, ring_engine, save)
+    n = (2 if joint_q is not None else 1) * (2 if return_lse else 1)
+    return res[0] if n == 1 else tuple(res[:n])
