@@ -162,6 +162,7 @@ def _(q, k, v, jq, jk, jv, mesh_id, causal, scale, return_lse, backend, seq_len,
 
     mesh = _mesh(mesh_id)
     joint = None if jq is None else (jq, jk, jv)
+    seq_len = None if seq_len is None else int(seq_len)  # dynamic-int tracing: specialize (it sets the plan)
     _validate(q, k, v, mesh, causal, seq_len, layout, joint, joint_strategy)  # clear errors at compile time
     b, s, hq, _ = q.shape
     outs = [torch.empty_like(q)] + ([torch.empty_like(jq)] if joint else [])
@@ -261,7 +262,6 @@ def traced_attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: b
     mesh_id = _register_mesh(mesh)  # a constant at trace time, not a (possibly dynamic) input
     if mesh._spattn_op_id != mesh_id:  # reading the attribute makes dynamo guard on it: another mesh recompiles
         raise RuntimeError("spattn: mesh id changed during tracing")
-    seq_len = None if seq_len is None else int(seq_len)  # static: it decides the ring plan
     tensors = (q, k, v, joint_q, joint_k, joint_v)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     scale = None if softmax_scale is None else float(softmax_scale)
