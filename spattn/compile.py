@@ -5,11 +5,13 @@ Why opaque ops: the eager path is an ``autograd.Function`` driving torch.distrib
 collectives with Python-side plans, which dynamo cannot trace. Under ``torch.compiler.is_compiling()``
 ``attention()`` hands over to ``traced_attention`` here, which calls two ``torch.library.custom_op``s:
 
-- ``spattn::attention_fwd(q, k, v, mesh_id, ...) -> [out, (lse), *saved]`` runs the eager
+- ``spattn::attention_fwd(q, k, v, jq?, jk?, jv?, mesh_id, ...) -> [out, (joint_out), (lse, (joint_lse)),
+  *saved]`` runs the eager
   ``attention()`` and returns, besides the output, what its backward needs (the tensors the autograd
   Function saved: the head-sharded q/k/v/out/LSE of each Ulysses pipeline chunk, or just the LSE for a
   ring). Shapes for tracing come from ``register_fake`` (the same head plan the eager path uses).
-- ``spattn::attention_bwd(dout, q, k, v, out, saved, ...) -> [dq, dk, dv]`` runs the eager backward
+- ``spattn::attention_bwd(dout, djout?, q, k, v, jq?, jk?, jv?, out, jout?, saved, ...) -> [dq, dk, dv,
+  (djq, djk, djv)]`` runs the eager backward
   from those saved tensors: attention is never recomputed and nothing is re-exchanged. Cost over eager:
   the saved tensors are graph values instead of autograd-held ones (the same memory), plus a copy of
   any two that shared storage (the packed q/k/v of one all-to-all), since op outputs may not alias.
@@ -38,8 +40,6 @@ __all__ = ["traced_attention"]
 
 _MESHES: "weakref.WeakValueDictionary[int, SPMesh]" = weakref.WeakValueDictionary()
 _IDS = itertools.count(1)
-# Chunk plans of forward calls, for their backward: (mesh_id, call signature) -> chunks.
-_PLANS: Dict[Tuple, list] = {}
 
 
 @torch.compiler.assume_constant_result
@@ -59,9 +59,10 @@ def _mesh(mesh_id: int) -> SPMesh:
     return mesh
 
 
-def _kwargs(causal, scale, backend, seq_len, layout, ring_engine) -> dict:
-    return dict(causal=causal, softmax_scale=scale, backend=backend, seq_len=seq_len, layout=layout,
-                ring_engine=ring_engine)
+def _plans(mesh: SPMesh) -> Dict[Tuple, list]:
+    """The chunk plans of this mesh's compiled forward calls, by call signature, for their backward.
+    Kept on the mesh (plans hold its process groups), so they go when the mesh goes."""
+    return mesh.__dict__.setdefault("_spattn_compiled_plans", {})
 
 
 def _slots(mesh: SPMesh, n_chunks: int, joint: bool) -> List[Optional[str]]:
@@ -112,8 +113,8 @@ def _fresh(outs: List[Tensor], inputs) -> List[Tensor]:
     return result
 
 
-def _plan_key(mesh_id, q, k, jq, causal, scale, backend, seq_len, layout, strategy, ring_engine) -> Tuple:
-    return (mesh_id, tuple(q.shape), tuple(k.shape), None if jq is None else tuple(jq.shape), q.dtype, q.device,
+def _plan_key(q, k, jq, causal, scale, backend, seq_len, layout, strategy, ring_engine) -> Tuple:
+    return (tuple(q.shape), tuple(k.shape), None if jq is None else tuple(jq.shape), q.dtype, q.device,
             causal, scale, backend, seq_len, layout, strategy, ring_engine)
 
 
@@ -150,7 +151,7 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, jq: Optional[Tensor], jk: Op
         raise RuntimeError("spattn.compile: the eager attention saved "
                            f"{[(tuple(t.shape), t.dtype) for t in new]}, expected {meta}; "
                            "_saved_meta is out of date with spattn.attention")
-    _PLANS[_plan_key(mesh_id, q, k, jq, causal, scale, backend, seq_len, layout, joint_strategy,
+    _plans(mesh)[_plan_key(q, k, jq, causal, scale, backend, seq_len, layout, joint_strategy,
                      ring_engine)] = node.chunks
     return _fresh(outs + new, inputs)
 
@@ -185,7 +186,7 @@ def _attention_bwd(dout: Tensor, djout: Optional[Tensor], q: Tensor, k: Tensor, 
 
     mesh = _mesh(mesh_id)
     joint = jq is not None
-    chunks = _PLANS.get(_plan_key(mesh_id, q, k, jq, causal, scale, backend, seq_len, layout, joint_strategy,
+    chunks = _plans(mesh).get(_plan_key(q, k, jq, causal, scale, backend, seq_len, layout, joint_strategy,
                                   ring_engine))
     if chunks is None:
         raise RuntimeError("spattn.compile: backward of a compiled attention call whose forward was not run "
