@@ -157,3 +157,20 @@ def compiled_changing_lengths(u: int, r: int, lengths):
 
 def test_compiled_attention_changing_lengths():
     assert run_on_ranks(2, compiled_changing_lengths, 2, 1, (13, 17, 21), timeout=600) <= 1e-6
+
+
+def test_traced_attention_takes_every_argument_of_attention():
+    """The compile path must see every option of spattn.attention: a new keyword added to attention()
+    without being passed at its dispatch to traced_attention would be silently dropped under compile."""
+    import inspect
+
+    import spattn
+    from spattn.compile import traced_attention
+
+    want = set(inspect.signature(spattn.attention).parameters)
+    have = set(inspect.signature(traced_attention).parameters) - {"newer"}
+    assert want == have, f"spattn.compile.traced_attention is missing {want - have} (pass them at the dispatch)"
+    src = inspect.getsource(spattn.attention)
+    call = src[src.index("traced_attention("):src.index(")", src.index("traced_attention("))]
+    missing = [p for p in want - {"q", "k", "v", "mesh"} if f"{p}={p}" not in call]
+    assert not missing, f"attention() does not pass {missing} to traced_attention"
