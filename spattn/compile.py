@@ -182,7 +182,7 @@ def _attention_bwd(dout: Tensor, djout: Optional[Tensor], q: Tensor, k: Tensor, 
                    seq_len: Optional[int], layout: str, joint_strategy: str,
                    ring_engine: Optional[str]) -> List[Tensor]:
     """[dq, dk, dv, (djq, djk, djv)]: the eager backward from the saved tensors (no recomputation)."""
-    from .attention import _SPAttention
+    from .attention import _Replicated, _SPAttention
 
     mesh = _mesh(mesh_id)
     joint = jq is not None
@@ -205,11 +205,8 @@ def _attention_bwd(dout: Tensor, djout: Optional[Tensor], q: Tensor, k: Tensor, 
     if not joint:
         return _fresh(list(grads[:3]), (dout, q, k, v, out, *saved))
     dj = grads[3:]
-    if mesh.world_size > 1:  # joint tensors are replicated: every rank contributed to their gradient
-        flat_dj = torch.cat([g.reshape(-1) for g in dj])
-        for grp in mesh.groups():
-            torch.distributed.all_reduce(flat_dj, group=grp)
-        dj = [f.view_as(g) for f, g in zip(flat_dj.split([g.numel() for g in dj]), dj)]
+    if mesh.world_size > 1:  # joint tensors are replicated: the eager all-reduce of every rank's share
+        dj = _Replicated.backward(SimpleNamespace(mesh=mesh), *dj)[1:]
     return _fresh(list(grads[:3]) + list(dj), (dout, djout, q, k, v, jq, jk, jv, out, jout, *saved))
 
 
