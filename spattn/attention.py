@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch.compiler import is_compiling
 
 from .backends import get_backend
-from .comm import A2ASpec, default_ring_engine, start_head_to_seq, start_seq_to_head
+from .comm import A2ASpec, count_bytes, default_ring_engine, start_head_to_seq, start_seq_to_head
 from .layout import LAYOUTS, Geometry
 from .mesh import SPMesh
 from .ops import check_qkv
@@ -160,6 +160,8 @@ class _Replicated(torch.autograd.Function):
     def backward(ctx, *gs):
         flat = torch.cat([g.reshape(-1) for g in gs])  # one all-reduce per group, not one per tensor
         for grp in ctx.mesh.groups():
+            n = dist.get_world_size(grp)
+            count_bytes("all_reduce", 2 * (n - 1) * flat.numel() * flat.element_size() // n)
             dist.all_reduce(flat, group=grp)
         return (None, *(f.view_as(g) for f, g in zip(flat.split([g.numel() for g in gs]), gs)))
 
@@ -177,6 +179,7 @@ class _GatherHeads(torch.autograd.Function):
         padded[:, :, :h] = x
         parts = [torch.empty_like(padded) for _ in ranges]
         dist.all_gather(parts, padded, group=group)
+        count_bytes("all_gather", (len(ranges) - 1) * padded.numel() * padded.element_size())
         return torch.cat([p[:, :, :hi - lo] for p, (lo, hi) in zip(parts, ranges)], dim=2)
 
     @staticmethod
@@ -323,6 +326,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
         seq_local; fp32, natural log, -inf on padded rows) and ``joint_lse`` (batch, heads_q,
         text_len) if ``return_lse``. LSEs carry no gradient.
     """
+    if torch.compiler.is_compiling():  # dynamo: the same eager code, behind opaque custom ops
+        from .compile import traced_attention
+        return traced_attention(q, k, v, mesh, causal=causal, softmax_scale=softmax_scale, return_lse=return_lse,
+                                backend=backend, seq_len=seq_len, layout=layout, joint_q=joint_q, joint_k=joint_k,
+                                joint_v=joint_v, joint_strategy=joint_strategy, ring_engine=ring_engine)
     joint = (joint_q, joint_k, joint_v) if any(t is not None for t in (joint_q, joint_k, joint_v)) else None
     geo = _validate(q, k, v, mesh, causal, seq_len, layout, joint, joint_strategy)
     _check_joint_mask(joint_mask, joint, q)
