@@ -102,17 +102,22 @@ def _mask_summary(mask: Tensor) -> Tuple[bool, int, int]:
     """(right-padded?, longest, shortest) of a bool (B, T) text mask, read on the host. Cached on the
     mask tensor, keyed by its version counter (an in-place change recomputes): a model hands the same
     mask to every layer, so a GPU stream waits for this read once per forward, not once per layer."""
+    try:
+        version = mask._version
+    except RuntimeError:  # inference-mode tensors have no version counter: read it every call
+        version = None
     cached = getattr(mask, "_spattn_summary", None)
-    if cached is not None and cached[0] == mask._version:
+    if cached is not None and version is not None and cached[0] == version:
         return cached[1]
     lens = mask.sum(1)
     prefix = torch.arange(mask.shape[1], device=mask.device)[None, :] < lens[:, None]
     is_prefix, longest, shortest = torch.stack([(mask == prefix).all().long(), lens.max(), lens.min()]).tolist()
     summary = (bool(is_prefix), longest, shortest)
-    try:
-        mask._spattn_summary = (mask._version, summary)
-    except (AttributeError, RuntimeError):  # a tensor type without Python attributes: just no cache
-        pass
+    if version is not None:
+        try:
+            mask._spattn_summary = (version, summary)
+        except (AttributeError, RuntimeError):  # a tensor type without Python attributes: just no cache
+            pass
     return summary
 
 

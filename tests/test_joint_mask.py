@@ -187,3 +187,6 @@ def test_mask_summary_cached_per_version():
     assert mod._mask_summary(m) == (True, 5, 3)
     m[1, 1] = False
     assert mod._mask_summary(m) == (False, 4, 3)
+    with torch.inference_mode():  # no version counter there: still right, just not cached
+        mi = torch.arange(5)[None, :] < torch.tensor([[5], [2]])
+    assert mod._mask_summary(mi) == (True, 5, 2)
