@@ -183,7 +183,6 @@ def test_gradient_checkpointing(name, variant):
     _check(run_on_ranks(4, body_equal, name, 2, 2, variant, True))
 
 
-@pytest.mark.skipif(not spd._HAS_JOINT_MASK, reason="spattn.attention has no joint_mask yet (branch mask)")
 @pytest.mark.parametrize("u,r", FACTORIZATIONS, ids=[f"u{u}r{r}" for u, r in FACTORIZATIONS])
 def test_qwen_text_mask(u, r):
     _check(run_on_ranks(u * r, body_equal, "qwen", u, r, 1))

@@ -41,7 +41,7 @@ refused with an error naming the fix.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -157,19 +157,12 @@ class _Processor:
         train = torch.is_grad_enabled() and st.mesh.world_size > 1
         if train:
             joint = tuple(_SplitShares.apply(t, st.mesh.world_size) for t in joint)
-        kw = {}
         if joint_mask is not None:
-            if not _HAS_JOINT_MASK:
-                raise NotImplementedError("spattn.integrations.diffusers: this spattn has no joint_mask; a text "
-                                          "mask needs spattn.attention(..., joint_mask=) (upgrade spattn)")
-            kw["joint_mask"] = joint_mask.to(torch.bool)
+            joint_mask = joint_mask.to(torch.bool)
         out, t_out = spattn.attention(q, k, v, st.mesh, seq_len=st.seq_len, backend=st.backend,
                                       joint_q=joint[0], joint_k=joint[1], joint_v=joint[2],
-                                      joint_strategy="front", **kw)
+                                      joint_strategy="front", joint_mask=joint_mask)
         return out, (_SumShares.apply(t_out, st.mesh) if train else t_out)
-
-
-_HAS_JOINT_MASK = "joint_mask" in inspect.signature(spattn.attention).parameters
 
 
 class _QwenDoubleStream(_Processor):
