@@ -384,15 +384,19 @@ class SPHandle:
 
     def all_reduce_grads(self, params=None) -> None:
         """Sum every parameter's gradient over the mesh (in place): each rank then holds the
-        single-process gradient. One all-reduce per mesh group for all gradients together."""
-        grads = [p.grad for p in (params if params is not None else self.model.parameters()) if p.grad is not None]
-        if not grads or self.mesh.world_size == 1:
+        single-process gradient. One all-reduce per mesh group and gradient dtype."""
+        if self.mesh.world_size == 1:
             return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        for grp in self.mesh.groups():
-            dist.all_reduce(flat, group=grp)
-        for g, f in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(f.view_as(g))
+        by_dtype: Dict[torch.dtype, List[Tensor]] = {}
+        for p in (params if params is not None else self.model.parameters()):
+            if p.grad is not None:
+                by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        for grads in by_dtype.values():   # one flat buffer per dtype
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            for grp in self.mesh.groups():
+                dist.all_reduce(flat, group=grp)
+            for g, f in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(f.view_as(g))
 
     def __enter__(self) -> "SPHandle":
         return self
