@@ -73,10 +73,14 @@ def inputs(name: str, seed: int = 1, variant: int = 0) -> dict:
         ids = torch.zeros(h, w, 3)
         ids[..., 1] = torch.arange(h)[:, None]
         ids[..., 2] = torch.arange(w)[None, :]
-        return dict(hidden_states=rnd(2, h * w, 16), encoder_hidden_states=rnd(2, 5, 24),
-                    pooled_projections=rnd(2, 16), timestep=torch.tensor([0.3, 0.7]),
-                    img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(5, 3), guidance=torch.tensor([3.5, 3.5]),
-                    return_dict=False)
+        kw = dict(hidden_states=rnd(2, h * w, 16), encoder_hidden_states=rnd(2, 5, 24),
+                  pooled_projections=rnd(2, 16), timestep=torch.tensor([0.3, 0.7]),
+                  img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(5, 3), guidance=torch.tensor([3.5, 3.5]),
+                  return_dict=False)
+        if variant == 1:   # ControlNet residuals: full-length image tokens, split with the image
+            kw.update(controlnet_block_samples=[rnd(2, h * w, 64)],
+                      controlnet_single_block_samples=[rnd(2, h * w, 64), rnd(2, h * w, 64)])
+        return kw
     if name == "wan":
         frames, hh, ww = 3, 6, 10          # -> 3 x 3 x 5 = 45 tokens after (1, 2, 2) patches
         t = torch.tensor([300.0, 700.0])
@@ -184,6 +188,11 @@ def test_qwen_zero_cond_t(u, r):
     """Qwen-Image edit models: a condition image's tokens follow the target's; modulate_index
     (batch, tokens) chooses their modulation and is split with them."""
     _check(run_on_ranks(u * r, body_equal, "qwen", u, r, 2))
+
+
+@pytest.mark.parametrize("u,r", [(2, 1), (1, 2)], ids=["u2r1", "u1r2"])
+def test_flux_controlnet_residuals(u, r):
+    _check(run_on_ranks(u * r, body_equal, "flux", u, r, 1))
 
 
 @pytest.mark.parametrize("name,variant", [("qwen", 0), ("wan", 1)])
