@@ -132,9 +132,18 @@ def _compact_joint(mask: Optional[Tensor], jk: Tensor, jv: Tensor):
     exact without any bias, reuses the same length path in every backend (the Triton kernels skip the
     masked tiles), and costs one gather of the text K/V (B*T*Hkv*D, small beside the attention); the
     gather's backward scatters gradients home, so masked keys get exactly 0.
+
+    While dynamo traces, the result keeps the full text length (lengths always returned): see
+    ``spattn.compile``, which hands the compacted K/V and the lengths to its custom op.
     """
     if mask is None:
         return jk, jv, None
+    if torch.compiler.is_compiling():
+        # Traced (spattn.compile): no host read, no data-dependent shape. Always gather (the identity
+        # order for a right-padded mask) and keep all T keys; the lengths mask the rest, exactly.
+        order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices
+        idx = order[:, :, None, None].expand(-1, -1, *jk.shape[2:])
+        return jk.gather(1, idx), jv.gather(1, idx), mask.sum(1, dtype=torch.int32)
     is_prefix, longest, shortest = _mask_summary(mask)
     n = max(1, longest)  # keep one (masked) key when no text token is real: no empty blocks downstream
     if not is_prefix:
@@ -346,9 +355,25 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
                                 backend=backend, seq_len=seq_len, layout=layout, joint_q=joint_q, joint_k=joint_k,
                                 joint_v=joint_v, joint_strategy=joint_strategy, ring_engine=ring_engine,
                                 joint_mask=joint_mask)
+    return _attention(q, k, v, mesh, causal=causal, softmax_scale=softmax_scale, return_lse=return_lse,
+                      backend=backend, seq_len=seq_len, layout=layout, joint_q=joint_q, joint_k=joint_k,
+                      joint_v=joint_v, joint_strategy=joint_strategy, ring_engine=ring_engine,
+                      joint_mask=joint_mask)
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool, softmax_scale: Optional[float],
+               return_lse: bool, backend: str, seq_len: Optional[int], layout: str, joint_q: Optional[Tensor],
+               joint_k: Optional[Tensor], joint_v: Optional[Tensor], joint_strategy: str,
+               ring_engine: Optional[str], joint_mask: Optional[Tensor] = None,
+               joint_lens: Optional[Tensor] = None) -> Union[Tensor, Tuple[Tensor, ...]]:
+    """``attention`` in eager mode. ``joint_lens`` (int32 (batch,), instead of ``joint_mask``): the
+    joint K/V are already compacted (real keys first, as ``_compact_joint`` returns them under
+    tracing) and batch element b keeps its first ``joint_lens[b]`` keys; spattn.compile's op uses it."""
     joint = (joint_q, joint_k, joint_v) if any(t is not None for t in (joint_q, joint_k, joint_v)) else None
     geo = _validate(q, k, v, mesh, causal, seq_len, layout, joint, joint_strategy)
     _check_joint_mask(joint_mask, joint, q)
+    if joint_lens is not None and (joint is None or joint_mask is not None):
+        raise ValueError("spattn.attention: joint_lens needs joint tensors and no joint_mask")
     if os.environ.get("SPATTN_CHECK") == "1" and mesh.world_size > 1:
         # requires_grad too: a rank that skips backward would leave the others in its collectives.
         _check_across_ranks(mesh, (tuple(q.shape), tuple(k.shape), str(q.dtype), bool(causal), geo,
@@ -362,6 +387,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
     if joint is not None:
         jq, jk, jv = _Replicated.apply(mesh, *joint) if mesh.world_size > 1 else joint
     jk, jv, jlens = _compact_joint(joint_mask, jk, jv) if joint is not None else (jk, jv, None)
+    if joint_lens is not None:
+        jlens = joint_lens
 
     pieces, L, i = geo.pieces_per_rank, U * geo.chunk, mesh.ring_rank
     starts = tuple((r * L,) if pieces == 1 else (r * L, (2 * R - 1 - r) * L) for r in range(R))

@@ -24,6 +24,7 @@ all-gather) stays outside the compiled region.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import weakref
 from types import SimpleNamespace
@@ -31,6 +32,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from .attention import _check_joint_mask, _compact_joint
 from .mesh import SPMesh
 from .ulysses import head_plan, pipeline_plans
 
@@ -120,23 +122,25 @@ def _plan_key(q, k, jq, causal, scale, backend, seq_len, layout, strategy, ring_
 
 @torch.library.custom_op("spattn::attention_fwd", mutates_args=())
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, jq: Optional[Tensor], jk: Optional[Tensor],
-                   jv: Optional[Tensor], mesh_id: int, causal: bool, scale: Optional[float], return_lse: bool,
+                   jv: Optional[Tensor], jlens: Optional[Tensor], mesh_id: int, causal: bool, scale: Optional[float], return_lse: bool,
                    backend: str, seq_len: Optional[int], layout: str, joint_strategy: str,
                    ring_engine: Optional[str], save: bool) -> List[Tensor]:
     """[out, (joint_out), (lse, (joint_lse)), *saved]: spattn.attention's results, then (``save``)
-    the tensors its backward needs that are neither inputs nor results."""
-    from .attention import attention
+    the tensors its backward needs that are neither inputs nor results. ``jlens``: the text mask as
+    int32 (batch,) key counts, jk/jv already compacted (real keys first, full text length)."""
+    from .attention import _attention
 
     mesh = _mesh(mesh_id)
     joint = jq is not None
     with torch.enable_grad():
         qd, kd, vd = (t.detach().requires_grad_(save) for t in (q, k, v))
         js = [t.detach().requires_grad_(save) for t in (jq, jk, jv)] if joint else [None] * 3
-        res = attention(qd, kd, vd, mesh, causal=causal, softmax_scale=scale, return_lse=return_lse,
-                        backend=backend, seq_len=seq_len, layout=layout, joint_q=js[0], joint_k=js[1],
-                        joint_v=js[2], joint_strategy=joint_strategy, ring_engine=ring_engine)
+        res = _attention(qd, kd, vd, mesh, causal=causal, softmax_scale=scale, return_lse=return_lse,
+                         backend=backend, seq_len=seq_len, layout=layout, joint_q=js[0], joint_k=js[1],
+                         joint_v=js[2], joint_strategy=joint_strategy, ring_engine=ring_engine,
+                         joint_lens=jlens)
     outs = list(res) if isinstance(res, tuple) else [res]
-    inputs = (q, k, v, jq, jk, jv)
+    inputs = (q, k, v, jq, jk, jv, jlens)
     if not save:
         return _fresh(outs, inputs)
     # The eager autograd Function's context (out's grad_fn): its saved tensors and chunk plan.
@@ -157,7 +161,7 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, jq: Optional[Tensor], jk: Op
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, jq, jk, jv, mesh_id, causal, scale, return_lse, backend, seq_len, layout, joint_strategy,
+def _(q, k, v, jq, jk, jv, jlens, mesh_id, causal, scale, return_lse, backend, seq_len, layout, joint_strategy,
       ring_engine, save):
     from .attention import _validate
 
@@ -165,6 +169,8 @@ def _(q, k, v, jq, jk, jv, mesh_id, causal, scale, return_lse, backend, seq_len,
     joint = None if jq is None else (jq, jk, jv)
     seq_len = None if seq_len is None else int(seq_len)  # dynamic-int tracing: specialize (it sets the plan)
     _validate(q, k, v, mesh, causal, seq_len, layout, joint, joint_strategy)  # clear errors at compile time
+    if jlens is not None and (joint is None or tuple(jlens.shape) != (q.shape[0],) or jlens.dtype != torch.int32):
+        raise ValueError("spattn.compile: jlens must be int32 (batch,) and come with joint tensors")
     b, s, hq, _ = q.shape
     outs = [torch.empty_like(q)] + ([torch.empty_like(jq)] if joint else [])
     if return_lse:
@@ -177,11 +183,12 @@ def _(q, k, v, jq, jk, jv, mesh_id, causal, scale, return_lse, backend, seq_len,
 
 @torch.library.custom_op("spattn::attention_bwd", mutates_args=())
 def _attention_bwd(dout: Tensor, djout: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, jq: Optional[Tensor],
-                   jk: Optional[Tensor], jv: Optional[Tensor], out: Tensor, jout: Optional[Tensor],
+                   jk: Optional[Tensor], jv: Optional[Tensor], jlens: Optional[Tensor], out: Tensor, jout: Optional[Tensor],
                    saved: List[Tensor], mesh_id: int, causal: bool, scale: Optional[float], backend: str,
                    seq_len: Optional[int], layout: str, joint_strategy: str,
                    ring_engine: Optional[str]) -> List[Tensor]:
-    """[dq, dk, dv, (djq, djk, djv)]: the eager backward from the saved tensors (no recomputation)."""
+    """[dq, dk, dv, (djq, djk, djv)]: the eager backward from the saved tensors (no recomputation).
+    djk/djv are for the compacted jk/jv (the traced gather scatters them home)."""
     from .attention import _Replicated, _SPAttention
 
     mesh = _mesh(mesh_id)
@@ -191,6 +198,9 @@ def _attention_bwd(dout: Tensor, djout: Optional[Tensor], q: Tensor, k: Tensor, 
     if chunks is None:
         raise RuntimeError("spattn.compile: backward of a compiled attention call whose forward was not run "
                            "in this process")
+    # The text lengths come from this call's own saved input, not from the cached plan: two calls with
+    # the same shapes share the plan key but may have different masks.
+    chunks = [dataclasses.replace(ch, setup=dataclasses.replace(ch.setup, joint_lens=jlens)) for ch in chunks]
     slots = _slots(mesh, len(chunks), joint)
     named = dict(q=q, k=k, v=v, jq=jq, jk=jk, jv=jv, out=out, jout=jout)
     it = iter(saved)
@@ -207,27 +217,29 @@ def _attention_bwd(dout: Tensor, djout: Optional[Tensor], q: Tensor, k: Tensor, 
     dj = grads[3:]
     if mesh.world_size > 1:  # joint tensors are replicated: the eager all-reduce of every rank's share
         dj = _Replicated.backward(SimpleNamespace(mesh=mesh), *dj)[1:]
-    return _fresh(list(grads[:3]) + list(dj), (dout, djout, q, k, v, jq, jk, jv, out, jout, *saved))
+    return _fresh(list(grads[:3]) + list(dj), (dout, djout, q, k, v, jq, jk, jv, jlens, out, jout, *saved))
 
 
 @_attention_bwd.register_fake
-def _(dout, djout, q, k, v, jq, jk, jv, out, jout, saved, mesh_id, causal, scale, backend, seq_len, layout,
+def _(dout, djout, q, k, v, jq, jk, jv, jlens, out, jout, saved, mesh_id, causal, scale, backend, seq_len, layout,
       joint_strategy, ring_engine):
     return [torch.empty_like(t) for t in ((q, k, v) if jq is None else (q, k, v, jq, jk, jv))]
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, jq, jk, jv, mesh_id, causal, scale, return_lse, backend, seq_len, layout, strategy, engine, _ = inputs
+    q, k, v, jq, jk, jv, jlens, mesh_id, causal, scale, return_lse, backend, seq_len, layout, strategy, engine, _ = \
+        inputs
     ctx.opts = (mesh_id, causal, scale, backend, seq_len, layout, strategy, engine)
-    ctx.joint = jq is not None
+    ctx.joint, ctx.masked = jq is not None, jlens is not None
     n_res = (2 if ctx.joint else 1) * (2 if return_lse else 1)
     ctx.n_res = n_res
-    ctx.save_for_backward(q, k, v, *((jq, jk, jv) if ctx.joint else ()), *output[:1 + ctx.joint],
-                          *output[n_res:])
+    ctx.save_for_backward(*((jlens,) if ctx.masked else ()), q, k, v, *((jq, jk, jv) if ctx.joint else ()),
+                          *output[:1 + ctx.joint], *output[n_res:])
 
 
 def _backward(ctx, grads):
     t = list(ctx.saved_tensors)
+    jlens = t.pop(0) if ctx.masked else None
     q, k, v = t[:3]
     jq, jk, jv = t[3:6] if ctx.joint else (None,) * 3
     rest = t[6:] if ctx.joint else t[3:]
@@ -235,9 +247,9 @@ def _backward(ctx, grads):
     saved = rest[1 + ctx.joint:]
     dout = grads[0] if grads[0] is not None else torch.zeros_like(out)
     djout = grads[1] if ctx.joint else None
-    g = torch.ops.spattn.attention_bwd(dout, djout, q, k, v, jq, jk, jv, out, jout, saved, *ctx.opts)
+    g = torch.ops.spattn.attention_bwd(dout, djout, q, k, v, jq, jk, jv, jlens, out, jout, saved, *ctx.opts)
     dj = tuple(g[3:]) if ctx.joint else (None,) * 3
-    return (*g[:3], *dj) + (None,) * 10
+    return (*g[:3], *dj) + (None,) * 11  # no gradient for jlens and the options
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -250,10 +262,6 @@ def traced_attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: b
                      joint_v: Optional[Tensor] = None, joint_strategy: str = "front",
                      ring_engine: Optional[str] = None, joint_mask: Optional[Tensor] = None, **newer):
     """``spattn.attention`` while dynamo traces (same arguments and results, see its docstring)."""
-    if joint_mask is not None:
-        # Not yet: with a mask the eager path saves the compacted joint K/V (cut to the longest prompt,
-        # a data-dependent length), which the fake impl / saved-tensor slots do not describe.
-        newer = dict(newer, joint_mask=joint_mask)
     if any(x is not None for x in newer.values()):
         raise NotImplementedError(f"spattn.attention under torch.compile: {sorted(newer)} not supported yet; "
                                   "call attention outside the compiled region (torch.compiler.disable)")
@@ -261,13 +269,18 @@ def traced_attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: b
         raise TypeError(f"spattn.attention: mesh must be an SPMesh (from spattn.init_mesh), got {type(mesh).__name__}")
     if any(t is not None for t in (joint_q, joint_k, joint_v)) and any(t is None for t in (joint_q, joint_k, joint_v)):
         raise ValueError("spattn.attention: pass all of joint_q, joint_k, joint_v, or none of them")
+    joint = None if joint_q is None else (joint_q, joint_k, joint_v)
+    _check_joint_mask(joint_mask, joint, q)
+    jlens = None
+    if joint_mask is not None:  # traced: compacted K/V keep all T keys, the lengths do the masking
+        joint_k, joint_v, jlens = _compact_joint(joint_mask, joint_k, joint_v)
     mesh_id = _register_mesh(mesh)  # a constant at trace time, not a (possibly dynamic) input
     if mesh._spattn_op_id != mesh_id:  # reading the attribute makes dynamo guard on it: another mesh recompiles
         raise RuntimeError("spattn: mesh id changed during tracing")
     tensors = (q, k, v, joint_q, joint_k, joint_v)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     scale = None if softmax_scale is None else float(softmax_scale)
-    res = _attention_fwd(*tensors, mesh_id, bool(causal), scale, bool(return_lse), backend, seq_len,
+    res = _attention_fwd(*tensors, jlens, mesh_id, bool(causal), scale, bool(return_lse), backend, seq_len,
                          layout, joint_strategy, ring_engine, save)
     n = (2 if joint_q is not None else 1) * (2 if return_lse else 1)
     return res[0] if n == 1 else tuple(res[:n])
