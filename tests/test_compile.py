@@ -204,8 +204,8 @@ class TinyJoint(nn.Module):
 
 def compiled_masked_joint_vs_eager(u: int, r: int, seq_len: int, mask_rows):
     """joint_mask under torch.compile(fullgraph=True) vs eager: max abs difference over the image and
-    text outputs and the gradients of both inputs and every parameter, the rerun difference, and the
-    number of graphs (1 = no graph break)."""
+    text outputs (two masks) and the gradients of both inputs and every parameter, the rerun
+    difference, and the number of graphs (1 = no graph break, no recompile for the second mask)."""
     import torch._dynamo
     from torch._dynamo.backends.debugging import aot_eager
 
@@ -219,11 +219,16 @@ def compiled_masked_joint_vs_eager(u: int, r: int, seq_len: int, mask_rows):
     y = torch.randn(2, mask.shape[1], 16)
 
     def run(fn):
+        # Two calls with different masks (the same graph: mask values are data) before one backward:
+        # each backward must use its own call's text lengths.
         model.zero_grad()
         xi, yi = x.clone().requires_grad_(), y.clone().requires_grad_()
         a, b = fn(xi, yi, mask)
-        (a * a.detach().cos()).sum().add((b * b.detach().sin()).sum()).backward()
-        return [a.detach(), b.detach(), xi.grad, yi.grad] + [p.grad.clone() for p in model.parameters()]
+        a2, b2 = fn(xi, yi, mask.flip(0))
+        loss = (a * a.detach().cos()).sum() + (b * b.detach().sin()).sum() + (a2 * b2.mean(1, keepdim=True)).sum()
+        loss.backward()
+        return [a.detach(), b.detach(), a2.detach(), b2.detach(), xi.grad, yi.grad] + \
+            [p.grad.clone() for p in model.parameters()]
 
     ref = run(model)
     torch._dynamo.reset()
