@@ -5,12 +5,12 @@ Why opaque ops: the eager path is an ``autograd.Function`` driving torch.distrib
 collectives with Python-side plans, which dynamo cannot trace. Under ``torch.compiler.is_compiling()``
 ``attention()`` hands over to ``traced_attention`` here, which calls two ``torch.library.custom_op``s:
 
-- ``spattn::attention_fwd(q, k, v, jq?, jk?, jv?, mesh_id, ...) -> [out, (joint_out), (lse, (joint_lse)),
+- ``spattn::attention_fwd(q, k, v, jq?, jk?, jv?, jlens?, mesh_id, ...) -> [out, (joint_out), (lse, (joint_lse)),
   *saved]`` runs the eager
   ``attention()`` and returns, besides the output, what its backward needs (the tensors the autograd
   Function saved: the head-sharded q/k/v/out/LSE of each Ulysses pipeline chunk, or just the LSE for a
   ring). Shapes for tracing come from ``register_fake`` (the same head plan the eager path uses).
-- ``spattn::attention_bwd(dout, djout?, q, k, v, jq?, jk?, jv?, out, jout?, saved, ...) -> [dq, dk, dv,
+- ``spattn::attention_bwd(dout, djout?, q, k, v, jq?, jk?, jv?, jlens?, out, jout?, saved, ...) -> [dq, dk, dv,
   (djq, djk, djv)]`` runs the eager backward
   from those saved tensors: attention is never recomputed and nothing is re-exchanged. Cost over eager:
   the saved tensors are graph values instead of autograd-held ones (the same memory), plus a copy of
@@ -19,7 +19,10 @@ collectives with Python-side plans, which dynamo cannot trace. Under ``torch.com
 A mesh cannot be an op argument, so meshes get an integer id (a weak registry; the id is resolved
 eagerly at trace time and guarded on, so another mesh recompiles). Other options are ints, floats,
 bools and strings. Joint (text) tensors are op inputs too; their replicated-gradient all-reduce runs
-inside the backward op. ``spattn.shard`` is plain slicing and traces as is; ``spattn.gather`` (an
+inside the backward op. A text mask (``joint_mask``) is compacted in the traced graph by plain torch
+ops without a host read (``attention._compact_joint`` under tracing: real keys gathered first, all
+``text_len`` keys kept, so every shape is static) and reaches the ops as ``jlens``, int32 (batch,) key
+counts; the gather's backward (scatter) is part of the graph. ``spattn.shard`` is plain slicing and traces as is; ``spattn.gather`` (an
 all-gather) stays outside the compiled region.
 """
 from __future__ import annotations
