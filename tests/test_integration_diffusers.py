@@ -205,6 +205,34 @@ def test_qwen_text_mask(u, r):
     _check(run_on_ranks(u * r, body_equal, "qwen", u, r, 1))
 
 
+def test_text_mask_converted_once_per_call(monkeypatch):
+    """A non-bool text mask is converted to bool once per call, not in every layer: every layer hands
+    spattn.attention the same bool tensor (whose host summary spattn caches), with the same numbers."""
+    state = spd._State(mesh=spattn.SPMesh(), backend="torch", seq_len=5)
+    proc = spd._Processor(state)
+    torch.manual_seed(0)
+    q, k, v, tq, tk, tv = (torch.randn(2, n, 4, 8) for n in (5, 5, 5, 6, 6, 6))
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 0, 1, 1, 1, 0]], dtype=torch.float32)
+    seen = []
+    attention = spattn.attention
+
+    def spy(*args, joint_mask=None, **kw):
+        seen.append(joint_mask)
+        return attention(*args, joint_mask=joint_mask, **kw)
+
+    monkeypatch.setattr(spattn, "attention", spy)
+    outs = [proc.attend(q, k, v, (tq, tk, tv), mask) for _ in range(3)]  # three "layers"
+    assert all(m is seen[0] for m in seen) and seen[0].dtype == torch.bool
+    assert torch.equal(seen[0], mask.bool())
+    ref = attention(q, k, v, state.mesh, seq_len=5, joint_q=tq, joint_k=tk, joint_v=tv, joint_mask=mask.bool())
+    assert all(torch.equal(a, b) for o in outs for a, b in zip(o, ref))
+    mask[1, 5] = 1.0  # an in-place change is seen (version counter)
+    proc.attend(q, k, v, (tq, tk, tv), mask)
+    assert seen[-1] is not seen[0] and torch.equal(seen[-1], mask.bool())
+    proc.attend(q, k, v, (tq, tk, tv), mask.clone())  # another mask tensor: converted anew
+    assert seen[-1] is not seen[-2] and torch.equal(seen[-1], mask.bool())
+
+
 def test_pipeline_style_calls():
     assert run_on_ranks(2, body_pipeline_kwargs, 1, 2) <= TOL_OUT
 

@@ -89,6 +89,23 @@ class _State:
     backend: str
     seq_len: Optional[int] = None    # global image token count of the current call
     text_len: Optional[int] = None   # joint text length of the current call (Flux single blocks)
+    bool_mask: Optional[Tuple[Tensor, Any, Tensor]] = None  # (source mask, its version, bool copy)
+
+    def as_bool(self, mask: Tensor) -> Tensor:
+        """The text mask as bool, converted once per call: every layer then hands spattn the same
+        tensor, whose host-side summary spattn caches (one sync per forward, not one per layer)."""
+        if mask.dtype == torch.bool or torch.compiler.is_compiling():
+            return mask.to(torch.bool)
+        try:
+            version = mask._version
+        except RuntimeError:  # inference-mode tensors have no version counter: identity only
+            version = None
+        cached = self.bool_mask
+        if cached is not None and cached[0] is mask and cached[1] == version:
+            return cached[2]
+        converted = mask.to(torch.bool)
+        self.bool_mask = (mask, version, converted)
+        return converted
 
     def record(self, n: int, where: str) -> None:
         if self.seq_len is None:
@@ -158,7 +175,7 @@ class _Processor:
         if train:
             joint = tuple(_SplitShares.apply(t, st.mesh.world_size) for t in joint)
         if joint_mask is not None:
-            joint_mask = joint_mask.to(torch.bool)
+            joint_mask = st.as_bool(joint_mask)
         out, t_out = spattn.attention(q, k, v, st.mesh, seq_len=st.seq_len, backend=st.backend,
                                       joint_q=joint[0], joint_k=joint[1], joint_v=joint[2],
                                       joint_strategy="front", joint_mask=joint_mask)
@@ -356,7 +373,7 @@ def _begin_hook(plan: ModelPlan, state: _State):
 
     def hook(mod, args, kwargs):
         nonlocal params
-        state.seq_len, state.text_len = None, None
+        state.seq_len, state.text_len, state.bool_mask = None, None, None
         if plan.text_len is not None:
             name, dim = plan.text_len
             params = params or list(inspect.signature(mod.forward).parameters)
