@@ -79,13 +79,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="diffusers pipeline directory or cached hub id (Qwen-Image, Flux), or a built-in tiny random "
            "pipeline: tiny-qwen-image (default), tiny-flux")
     g("--prompt", default=DEFAULT_PROMPT, help=f"text prompt (default: {DEFAULT_PROMPT!r})")
-    g("--ulysses-degree", "--usp", dest="ulysses_degree", type=_positive_int, default=2,
-      help="ranks splitting attention heads by all-to-all (default 2)")
-    g("--ring-degree", "--ring", dest="ring_degree", type=_positive_int, default=1,
+    g("--ulysses-degree", "--usp", dest="ulysses_degree", type=_positive_int, default=None,
+      help="ranks splitting attention heads by all-to-all (default 1; 2 when neither degree is given)")
+    g("--ring-degree", "--ring", dest="ring_degree", type=_positive_int, default=None,
       help="ranks passing K/V around a ring (default 1); ranks used = ulysses x ring")
-    g("--width", type=_positive_int, default=256, help="image width, a multiple of 16 (default 256)")
-    g("--height", type=_positive_int, default=256, help="image height, a multiple of 16 (default 256)")
-    g("--num-inference-steps", type=_positive_int, default=8, help="denoising steps (default 8)")
+    g("--width", type=_positive_int, default=512, help="image width, a multiple of 16 (default 512)")
+    g("--height", type=_positive_int, default=512, help="image height, a multiple of 16 (default 512)")
+    g("--num-inference-steps", type=_positive_int, default=20, help="denoising steps (default 20)")
     g("--seed", type=int, default=0, help="generator seed, the same on every rank (default 0)")
     g("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
     g("--backend", choices=BACKENDS, default="auto", help="spattn attention backend (default auto)")
@@ -175,9 +175,15 @@ def validate(args: argparse.Namespace) -> Config:
             lo, hi = max(multiple, v // multiple * multiple), (v // multiple + 1) * multiple
             raise UsageError(f"--{name} {v}: {cls} needs a multiple of {multiple} (VAE factor x 2x2 patches); "
                              f"use {lo} or {hi}")
+    # As in the guide each degree defaults to 1; with neither given, show sequence parallelism: Ulysses
+    # over the launched ranks under torchrun, else over 2 local ranks.
+    launched = _launched_world()
+    if args.ulysses_degree is None and args.ring_degree is None:
+        args.ulysses_degree = launched or 2
+    args.ulysses_degree = args.ulysses_degree or 1
+    args.ring_degree = args.ring_degree or 1
     world = args.ulysses_degree * args.ring_degree
     cuda = torch.cuda.is_available()
-    launched = _launched_world()
     degrees = f"--ulysses-degree {args.ulysses_degree} x --ring-degree {args.ring_degree} = {world} ranks"
     if launched is not None and launched != world:
         raise UsageError(f"{degrees}, but the launcher started {launched}; pick degrees whose product is "
@@ -217,16 +223,18 @@ def load_pipeline(cfg: Config, device):
     if cfg.model in TINY_MODELS:
         pipe = build_tiny_pipeline(cfg.model, dtype=dtype)
     else:
+        import diffusers
         from diffusers import DiffusionPipeline
 
-        pipe = DiffusionPipeline.from_pretrained(cfg.model, torch_dtype=dtype, local_files_only=True)
+        # diffusers 0.42 renamed torch_dtype to dtype (the old name warns).
+        new = tuple(int(x) for x in diffusers.__version__.split(".")[:2]) >= (0, 42)
+        pipe = DiffusionPipeline.from_pretrained(cfg.model, local_files_only=True,
+                                                 **{"dtype" if new else "torch_dtype": dtype})
     return pipe.to(device)
 
 
 def _call_kwargs(cfg: Config) -> dict:
-    from .tiny import TINY_CALL_KWARGS
-
-    kw = dict(TINY_CALL_KWARGS.get(cfg.model, {}))
+    kw = {}
     if cfg.pipeline_class == "QwenImagePipeline":
         kw.setdefault("true_cfg_scale", 1.0)  # no negative prompt: plain conditional sampling
     return kw
@@ -312,6 +320,8 @@ def rank_main(rank: int, world: int, cfg: Config, init_method: Optional[str]) ->
         rows: List[dict] = []
         base_image = base_time = None
         if cfg.baseline:
+            if barrier is not None:
+                barrier()  # the other ranks are idle (not still loading) while rank 0 runs the baseline
             if rank == 0:  # one device: the whole CPU, as a single-device user would run it
                 if not cuda:
                     torch.set_num_threads(cfg.cores)
@@ -418,8 +428,13 @@ def run(args: argparse.Namespace) -> int:
     elif cfg.world == 1:
         rank_main(0, 1, cfg, None)
     else:
+        import torch
         import torch.multiprocessing as mp
 
+        if not torch.cuda.is_available():
+            # The ranks share the cores: OpenMP threads spinning while they wait would steal them from
+            # the other ranks (and from the baseline). The children read this at their torch import.
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         try:
             mp.spawn(_spawned, args=(cfg.world, cfg, f"tcp://127.0.0.1:{_free_port()}"), nprocs=cfg.world)
         except mp.ProcessRaisedException as e:  # the rank's traceback is in the message

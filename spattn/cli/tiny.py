@@ -87,12 +87,12 @@ def build_tiny_qwen_image(dtype: torch.dtype = torch.float32, seed: int = 0):
     text_hidden, z_dim = 32, 4
     torch.manual_seed(seed)
     transformer = QwenImageTransformer2DModel(
-        patch_size=2, in_channels=4 * z_dim, out_channels=z_dim, num_layers=2, attention_head_dim=32,
-        num_attention_heads=4, joint_attention_dim=text_hidden, guidance_embeds=False, axes_dims_rope=(8, 12, 12),
+        patch_size=2, in_channels=4 * z_dim, out_channels=z_dim, num_layers=4, attention_head_dim=32,
+        num_attention_heads=8, joint_attention_dim=text_hidden, guidance_embeds=False, axes_dims_rope=(8, 12, 12),
     )
     torch.manual_seed(seed + 1)
     vae = AutoencoderKLQwenImage(
-        base_dim=16, z_dim=z_dim, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True],
+        base_dim=8, z_dim=z_dim, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True],
         latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim,
     )
     torch.manual_seed(seed + 2)
@@ -183,14 +183,6 @@ def build_tiny_flux(dtype: torch.dtype = torch.float32, seed: int = 0):
 
 
 TINY_MODELS: Dict[str, Callable] = {"tiny-qwen-image": build_tiny_qwen_image, "tiny-flux": build_tiny_flux}
-
-# Pipeline-call arguments that the tiny models need beyond the common ones (short text: the tiny
-# encoders have few positions).
-TINY_CALL_KWARGS: Dict[str, dict] = {
-    "tiny-qwen-image": {},
-    "tiny-flux": {"max_sequence_length": 32, "guidance_scale": 3.5},
-}
-
 
 def build_tiny_pipeline(name: str, dtype: torch.dtype = torch.float32, seed: int = 0):
     """The built-in tiny pipeline ``name`` (a key of ``TINY_MODELS``), weights seeded by ``seed``."""
