@@ -240,14 +240,24 @@ def _call_kwargs(cfg: Config) -> dict:
     return kw
 
 
-def generate_image(pipe, cfg: Config, steps: int):
-    """One generation with ``cfg``'s seed: float image (height, width, 3), values in [0, 1]."""
+def generate_image(pipe, cfg: Config, steps: int, decode: bool = True, decode_threads: Optional[int] = None):
+    """One generation with ``cfg``'s seed: float image (height, width, 3), values in [0, 1], or None
+    with ``decode=False`` (the denoising loop only; no VAE decode). ``decode_threads``: CPU threads
+    from the end of the denoising loop on (the VAE decode)."""
     import torch
 
+    kw = _call_kwargs(cfg)
+    if decode_threads is not None:
+        def more_threads(pipeline, i, t, tensors):
+            if i == steps - 1:
+                torch.set_num_threads(decode_threads)
+            return {}
+
+        kw["callback_on_step_end"] = more_threads
     generator = torch.Generator("cpu").manual_seed(cfg.seed)  # same noise on every device and rank
     out = pipe(prompt=cfg.prompt, width=cfg.width, height=cfg.height, num_inference_steps=steps,
-               generator=generator, output_type="np", **_call_kwargs(cfg))
-    return out.images[0]
+               generator=generator, output_type="np" if decode else "latent", **kw)
+    return out.images[0] if decode else None
 
 
 def _quiet_libraries() -> None:
@@ -266,19 +276,26 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _timed(pipe, cfg: Config, device, desc: str, show: bool, barrier=None):
+def _timed(pipe, cfg: Config, device, desc: str, show: bool, barrier=None, decode: bool = True,
+           decode_threads: Optional[int] = None):
     """(image, seconds) of one generation; the warm-up (1 step) is not timed."""
+    import torch
+
+    threads = torch.get_num_threads()
     if cfg.warmup:
         pipe.set_progress_bar_config(disable=True)
-        generate_image(pipe, cfg, steps=1)
+        generate_image(pipe, cfg, 1, decode, decode_threads)
+        torch.set_num_threads(threads)
     pipe.set_progress_bar_config(disable=not show, desc=desc, leave=False)
     if barrier is not None:
         barrier()  # every rank starts the timed run together
     _sync(device)
     t0 = time.perf_counter()
-    image = generate_image(pipe, cfg, cfg.num_inference_steps)
+    image = generate_image(pipe, cfg, cfg.num_inference_steps, decode, decode_threads)
     _sync(device)
-    return image, time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    torch.set_num_threads(threads)
+    return image, seconds
 
 
 def configuration_name(ulysses_degree: int, ring_degree: int) -> str:
@@ -338,7 +355,13 @@ def rank_main(rank: int, world: int, cfg: Config, init_method: Optional[str]) ->
         handle = parallelize(pipe.transformer, mesh, backend=cfg.backend)
         try:
             desc = f"ulysses {cfg.ulysses_degree} x ring {cfg.ring_degree}"
-            image, seconds = _timed(pipe, cfg, device, desc, show=rank == 0, barrier=barrier)
+            # Only rank 0 needs the image. On CPU the other ranks skip the VAE decode (on GPUs each rank
+            # would decode on its own device at no cost to rank 0; here they would share its cores)
+            # and rank 0 decodes on all cores, as the baseline does.
+            cpu = not cuda and world > 1
+            image, seconds = _timed(pipe, cfg, device, desc, show=rank == 0, barrier=barrier,
+                                    decode=rank == 0 or not cpu,
+                                    decode_threads=cfg.cores if cpu and rank == 0 else None)
         finally:
             handle.remove()
         if rank == 0:
@@ -420,7 +443,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = validate(args)
     except UsageError as e:
-        print(f"spattn generate: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank finds it: say it once
+            print(f"spattn generate: error: {e}", file=sys.stderr)
         return 2
     launched = _launched_world()
     if launched is not None:

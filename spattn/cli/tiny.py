@@ -92,9 +92,11 @@ def build_tiny_qwen_image(dtype: torch.dtype = torch.float32, seed: int = 0):
     )
     torch.manual_seed(seed + 1)
     vae = AutoencoderKLQwenImage(
-        base_dim=8, z_dim=z_dim, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True],
+        base_dim=4, z_dim=z_dim, dim_mult=[1, 2, 4, 4], num_res_blocks=1, temperal_downsample=[False, True, True],
         latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim,
     )
+    with torch.no_grad():  # random decoders give a flat grey image: spread it over the pixel range
+        vae.decoder.conv_out.weight.mul_(3.0)
     torch.manual_seed(seed + 2)
     config = Qwen2_5_VLConfig(
         text_config={
