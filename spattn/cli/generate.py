@@ -22,6 +22,7 @@ import os
 import socket
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import List, Optional
 
@@ -172,9 +173,10 @@ def validate(args: argparse.Namespace) -> Config:
     for name in ("width", "height"):
         v = getattr(args, name)
         if v % multiple:
-            lo, hi = max(multiple, v // multiple * multiple), (v // multiple + 1) * multiple
+            lo, hi = v // multiple * multiple, (v // multiple + 1) * multiple
+            use = f"{lo} or {hi}" if lo else f"{hi}"
             raise UsageError(f"--{name} {v}: {cls} needs a multiple of {multiple} (VAE factor x 2x2 patches); "
-                             f"use {lo} or {hi}")
+                             f"use {use}")
     # As in the guide each degree defaults to 1; with neither given, show sequence parallelism: Ulysses
     # over the launched ranks under torchrun, else over 2 local ranks.
     launched = _launched_world()
@@ -326,11 +328,12 @@ def rank_main(rank: int, world: int, cfg: Config, init_method: Optional[str]) ->
         torch.set_num_threads(threads)
     own_group = world > 1 and not dist.is_initialized()
     if own_group:
-        backend = "nccl" if cuda else "gloo"
+        # The other ranks wait in a barrier while rank 0 runs the baseline: allow a long one.
+        kw = dict(backend="nccl" if cuda else "gloo", timeout=timedelta(hours=2), device_id=device if cuda else None)
         if init_method is None:  # torchrun: MASTER_ADDR/PORT in the environment
-            dist.init_process_group(backend, device_id=device if cuda else None)
+            dist.init_process_group(**kw)
         else:
-            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world)
+            dist.init_process_group(init_method=init_method, rank=rank, world_size=world, **kw)
     barrier = dist.barrier if world > 1 else None
     try:
         pipe = load_pipeline(cfg, device)
