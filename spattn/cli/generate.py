@@ -323,7 +323,7 @@ def rank_main(rank: int, world: int, cfg: Config, init_method: Optional[str]) ->
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    threads = max(1, cfg.cores // world)
+    threads = max(1, cfg.cores // int(os.environ.get("LOCAL_WORLD_SIZE", world)))  # ranks on this machine
     if not cuda:
         torch.set_num_threads(threads)
     own_group = world > 1 and not dist.is_initialized()
