@@ -76,6 +76,56 @@ def _validate(q, k, v, mesh, causal, seq_len, layout, joint, joint_strategy) -> 
     return geo
 
 
+def _check_joint_mask(joint_mask, joint, q: Tensor) -> None:
+    """joint_mask must be bool (batch, text_len) on q's device, and only comes with joint tensors."""
+    if joint_mask is None:
+        return
+    if joint is None:
+        raise ValueError("spattn.attention: joint_mask masks joint (text) keys; pass joint_q, joint_k and "
+                         "joint_v with it, or drop joint_mask")
+    if not isinstance(joint_mask, torch.Tensor):
+        raise TypeError(f"spattn.attention: joint_mask must be a bool torch.Tensor (batch, text_len), "
+                        f"got {type(joint_mask).__name__}")
+    if joint_mask.dtype != torch.bool:
+        raise ValueError(f"spattn.attention: joint_mask must be bool (True = real token), got {joint_mask.dtype}; "
+                         f"convert it with joint_mask.bool() (or mask > 0)")
+    want = (q.shape[0], joint[0].shape[1])
+    if tuple(joint_mask.shape) != want:
+        raise ValueError(f"spattn.attention: joint_mask has shape {tuple(joint_mask.shape)} but must be "
+                         f"(batch, text_len) = {want}, one row per batch element of joint_q")
+    if joint_mask.device != q.device:
+        raise ValueError(f"spattn.attention: joint_mask is on {joint_mask.device} but q is on {q.device}; "
+                         f"move it with joint_mask.to(q.device)")
+
+
+def _compact_joint(mask: Optional[Tensor], jk: Tensor, jv: Tensor):
+    """Joint K/V and per-batch key lengths for a text mask (batch, T): returns (jk, jv, k_lens) with
+    each batch element's real keys first, so every backend only needs lengths (int32 (B,)).
+
+    Right-padded masks (what pipelines pass) already are a prefix: lengths only, no copy, no mask.
+    Any other mask (holes) is compacted: the real keys are gathered to the front, order kept. That is
+    exact without any bias, reuses the same length path in every backend (the Triton kernels then
+    skip the masked tiles), and costs one gather of the text K/V (B*T*Hkv*D, small beside the
+    attention); the gather's backward scatters gradients home, so masked keys get exactly 0. An
+    all-True mask takes the unmasked path. Deciding the fast path reads two flags on the host (the
+    caller's mask is tiny); under torch.compile that read is skipped and the gather always runs.
+    """
+    if mask is None:
+        return jk, jv, None
+    T = mask.shape[1]
+    lens = mask.sum(1, dtype=torch.int32)
+    if not torch.compiler.is_compiling():
+        prefix = torch.arange(T, device=mask.device)[None, :] < lens[:, None]
+        is_prefix, all_real = torch.stack([(mask == prefix).all(), (lens == T).all()]).tolist()
+        if all_real:
+            return jk, jv, None
+        if is_prefix:
+            return jk, jv, lens
+    order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices  # (B, T): real keys first
+    idx = order[:, :, None, None].expand(-1, -1, *jk.shape[2:])
+    return jk.gather(1, idx), jv.gather(1, idx), lens
+
+
 def _check_across_ranks(mesh: SPMesh, sig: Tuple) -> None:
     """SPATTN_CHECK=1: compare the call's signature on every rank of the mesh with small
     all-gathers (same size everywhere, so they cannot hang on the very mismatch they look for).
@@ -234,7 +284,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
               seq_len: Optional[int] = None, layout: str = "contiguous",
               joint_q: Optional[Tensor] = None, joint_k: Optional[Tensor] = None,
               joint_v: Optional[Tensor] = None, joint_strategy: str = "front",
-              ring_engine: Optional[str] = None) -> Union[Tensor, Tuple[Tensor, ...]]:
+              ring_engine: Optional[str] = None,
+              joint_mask: Optional[Tensor] = None) -> Union[Tensor, Tuple[Tensor, ...]]:
     """Sequence-parallel attention on this rank's shards; equals attention over the full sequence.
 
     Args:
@@ -253,6 +304,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
         joint_strategy: "front" ([text, image]) or "rear" ([image, text]); for bidirectional attention
             both orders give the same numbers, the flag records the model's convention.
         ring_engine: "auto" (C++ engine when built), "python" or "cpp"; default ``$SPATTN_RING_ENGINE``.
+        joint_mask: bool (batch, text_len), True = real text token, identical on every rank (e.g.
+            Qwen-Image's ``encoder_hidden_states_mask``); needs joint_q/k/v. Masked text *keys* get
+            exactly zero weight for every query and zero gradient; a masked text *row* still gets a
+            finite output (it attends to the unmasked keys), exactly as SDPA over the joint sequence
+            with ``attn_mask`` (batch, 1, 1, text_len + seq_len). Right-padded masks take a fast path
+            (per-batch key lengths); any other pattern is exact too.
 
     Returns:
         ``out`` (batch, seq_local, heads_q, head_dim), then ``joint_out`` (batch, text_len, heads_q,
@@ -262,6 +319,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
     """
     joint = (joint_q, joint_k, joint_v) if any(t is not None for t in (joint_q, joint_k, joint_v)) else None
     geo = _validate(q, k, v, mesh, causal, seq_len, layout, joint, joint_strategy)
+    _check_joint_mask(joint_mask, joint, q)
     if os.environ.get("SPATTN_CHECK") == "1" and mesh.world_size > 1:
         # requires_grad too: a rank that skips backward would leave the others in its collectives.
         _check_across_ranks(mesh, (tuple(q.shape), tuple(k.shape), str(q.dtype), bool(causal), geo,
@@ -274,13 +332,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
     jq = jk = jv = None
     if joint is not None:
         jq, jk, jv = _Replicated.apply(mesh, *joint) if mesh.world_size > 1 else joint
+    jk, jv, jlens = _compact_joint(joint_mask, jk, jv) if joint is not None else (jk, jv, None)
 
     pieces, L, i = geo.pieces_per_rank, U * geo.chunk, mesh.ring_rank
     starts = tuple((r * L,) if pieces == 1 else (r * L, (2 * R - 1 - r) * L) for r in range(R))
 
     def setup(backend_) -> RingSetup:
         return RingSetup(mesh.ring_group, R, i, L, starts, geo.seq_len, bool(causal), scale, backend_,
-                         ring_engine or default_ring_engine())
+                         ring_engine or default_ring_engine(), jlens)
 
     if U == 1:
         chunks = [_Chunk(setup(be), None, None, (0, hq), (0, hkv))]

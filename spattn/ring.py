@@ -13,7 +13,9 @@ as few backend calls as possible and skips masked work entirely.
 Joint (text) tokens, replicated on every rank and already head-sliced: image queries see the joint
 K/V once (one local block, not a ring step), text queries see each rank's own image block plus, on ring rank
 0 only, the joint K/V; their partials are all-gathered over the ring and merged, so text work is done
-once across the ring.
+once across the ring. A text padding mask reaches this layer as per-batch key lengths
+(``RingSetup.joint_lens``, keys compacted to a prefix by attention()) and applies to the two joint K/V
+blocks only; image K/V are never masked by it.
 """
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ class RingSetup:
     scale: float
     backend: object
     engine: str = "auto"
+    joint_lens: Optional[Tensor] = None  # int32 (B,): valid joint keys per batch element (None: all)
 
     def valid(self, start: int) -> int:
         return max(0, min(self.seg_len, self.seq_len - start))
@@ -149,12 +152,12 @@ def ring_forward(st: RingSetup, q: Tensor, k: Tensor, v: Tensor, jq: Optional[Te
     if jq is not None:
         t_out, t_lse = _running(jq, jq.shape[2])
         if R:
-            merge_(out, lse, *block_forward(be, q, jk, jv, False, st.scale))
+            merge_(out, lse, *block_forward(be, q, jk, jv, False, st.scale, st.joint_lens))
             n = st.kv_valid(i)
             if n:
                 merge_(t_out, t_lse, *block_forward(be, jq, k[:, :n], v[:, :n], False, st.scale))
             if i == 0:
-                merge_(t_out, t_lse, *block_forward(be, jq, jk, jv, False, st.scale))
+                merge_(t_out, t_lse, *block_forward(be, jq, jk, jv, False, st.scale, st.joint_lens))
             if R > 1:
                 t_out, t_lse = _allgather_merge(t_out, t_lse, st.group, R)
         t_out = t_out.to(q.dtype)
@@ -203,13 +206,14 @@ def ring_backward(st: RingSetup, saved: Saved, dout: Tensor, dt_out: Optional[Te
             acc.zero_()
         _blocks_backward(be, dout, q, cur, out, lse, st.plan((i - j) % R), st.scale, dq, acc)
         if joint and j == 0:
-            be.backward(dout, q, jk, jv, out, lse, False, st.scale, dq=dq, dk=djk, dv=djv)
+            jkw = {} if st.joint_lens is None else {"k_lens": st.joint_lens}
+            be.backward(dout, q, jk, jv, out, lse, False, st.scale, dq=dq, dk=djk, dv=djv, **jkw)
             n = st.kv_valid(i)
             if n:
                 be.backward(dt_out, jq, k[:, :n], v[:, :n], t_out, t_lse, False, st.scale,
                             dq=djq, dk=acc[0][:, :n], dv=acc[1][:, :n])
             if i == 0:
-                be.backward(dt_out, jq, jk, jv, t_out, t_lse, False, st.scale, dq=djq, dk=djk, dv=djv)
+                be.backward(dt_out, jq, jk, jv, t_out, t_lse, False, st.scale, dq=djq, dk=djk, dv=djv, **jkw)
         if j == 0:
             send = acc
         else:

@@ -95,9 +95,11 @@ def _fwd_bwd(model, kw, weight):
 
 # ---- bodies run on every rank ---------------------------------------------------------------------------
 
-def body_equal(name: str, u: int, r: int, variant: int = 0) -> dict:
+def body_equal(name: str, u: int, r: int, variant: int = 0, checkpointing: bool = False) -> dict:
     mesh = get_mesh(u, r)
     model = build(name)
+    if checkpointing:  # blocks are re-run in backward: their split hooks must shard the same way again
+        model.enable_gradient_checkpointing()
     kw = inputs(name, variant=variant)
     weight = torch.randn(model(**kw)[0].shape, generator=torch.Generator().manual_seed(2))
     ref_out, ref_grads = _fwd_bwd(model, kw, weight)
@@ -174,6 +176,11 @@ def test_equals_single_process(name, u, r):
 @pytest.mark.parametrize("u,r", [(2, 1), (1, 2), (2, 2)], ids=["u2r1", "u1r2", "u2r2"])
 def test_wan_per_token_timestep(u, r):
     _check(run_on_ranks(u * r, body_equal, "wan", u, r, 1))
+
+
+@pytest.mark.parametrize("name,variant", [("qwen", 0), ("wan", 1)])
+def test_gradient_checkpointing(name, variant):
+    _check(run_on_ranks(4, body_equal, name, 2, 2, variant, True))
 
 
 @pytest.mark.skipif(not spd._HAS_JOINT_MASK, reason="spattn.attention has no joint_mask yet (branch mask)")

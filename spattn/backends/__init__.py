@@ -14,6 +14,11 @@ A backend computes block attention *with its log-sum-exp* and the matching backw
     Gradients of one block given the *final* (merged) out and lse of the rows, so a ring can call it
     block by block. dk/dv have the kv head count. If accumulators are passed (any float dtype, fp32 in
     the ring) the block's gradients are added into them in place and they are returned.
+
+Optional key lengths (joint text masks): both take a keyword ``k_lens``, an int32 (batch,) tensor on
+q's device, or None. Keys ``j >= k_lens[b]`` of batch element b get exactly zero weight (and exactly
+zero dk/dv); a row whose keys are all masked gets out 0, lse -inf, as above. Strategies pass it only
+when set, so a third-party backend without it still serves every unmasked call.
 """
 from __future__ import annotations
 
@@ -29,11 +34,12 @@ class Backend(Protocol):
 
     def available(self, device: torch.device) -> bool: ...
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tuple[Tensor, Tensor]: ...
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
+                k_lens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]: ...
 
     def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                  causal: bool, scale: float, dq: Optional[Tensor] = None, dk: Optional[Tensor] = None,
-                 dv: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]: ...
+                 dv: Optional[Tensor] = None, k_lens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]: ...
 
 
 _REGISTRY: Dict[str, Callable[[], Backend]] = {}
