@@ -77,8 +77,9 @@ def _qwen_tokenizer():
 
 
 def build_tiny_qwen_image(dtype: torch.dtype = torch.float32, seed: int = 0):
-    """Tiny random ``QwenImagePipeline``: 2 transformer blocks, 4 heads of 32, 2-layer Qwen2.5-VL text
-    encoder (hidden 32), a 3-stage Qwen-Image VAE (spatial factor 8, 4 latent channels)."""
+    """Tiny random ``QwenImagePipeline``: 4 transformer blocks, 8 heads of 32, a 2-layer Qwen2.5-VL text
+    encoder (hidden 32), a Qwen-Image VAE with 3 downsamples (spatial factor 8, 4 latent channels).
+    Sized so that, as in the real model, the transformer (not the VAE) dominates a 20-step run."""
     from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
                            QwenImageTransformer2DModel)
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
