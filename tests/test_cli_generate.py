@@ -189,3 +189,11 @@ def test_bad_flag_in_a_real_process_has_no_traceback():
     assert res.returncode == 2
     assert "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_missing_diffusers_is_one_line(capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "diffusers" else real(name, *a))
+    _one_line_error(capsys, [], 'pip install -e ".[diffusers]"')

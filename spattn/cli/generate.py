@@ -167,8 +167,14 @@ def _launched_world() -> Optional[int]:
 
 def validate(args: argparse.Namespace) -> Config:
     """Check every flag before anything is spawned; raises ``UsageError`` with a one-line fix."""
+    import importlib.util
+
     import torch
 
+    missing = [m for m in ("diffusers", "transformers", "PIL") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(f"{', '.join(missing)} not installed; pip install -e \".[diffusers]\" "
+                         f"(or pip install diffusers transformers accelerate pillow)")
     model, cls, multiple = _resolve_model(args.model)
     for name in ("width", "height"):
         v = getattr(args, name)
