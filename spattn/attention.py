@@ -13,6 +13,7 @@ from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
+from torch.compiler import is_compiling
 
 from .backends import get_backend
 from .comm import A2ASpec, default_ring_engine, start_head_to_seq, start_seq_to_head
@@ -100,30 +101,35 @@ def _check_joint_mask(joint_mask, joint, q: Tensor) -> None:
 
 def _compact_joint(mask: Optional[Tensor], jk: Tensor, jv: Tensor):
     """Joint K/V and per-batch key lengths for a text mask (batch, T): returns (jk, jv, k_lens) with
-    each batch element's real keys first, so every backend only needs lengths (int32 (B,)).
+    each batch element's real keys first, so every backend only needs lengths (int32 (B,), or None
+    when every batch element keeps all of the returned keys).
 
-    Right-padded masks (what pipelines pass) already are a prefix: lengths only, no copy, no mask.
+    Right-padded masks (what pipelines pass) already are a prefix: no copy, no mask, and the keys past
+    the longest prompt are sliced off (a batch of one padded prompt then runs unmasked on fewer keys).
     Any other mask (holes) is compacted: the real keys are gathered to the front, order kept. That is
-    exact without any bias, reuses the same length path in every backend (the Triton kernels then
-    skip the masked tiles), and costs one gather of the text K/V (B*T*Hkv*D, small beside the
-    attention); the gather's backward scatters gradients home, so masked keys get exactly 0. An
-    all-True mask takes the unmasked path. Deciding the fast path reads two flags on the host (the
-    caller's mask is tiny); under torch.compile that read is skipped and the gather always runs.
+    exact without any bias, reuses the same length path in every backend (the Triton kernels skip the
+    masked tiles), and costs one gather of the text K/V (B*T*Hkv*D, small beside the attention); the
+    gather's backward scatters gradients home, so masked keys get exactly 0. Choosing the path reads
+    three numbers of the (tiny) mask on the host; under torch.compile that read is skipped and the
+    gather always runs (same numbers, no data-dependent branch).
     """
     if mask is None:
         return jk, jv, None
     T = mask.shape[1]
     lens = mask.sum(1, dtype=torch.int32)
-    if not torch.compiler.is_compiling():
+    if is_compiling():
+        is_prefix, n = False, T
+    else:
         prefix = torch.arange(T, device=mask.device)[None, :] < lens[:, None]
-        is_prefix, all_real = torch.stack([(mask == prefix).all(), (lens == T).all()]).tolist()
-        if all_real:
-            return jk, jv, None
-        if is_prefix:
-            return jk, jv, lens
-    order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices  # (B, T): real keys first
-    idx = order[:, :, None, None].expand(-1, -1, *jk.shape[2:])
-    return jk.gather(1, idx), jv.gather(1, idx), lens
+        is_prefix, n, shortest = torch.stack([(mask == prefix).all(), lens.max(), lens.min()]).tolist()
+        n = max(1, n)  # keep one (masked) key when no text token is real: no empty blocks downstream
+    if not is_prefix:
+        order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices  # (B, T): real keys first
+        idx = order[:, :, None, None].expand(-1, -1, *jk.shape[2:])
+        jk, jv = jk.gather(1, idx), jv.gather(1, idx)
+    if not is_compiling() and shortest == n:  # every batch element keeps its first n keys
+        return jk[:, :n], jv[:, :n], None
+    return jk[:, :n], jv[:, :n], lens
 
 
 def _check_across_ranks(mesh: SPMesh, sig: Tuple) -> None:

@@ -30,14 +30,15 @@ MODELS = ["qwen", "flux", "wan"]
 
 # ---- tiny models and their inputs (same on every rank: fixed seeds) ----------------------------------
 
-def build(name: str, seed: int = 0) -> torch.nn.Module:
+def build(name: str, seed: int = 0, variant: int = 0) -> torch.nn.Module:
     import diffusers
 
     torch.manual_seed(seed)
     if name == "qwen":
         m = diffusers.QwenImageTransformer2DModel(
             patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
-            num_attention_heads=4, joint_attention_dim=24, axes_dims_rope=(4, 6, 6))
+            num_attention_heads=4, joint_attention_dim=24, axes_dims_rope=(4, 6, 6),
+            zero_cond_t=variant == 2)   # edit models: per-token modulate_index, condition image tokens
     elif name == "flux":
         m = diffusers.FluxTransformer2DModel(
             patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
@@ -63,19 +64,23 @@ def inputs(name: str, seed: int = 1, variant: int = 0) -> dict:
     if name == "qwen":
         text = 6
         mask = torch.ones(2, text, dtype=torch.bool)
-        if variant == 1:
-            mask[1, 4:] = False   # second prompt is 4 tokens long, padded to 6
-        return dict(hidden_states=rnd(2, h * w, 16), encoder_hidden_states=rnd(2, text, 24),
-                    encoder_hidden_states_mask=mask if variant == 1 else None,
-                    timestep=torch.tensor([0.3, 0.7]), img_shapes=[[(1, h, w)]] * 2, return_dict=False)
+        mask[1, 4:] = False   # variant 1: the second prompt is 4 tokens long, padded to 6
+        shapes = [(1, h, w)] + ([(1, 3, 3)] if variant == 2 else [])   # variant 2: + a condition image
+        return dict(hidden_states=rnd(2, sum(a * b * c for a, b, c in shapes), 16),
+                    encoder_hidden_states=rnd(2, text, 24), encoder_hidden_states_mask=mask if variant == 1 else None,
+                    timestep=torch.tensor([0.3, 0.7]), img_shapes=[shapes] * 2, return_dict=False)
     if name == "flux":
         ids = torch.zeros(h, w, 3)
         ids[..., 1] = torch.arange(h)[:, None]
         ids[..., 2] = torch.arange(w)[None, :]
-        return dict(hidden_states=rnd(2, h * w, 16), encoder_hidden_states=rnd(2, 5, 24),
-                    pooled_projections=rnd(2, 16), timestep=torch.tensor([0.3, 0.7]),
-                    img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(5, 3), guidance=torch.tensor([3.5, 3.5]),
-                    return_dict=False)
+        kw = dict(hidden_states=rnd(2, h * w, 16), encoder_hidden_states=rnd(2, 5, 24),
+                  pooled_projections=rnd(2, 16), timestep=torch.tensor([0.3, 0.7]),
+                  img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(5, 3), guidance=torch.tensor([3.5, 3.5]),
+                  return_dict=False)
+        if variant == 1:   # ControlNet residuals: full-length image tokens, split with the image
+            kw.update(controlnet_block_samples=[rnd(2, h * w, 64)],
+                      controlnet_single_block_samples=[rnd(2, h * w, 64), rnd(2, h * w, 64)])
+        return kw
     if name == "wan":
         frames, hh, ww = 3, 6, 10          # -> 3 x 3 x 5 = 45 tokens after (1, 2, 2) patches
         t = torch.tensor([300.0, 700.0])
@@ -97,7 +102,7 @@ def _fwd_bwd(model, kw, weight):
 
 def body_equal(name: str, u: int, r: int, variant: int = 0, checkpointing: bool = False) -> dict:
     mesh = get_mesh(u, r)
-    model = build(name)
+    model = build(name, variant=variant)
     if checkpointing:  # blocks are re-run in backward: their split hooks must shard the same way again
         model.enable_gradient_checkpointing()
     kw = inputs(name, variant=variant)
@@ -178,12 +183,23 @@ def test_wan_per_token_timestep(u, r):
     _check(run_on_ranks(u * r, body_equal, "wan", u, r, 1))
 
 
+@pytest.mark.parametrize("u,r", [(2, 1), (1, 2)], ids=["u2r1", "u1r2"])
+def test_qwen_zero_cond_t(u, r):
+    """Qwen-Image edit models: a condition image's tokens follow the target's; modulate_index
+    (batch, tokens) chooses their modulation and is split with them."""
+    _check(run_on_ranks(u * r, body_equal, "qwen", u, r, 2))
+
+
+@pytest.mark.parametrize("u,r", [(2, 1), (1, 2)], ids=["u2r1", "u1r2"])
+def test_flux_controlnet_residuals(u, r):
+    _check(run_on_ranks(u * r, body_equal, "flux", u, r, 1))
+
+
 @pytest.mark.parametrize("name,variant", [("qwen", 0), ("wan", 1)])
 def test_gradient_checkpointing(name, variant):
     _check(run_on_ranks(4, body_equal, name, 2, 2, variant, True))
 
 
-@pytest.mark.skipif(not spd._HAS_JOINT_MASK, reason="spattn.attention has no joint_mask yet (branch mask)")
 @pytest.mark.parametrize("u,r", FACTORIZATIONS, ids=[f"u{u}r{r}" for u, r in FACTORIZATIONS])
 def test_qwen_text_mask(u, r):
     _check(run_on_ranks(u * r, body_equal, "qwen", u, r, 1))

@@ -35,6 +35,19 @@ def test_general_masks(mesh, mask):
     check(Case(u, r, seq=97, heads=4, head_dim=16, batch=2, text=7, mask=mask, joint_strategy="rear"))
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_all_prompts_padded(batch):
+    # Every prompt shorter than text_len: the joint K/V are cut to the longest prompt (batch 1: no mask left).
+    check(Case(1, 2, seq=13, heads=4, head_dim=16, batch=batch, text=9, mask="short"))
+    check(Case(2, 1, seq=13, heads=4, head_dim=16, batch=batch, text=9, mask="short", joint_strategy="rear"))
+
+
+@pytest.mark.parametrize("mask", ["pad", "short"])
+def test_traced_path(mask):
+    # Under torch.compile the mask is never read on the host: every mask takes the gather path.
+    check(Case(2, 2, seq=13, heads=4, kv_heads=2, head_dim=16, batch=2, text=7, mask=mask, traced_path=True))
+
+
 def test_uneven_heads_pipeline():
     # 6 query / 3 kv heads on 4 Ulysses ranks: uneven head ranges, a non-uniform kv head map
     # (HeadMapBackend) and 3 pipeline chunks, all passing the key lengths through.
@@ -142,3 +155,29 @@ def test_kernel_key_lengths(case, dtype):
     for a, gr in zip(acc, grads):
         assert torch.allclose(a - 1, gr.float(), atol=floor * 10, rtol=1e-3)
     assert (acc[1][dead] == 1).all() and (acc[2][dead] == 1).all()
+
+
+@pytest.mark.parametrize("traced", [False, True], ids=["eager", "traced"])
+def test_compact_joint(monkeypatch, traced):
+    """Both ways of turning a mask into lengths keep exactly the real keys, in order, and the eager
+    one takes the fast path (views, no lengths) wherever it can."""
+    import sys
+
+    import torch
+
+    mod = sys.modules["spattn.attention"]
+    monkeypatch.setattr(mod, "is_compiling", lambda: traced)
+    jk, jv = torch.randn(3, 6, 2, 4), torch.randn(3, 6, 2, 4)
+    masks = {"all": torch.ones(3, 6, dtype=torch.bool),
+             "prefix_equal": torch.arange(6)[None, :].expand(3, 6) < 4,
+             "prefix": torch.arange(6)[None, :] < torch.tensor([[6], [2], [0]]),
+             "holes": torch.tensor([[1, 0, 1, 1, 0, 1], [0, 0, 0, 0, 0, 1], [0] * 6], dtype=torch.bool)}
+    for name, m in masks.items():
+        k2, v2, lens = mod._compact_joint(m, jk, jv)
+        n = lens.tolist() if lens is not None else [k2.shape[1]] * 3
+        for b in range(3):
+            assert torch.equal(k2[b, :n[b]], jk[b][m[b]]) and torch.equal(v2[b, :n[b]], jv[b][m[b]]), name
+        if not traced and name in ("all", "prefix_equal"):
+            assert lens is None and k2.shape[1] == m.sum(1).max() and k2.data_ptr() == jk.data_ptr(), name
+        if not traced and name == "prefix":
+            assert k2.data_ptr() == jk.data_ptr(), "a right-padded mask must not copy the keys"

@@ -41,7 +41,7 @@ refused with an error naming the fix.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
@@ -157,19 +157,12 @@ class _Processor:
         train = torch.is_grad_enabled() and st.mesh.world_size > 1
         if train:
             joint = tuple(_SplitShares.apply(t, st.mesh.world_size) for t in joint)
-        kw = {}
         if joint_mask is not None:
-            if not _HAS_JOINT_MASK:
-                raise NotImplementedError("spattn.integrations.diffusers: this spattn has no joint_mask; a text "
-                                          "mask needs spattn.attention(..., joint_mask=) (upgrade spattn)")
-            kw["joint_mask"] = joint_mask.to(torch.bool)
+            joint_mask = joint_mask.to(torch.bool)
         out, t_out = spattn.attention(q, k, v, st.mesh, seq_len=st.seq_len, backend=st.backend,
                                       joint_q=joint[0], joint_k=joint[1], joint_v=joint[2],
-                                      joint_strategy="front", **kw)
+                                      joint_strategy="front", joint_mask=joint_mask)
         return out, (_SumShares.apply(t_out, st.mesh) if train else t_out)
-
-
-_HAS_JOINT_MASK = "joint_mask" in inspect.signature(spattn.attention).parameters
 
 
 class _QwenDoubleStream(_Processor):
@@ -391,15 +384,19 @@ class SPHandle:
 
     def all_reduce_grads(self, params=None) -> None:
         """Sum every parameter's gradient over the mesh (in place): each rank then holds the
-        single-process gradient. One all-reduce per mesh group for all gradients together."""
-        grads = [p.grad for p in (params if params is not None else self.model.parameters()) if p.grad is not None]
-        if not grads or self.mesh.world_size == 1:
+        single-process gradient. One all-reduce per mesh group and gradient dtype."""
+        if self.mesh.world_size == 1:
             return
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        for grp in self.mesh.groups():
-            dist.all_reduce(flat, group=grp)
-        for g, f in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(f.view_as(g))
+        by_dtype: Dict[torch.dtype, List[Tensor]] = {}
+        for p in (params if params is not None else self.model.parameters()):
+            if p.grad is not None:
+                by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        for grads in by_dtype.values():   # one flat buffer per dtype
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            for grp in self.mesh.groups():
+                dist.all_reduce(flat, group=grp)
+            for g, f in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(f.view_as(g))
 
     def __enter__(self) -> "SPHandle":
         return self
