@@ -46,7 +46,6 @@ class Case:
     chunks: Optional[int] = None  # Ulysses pipeline head chunks (SPATTN_ULYSSES_CHUNKS)
     seed: int = 0
     mask: str = ""                # joint_mask: "" none, "pad", "short", "hole", "empty" (see text_mask)
-    traced_path: bool = False     # joint_mask as under torch.compile: no host read, always the gather
 
 
     @property
@@ -140,18 +139,9 @@ def run_case(c: Case) -> Optional[dict]:
     old = os.environ.get("SPATTN_ULYSSES_CHUNKS")
     if c.chunks is not None:
         os.environ["SPATTN_ULYSSES_CHUNKS"] = str(c.chunks)
-    if c.traced_path:
-        import sys
-
-        sp_attention = sys.modules["spattn.attention"]  # the module; spattn.attention is the function
-        sp_attention.is_compiling = lambda: True
     try:
         return _run_case(c)
     finally:
-        if c.traced_path:
-            from torch.compiler import is_compiling
-
-            sp_attention.is_compiling = is_compiling
         if old is None:
             os.environ.pop("SPATTN_ULYSSES_CHUNKS", None)
         else:
