@@ -434,7 +434,8 @@ def _report(cfg: Config, rows: List[dict], image, device, world: int, threads: i
         print(f"rows: {cfg.json_path}")
     if device.type == "cpu":
         print(f"Note: on CPU all {world} ranks share the same {cfg.cores} cores (the baseline uses all of them), so "
-              "this table shows exactness and overhead, not GPU speedups; `spattn plan` predicts GPU times.")
+              "this table shows exactness and overhead, not GPU speedups; `spattn plan` predicts GPU times "
+              "(e.g. spattn plan --model qwen-image --width 2048 --height 2048 --gpus 4 --hardware h100).")
     sys.stdout.flush()
 
 
