@@ -336,7 +336,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
             rank, attending jointly with the image tokens (non-causal only).
         joint_strategy: "front" ([text, image]) or "rear" ([image, text]); for bidirectional attention
             both orders give the same numbers, the flag records the model's convention.
-        ring_engine: "auto" (C++ engine when built), "python" or "cpp"; default ``$SPATTN_RING_ENGINE``.
+        ring_engine: P2P ring transport: "auto" (C++ engine when built), "python" or "cpp"; default
+            ``$SPATTN_RING_ENGINE``.
         joint_mask: bool (batch, text_len), True = real text token, identical on every rank (e.g.
             Qwen-Image's ``encoder_hidden_states_mask``); needs joint_q/k/v. Masked text *keys* get
             exactly zero weight for every query and zero gradient; a masked text *row* still gets a
@@ -349,7 +350,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
             with the block-diagonal document mask; (query, key) blocks with no visible pair are skipped.
         ring_impl: "p2p" (K/V blocks travel the ring, overlapped with compute), "allgather" (the ring
             group's K/V gathered in head chunks, one pass; dK/dV reduce-scattered) or "auto" (the
-            measured rule in ``spattn.ring.choose_ring_impl``).
+            measured rule in ``spattn.ring.choose_ring_impl``; an explicit ``ring_engine`` means "p2p").
 
     Returns:
         ``out`` (batch, seq_local, heads_q, head_dim), then ``joint_out`` (batch, text_len, heads_q,
@@ -378,7 +379,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
     pieces, L, i = geo.pieces_per_rank, U * geo.chunk, mesh.ring_rank
     starts = tuple((r * L,) if pieces == 1 else (r * L, (2 * R - 1 - r) * L) for r in range(R))
 
-    impl = choose_ring_impl(R, U * q.shape[1], q.device) if ring_impl == "auto" else ring_impl
+    impl = choose_ring_impl(R, U * q.shape[1], q.device, ring_engine) if ring_impl == "auto" else ring_impl
 
     def setup(backend_) -> RingSetup:
         return RingSetup(mesh.ring_group, R, i, L, starts, geo.seq_len, bool(causal), scale, backend_,

@@ -299,18 +299,31 @@ def _joint_backward(st: RingSetup, saved: Saved, dout: Tensor, dt_out: Tensor, d
 # The all-gather K/V ring: one all-gather of the group's K/V (per head chunk) instead of R-1 P2P
 # steps, every visible block computed from it with the same plan; backward reduce-scatters dK/dV.
 # ----------------------------------------------------------------------------------------------
-def choose_ring_impl(degree: int, local_len: int, device: torch.device) -> str:
+def choose_ring_impl(degree: int, local_len: int, device: torch.device, ring_engine: Optional[str] = None) -> str:
     """The ring implementation ``ring_impl="auto"`` picks for a ring of ``degree`` ranks whose
-    post-Ulysses local sequence is ``local_len`` positions.
+    post-Ulysses local sequence is ``local_len`` positions. ``$SPATTN_RING_IMPL`` ("p2p" or
+    "allgather") overrides the rule; an explicit ``ring_engine`` (an option of the P2P ring) picks "p2p".
 
-    ``$SPATTN_RING_IMPL`` ("p2p" or "allgather") overrides the rule.
-    RULE (measured, see the evidence below): PLACEHOLDER p2p.
+    Rule: "allgather" on CPU when the gathered sequence ``degree * local_len`` is at most 512
+    positions, else "p2p"; on GPUs always "p2p" (its transfers overlap compute; not measured here).
+    Evidence (bench/bench_varlen.py time --worlds 2,4 --seqs 256,1024,4096 --heads 4 --reps 5
+    --packing one-doc; gloo CPU, 2 cores shared, load average ~19, so +-30% noise; causal zigzag,
+    fp32, head_dim 64; median ms p2p / allgather, fwd and fwd+bwd):
+        R=2, S=256:  fwd 16.3 / 7.5    fwd+bwd  42.1 / 21.5   allgather wins (fewer, larger messages)
+        R=4, S=256:  fwd  9.4 / 5.9    fwd+bwd  30.4 / 35.1   fwd wins, bwd a wash
+        R=2, S=1024: fwd 32.4 / 32.2   fwd+bwd 124.3 / 128.3  tie
+        R=4, S=1024: fwd 14.7 / 20.3   fwd+bwd  55.5 / 74.4   p2p wins
+        R=4, S=4096: fwd 195 / 198     fwd+bwd  626 / 672     p2p (and R x less K/V memory)
+    Above a few hundred positions the compute hides the ring's per-step cost, and the P2P ring
+    keeps K/V memory at 2 blocks instead of R, so it stays the default.
     """
     forced = os.environ.get("SPATTN_RING_IMPL", "")
     if forced in ("p2p", "allgather"):
         return forced
-    if degree <= 1:
+    if ring_engine is not None:
         return "p2p"
+    if degree > 1 and device.type == "cpu" and degree * local_len <= 512:
+        return "allgather"
     return "p2p"
 
 

@@ -322,3 +322,21 @@ def varlen_error(u: int, r: int, kind: str) -> str:
     ("batch", "batch 1"), ("joint", "joint"), ("impl", "ring_impl")])
 def test_varlen_errors(kind, words):
     assert words in run_on_ranks(2, varlen_error, 1, 2, kind)
+
+
+def test_choose_ring_impl(monkeypatch):
+    from spattn.ring import choose_ring_impl
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv("SPATTN_RING_IMPL", raising=False)
+    assert choose_ring_impl(2, 128, cpu) == "allgather"      # short sequence on CPU
+    assert choose_ring_impl(4, 1024, cpu) == "p2p"
+    assert choose_ring_impl(2, 128, cuda) == "p2p"
+    assert choose_ring_impl(1, 128, cpu) == "p2p"            # no ring
+    assert choose_ring_impl(2, 128, cpu, ring_engine="python") == "p2p"
+    monkeypatch.setenv("SPATTN_RING_IMPL", "allgather")
+    assert choose_ring_impl(4, 1 << 20, cuda) == "allgather"
+
+
+def test_varlen_auto_impl():
+    vcheck(VCase(1, 2, DOCS["mixed"], heads=4, kv_heads=2, impl="auto"))
