@@ -46,10 +46,10 @@ def lognormal_docs(seq: int, mean: float, sigma: float, seed: int) -> List[int]:
 
 def ring_setups(seq: int, R: int, U: int, layout: str, causal: bool, docs) -> List[RingSetup]:
     """The RingSetup of every ring rank, built as spattn.attention builds it."""
-    geo = Geometry(seq, U * R, layout)
-    L = U * geo.chunk
-    starts = tuple((r * L,) if geo.pieces_per_rank == 1 else (r * L, (2 * R - 1 - r) * L) for r in range(R))
     b = None if docs is None else tuple(int(x) for x in torch.tensor([0] + list(docs)).cumsum(0))
+    geo = Geometry(seq, U * R, layout, U, b)
+    L = U * geo.chunk
+    starts = tuple(tuple(s * L for s in geo.ring_segments(r, R)) for r in range(R))
     return [RingSetup(None, R, i, L, starts, seq, causal, 1.0, None, docs=b) for i in range(R)]
 
 
@@ -70,7 +70,7 @@ def balance(args) -> None:
           f"{'calls':>6} {'1-doc imb':>9}")
     for seq in args.seqs:
         for mean in args.means:
-            for layout in ("contiguous", "zigzag"):
+            for layout in ("contiguous", "zigzag", "balanced"):
                 imbs, skips, ndocs, calls = [], [], [], 0
                 one, _ = plan_stats(seq, R, 1, layout, True, None)
                 for seed in range(args.seeds):

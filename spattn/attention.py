@@ -331,7 +331,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
         backend: single-device kernel: "auto", "torch", "reference" or "triton".
         seq_len: global length when it is not ``seq_local * world_size`` (shards are padded; padded
             keys get exactly zero weight, padded output rows are 0 and get no gradient).
-        layout: "contiguous" or "zigzag" (load-balanced causal); must match how q/k/v were sharded.
+        layout: "contiguous", "zigzag" (load-balanced causal) or "balanced" (load-balanced packed
+            documents: chunks dealt by their causal work under ``cu_seqlens``); must match how q/k/v
+            were sharded (``spattn.shard(..., layout=..., cu_seqlens=...)``).
         joint_q, joint_k, joint_v: text tokens (batch, text_len, heads, head_dim), identical on every
             rank, attending jointly with the image tokens (non-causal only).
         joint_strategy: "front" ([text, image]) or "rear" ([image, text]); for bidirectional attention
@@ -376,8 +378,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
         jq, jk, jv = _Replicated.apply(mesh, *joint) if mesh.world_size > 1 else joint
     jk, jv, jlens = _compact_joint(joint_mask, jk, jv) if joint is not None else (jk, jv, None)
 
+    if layout == "balanced":  # the chunk assignment depends on the documents and the mesh shape
+        geo = Geometry(geo.seq_len, geo.world_size, layout, U, docs)
     pieces, L, i = geo.pieces_per_rank, U * geo.chunk, mesh.ring_rank
-    starts = tuple((r * L,) if pieces == 1 else (r * L, (2 * R - 1 - r) * L) for r in range(R))
+    starts = tuple(tuple(s * L for s in geo.ring_segments(r, R)) for r in range(R))
 
     impl = choose_ring_impl(R, U * q.shape[1], q.device, ring_engine) if ring_impl == "auto" else ring_impl
 
@@ -390,7 +394,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
     else:
         plan, u = head_plan(hq, hkv, U), mesh.ulysses_rank
         # Head-sharded sequence in global order: piece 0 of every rank, then (zigzag) piece 1 reversed.
-        order = [(r, 0) for r in range(U)] + ([(r, 1) for r in reversed(range(U))] if pieces == 2 else [])
+        if layout == "zigzag":
+            order = [(r, 0) for r in range(U)] + [(r, 1) for r in reversed(range(U))]
+        else:  # contiguous / balanced: every local piece j is super-chunk j's U-th part u
+            order = [(r, j) for j in range(pieces) for r in range(U)]
         chunks = []
         for p in pipeline_plans(plan, ulysses_chunks()):
             index = p.local_kv_index(u)
