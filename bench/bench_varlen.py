@@ -2,6 +2,7 @@
 
     python bench/bench_varlen.py balance [--world 8] [--seqs 32768,65536,131072] [--means 1024,2048,4096]
     python bench/bench_varlen.py time [--worlds 2,4] [--seqs 1024,4096] [--heads 8] [--head-dim 64] [--packing both]
+        [--layout zigzag]
 
 balance: exact figures from the ring plan alone (no attention is run, so any size is cheap): for
 lognormal document lengths (long-tailed, sigma 1) packed into one sequence, per rank the visible
@@ -101,17 +102,18 @@ def _rank(rank: int, world: int, port: int, cfg: dict, results) -> None:
         g = torch.Generator().manual_seed(0)
         H, D = cfg["heads"], cfg["head_dim"]
         full = [torch.randn(1, seq, H, D, generator=g) for _ in range(4)]
-        loc = [spattn.shard(t, mesh, layout="zigzag") for t in full]
         docs = lognormal_docs(seq, cfg["mean"], 1.0, 0)
         cu = torch.tensor([0] + docs).cumsum(0)
+        lay = cfg["layout"]
         for packing, cs in (("packed", cu), ("one-doc", None))[cfg["packings"]]:
+            loc = [spattn.shard(t, mesh, layout=lay, cu_seqlens=cs) for t in full]
             times = {impl: ([], []) for impl in ("p2p", "allgather")}
             for rep in range(cfg["reps"] + 1):
                 for impl in times:  # interleaved, so load drift on a shared machine hits both alike
                     q, k, v = (t.clone().requires_grad_() for t in loc[:3])
                     dist.barrier()
                     t0 = time.perf_counter()
-                    out = spattn.attention(q, k, v, mesh, causal=True, layout="zigzag", cu_seqlens=cs,
+                    out = spattn.attention(q, k, v, mesh, causal=True, layout=lay, cu_seqlens=cs,
                                            ring_impl=impl)
                     dist.barrier()
                     t1 = time.perf_counter()
@@ -135,8 +137,8 @@ def timing(args) -> None:
 
     packings = {"both": slice(0, 2), "packed": slice(0, 1), "one-doc": slice(1, 2)}[args.packing]
     cfg = dict(seqs=args.seqs, heads=args.heads, head_dim=args.head_dim, reps=args.reps, mean=args.mean,
-               packings=packings)
-    print(f"causal, zigzag, fp32, heads {args.heads}, head_dim {args.head_dim}, packed = lognormal docs "
+               packings=packings, layout=args.layout)
+    print(f"causal, {args.layout}, fp32, heads {args.heads}, head_dim {args.head_dim}, packed = lognormal docs "
           f"mean {args.mean}; median of {args.reps}; times in ms (wall, rank 0, gloo CPU)")
     print(f"{'world':>5} {'seq':>6} {'packing':>8} {'docs':>5} {'impl':>10} {'fwd':>9} {'fwd+bwd':>9}")
     ctx = mp.get_context("spawn")
@@ -173,6 +175,7 @@ def main() -> None:
     t.add_argument("--mean", type=int, default=256)
     t.add_argument("--reps", type=int, default=3)
     t.add_argument("--packing", choices=["both", "packed", "one-doc"], default="both")
+    t.add_argument("--layout", choices=["contiguous", "zigzag", "balanced"], default="zigzag")
     args = ap.parse_args()
     balance(args) if args.cmd == "balance" else timing(args)
 
