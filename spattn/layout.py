@@ -4,7 +4,7 @@ Layouts (W = mesh.world_size, S = global length, padded up to a multiple of the 
 - ``contiguous``: W chunks of c = ceil(S / W); sp_rank r holds chunk r.
 - ``zigzag``: 2W chunks of c = ceil(S / 2W); sp_rank r holds chunks r and 2W-1-r, so every ring
   step of causal attention has the same amount of work.
-- ``balanced``: for packed documents (``cu_seqlens``): W * K chunks (K = ``BALANCED_PIECES``) dealt
+- ``balanced``: for packed documents (``cu_seqlens``): W * K chunks (K: 2 to 16, see below) dealt
   out K per ring rank by their causal work (greedy, largest first, to the least loaded rank), so every
   rank computes about the same number of visible (query, key) pairs whatever the document lengths.
   The assignment is a pure function of (S, W, Ulysses degree, document boundaries): identical on
@@ -28,10 +28,14 @@ from .mesh import SPMesh
 
 Tensor = torch.Tensor
 LAYOUTS = ("contiguous", "zigzag", "balanced")
-# Chunks per rank of the balanced layout. Measured with bench/bench_varlen.py balance (8 ranks,
+# Chunks per rank of the balanced layout: as many as fit chunks of at least BALANCED_MIN_CHUNK
+# positions, between 2 and BALANCED_PIECES. Measured with bench/bench_varlen.py balance (8 ranks,
 # lognormal documents, mean 1-4K, 32K-128K tokens): the worst rank's causal work over the mean is
-# about +9% with 8 chunks per rank and about +1% with 16 (zigzag: +30% to +240%).
+# about +9% with 8 chunks per rank and about +1% with 16 (zigzag: +50% to +250%). Tiny chunks cost
+# more in per-call overhead than they win in balance (4K tokens on 4 CPU ranks, 64-token chunks:
+# about 2x zigzag's time), hence the minimum.
 BALANCED_PIECES = 16
+BALANCED_MIN_CHUNK = 256
 
 __all__ = ["LAYOUTS", "Geometry", "shard", "gather", "local_seq_len"]
 
@@ -53,7 +57,9 @@ class Geometry:
 
     @property
     def pieces_per_rank(self) -> int:
-        return {"contiguous": 1, "zigzag": 2}.get(self.layout, BALANCED_PIECES)
+        if self.layout == "balanced":
+            return max(2, min(BALANCED_PIECES, self.seq_len // (self.world_size * BALANCED_MIN_CHUNK)))
+        return 1 if self.layout == "contiguous" else 2
 
     @property
     def chunk(self) -> int:

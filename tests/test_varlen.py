@@ -399,3 +399,21 @@ def balanced_shard_roundtrip(u: int, r: int, docs: Tuple[int, ...]) -> bool:
 @pytest.mark.parametrize("mesh", [(1, 4), (2, 2)], ids=["u1r4", "u2r2"])
 def test_balanced_shard_gather(mesh):
     assert run_on_ranks(mesh[0] * mesh[1], balanced_shard_roundtrip, mesh[0], mesh[1], (30, 2, 100, 7, 1))
+
+
+@pytest.mark.parametrize("mesh", [(1, 4), (2, 2)], ids=["u1r4", "u2r2"])
+def test_balanced_without_documents(mesh):
+    # The balanced layout without cu_seqlens deals chunks for one causal document: still exact,
+    # also with joint tokens, padding and GQA (the main SP cases, both ring implementations).
+    u, r = mesh
+    for impl in ("p2p", "allgather"):
+        check_impl(Case(u, r, seq=29, heads=4, kv_heads=2, head_dim=16, causal=True, layout="balanced"), impl)
+        check_impl(Case(u, r, seq=21, heads=4, head_dim=16, text=5, layout="balanced"), impl)
+
+
+def test_balanced_many_pieces():
+    # Long enough for 4 chunks per rank (chunks of >= BALANCED_MIN_CHUNK): multi-segment ring ranks.
+    docs = (700, 1, 260, 1100, 39)
+    assert Geometry(sum(docs), 2, "balanced").pieces_per_rank == 4
+    for impl in ("p2p", "allgather"):
+        vcheck(VCase(1, 2, docs, heads=2, head_dim=8, layout="balanced", impl=impl))
