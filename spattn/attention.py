@@ -360,6 +360,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
         seq_local; fp32, natural log, -inf on padded rows) and ``joint_lse`` (batch, heads_q,
         text_len) if ``return_lse``. LSEs carry no gradient.
     """
+    if torch.compiler.is_compiling():  # dynamo: the same eager code, behind opaque custom ops
+        from .compile import traced_attention
+        return traced_attention(q, k, v, mesh, causal=causal, softmax_scale=softmax_scale, return_lse=return_lse,
+                                backend=backend, seq_len=seq_len, layout=layout, joint_q=joint_q, joint_k=joint_k,
+                                joint_v=joint_v, joint_strategy=joint_strategy, ring_engine=ring_engine)
     joint = (joint_q, joint_k, joint_v) if any(t is not None for t in (joint_q, joint_k, joint_v)) else None
     geo = _validate(q, k, v, mesh, causal, seq_len, layout, joint, joint_strategy)
     _check_joint_mask(joint_mask, joint, q)
