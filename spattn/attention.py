@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from .backends import get_backend
-from .comm import A2ASpec, default_ring_engine, start_head_to_seq, start_seq_to_head
+from .comm import A2ASpec, count_bytes, default_ring_engine, start_head_to_seq, start_seq_to_head
 from .layout import LAYOUTS, Geometry
 from .mesh import SPMesh
 from .ops import check_qkv
@@ -130,32 +130,47 @@ def _check_varlen(cu_seqlens, ring_impl, joint, q: Tensor, geo: Geometry) -> Opt
     return b
 
 
+def _mask_summary(mask: Tensor) -> Tuple[bool, int, int]:
+    """(right-padded?, longest, shortest) of a bool (B, T) text mask, read on the host. Cached on the
+    mask tensor, keyed by its version counter (an in-place change recomputes): a model hands the same
+    mask to every layer, so a GPU stream waits for this read once per forward, not once per layer."""
+    cached = getattr(mask, "_spattn_summary", None)
+    if cached is not None and cached[0] == mask._version:
+        return cached[1]
+    lens = mask.sum(1)
+    prefix = torch.arange(mask.shape[1], device=mask.device)[None, :] < lens[:, None]
+    is_prefix, longest, shortest = torch.stack([(mask == prefix).all().long(), lens.max(), lens.min()]).tolist()
+    summary = (bool(is_prefix), longest, shortest)
+    try:
+        mask._spattn_summary = (mask._version, summary)
+    except (AttributeError, RuntimeError):  # a tensor type without Python attributes: just no cache
+        pass
+    return summary
+
+
 def _compact_joint(mask: Optional[Tensor], jk: Tensor, jv: Tensor):
     """Joint K/V and per-batch key lengths for a text mask (batch, T): returns (jk, jv, k_lens) with
-    each batch element's real keys first, so every backend only needs lengths (int32 (B,)).
+    each batch element's real keys first, so every backend only needs lengths (int32 (B,), or None
+    when every batch element keeps all of the returned keys).
 
-    Right-padded masks (what pipelines pass) already are a prefix: lengths only, no copy, no mask.
+    Right-padded masks (what pipelines pass) already are a prefix: no copy, no mask, and the keys past
+    the longest prompt are sliced off (a batch of one padded prompt then runs unmasked on fewer keys).
     Any other mask (holes) is compacted: the real keys are gathered to the front, order kept. That is
-    exact without any bias, reuses the same length path in every backend (the Triton kernels then
-    skip the masked tiles), and costs one gather of the text K/V (B*T*Hkv*D, small beside the
-    attention); the gather's backward scatters gradients home, so masked keys get exactly 0. An
-    all-True mask takes the unmasked path. Deciding the fast path reads two flags on the host (the
-    caller's mask is tiny); under torch.compile that read is skipped and the gather always runs.
+    exact without any bias, reuses the same length path in every backend (the Triton kernels skip the
+    masked tiles), and costs one gather of the text K/V (B*T*Hkv*D, small beside the attention); the
+    gather's backward scatters gradients home, so masked keys get exactly 0.
     """
     if mask is None:
         return jk, jv, None
-    T = mask.shape[1]
-    lens = mask.sum(1, dtype=torch.int32)
-    if not torch.compiler.is_compiling():
-        prefix = torch.arange(T, device=mask.device)[None, :] < lens[:, None]
-        is_prefix, all_real = torch.stack([(mask == prefix).all(), (lens == T).all()]).tolist()
-        if all_real:
-            return jk, jv, None
-        if is_prefix:
-            return jk, jv, lens
-    order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices  # (B, T): real keys first
-    idx = order[:, :, None, None].expand(-1, -1, *jk.shape[2:])
-    return jk.gather(1, idx), jv.gather(1, idx), lens
+    is_prefix, longest, shortest = _mask_summary(mask)
+    n = max(1, longest)  # keep one (masked) key when no text token is real: no empty blocks downstream
+    if not is_prefix:
+        order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices  # (B, T): real keys first
+        idx = order[:, :, None, None].expand(-1, -1, *jk.shape[2:])
+        jk, jv = jk.gather(1, idx), jv.gather(1, idx)
+    if shortest == n:  # every batch element keeps its first n keys: nothing left to mask
+        return jk[:, :n], jv[:, :n], None
+    return jk[:, :n], jv[:, :n], mask.sum(1, dtype=torch.int32)
 
 
 def _check_across_ranks(mesh: SPMesh, sig: Tuple) -> None:
@@ -186,6 +201,8 @@ class _Replicated(torch.autograd.Function):
     def backward(ctx, *gs):
         flat = torch.cat([g.reshape(-1) for g in gs])  # one all-reduce per group, not one per tensor
         for grp in ctx.mesh.groups():
+            n = dist.get_world_size(grp)
+            count_bytes("all_reduce", 2 * (n - 1) * flat.numel() * flat.element_size() // n)
             dist.all_reduce(flat, group=grp)
         return (None, *(f.view_as(g) for f, g in zip(flat.split([g.numel() for g in gs]), gs)))
 
@@ -203,6 +220,7 @@ class _GatherHeads(torch.autograd.Function):
         padded[:, :, :h] = x
         parts = [torch.empty_like(padded) for _ in ranges]
         dist.all_gather(parts, padded, group=group)
+        count_bytes("all_gather", (len(ranges) - 1) * padded.numel() * padded.element_size())
         return torch.cat([p[:, :, :hi - lo] for p, (lo, hi) in zip(parts, ranges)], dim=2)
 
     @staticmethod
@@ -364,7 +382,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
         from .compile import traced_attention
         return traced_attention(q, k, v, mesh, causal=causal, softmax_scale=softmax_scale, return_lse=return_lse,
                                 backend=backend, seq_len=seq_len, layout=layout, joint_q=joint_q, joint_k=joint_k,
-                                joint_v=joint_v, joint_strategy=joint_strategy, ring_engine=ring_engine)
+                                joint_v=joint_v, joint_strategy=joint_strategy, ring_engine=ring_engine,
+                                joint_mask=joint_mask, cu_seqlens=cu_seqlens, ring_impl=ring_impl)
     joint = (joint_q, joint_k, joint_v) if any(t is not None for t in (joint_q, joint_k, joint_v)) else None
     geo = _validate(q, k, v, mesh, causal, seq_len, layout, joint, joint_strategy)
     _check_joint_mask(joint_mask, joint, q)

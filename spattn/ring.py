@@ -27,7 +27,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from .comm import make_ring_comm
+from .comm import count_bytes, make_ring_comm
 from .ops import block_forward, merge_
 from .ulysses import HeadMapBackend, balanced_ranges
 
@@ -411,6 +411,7 @@ def _allgather_merge(out: Tensor, lse: Tensor, group, size: int) -> Tuple[Tensor
     lses = [torch.empty_like(lse) for _ in range(size)]
     dist.all_gather(outs, out.contiguous(), group=group)
     dist.all_gather(lses, lse.contiguous(), group=group)
+    count_bytes("all_gather", (size - 1) * (out.numel() * out.element_size() + lse.numel() * lse.element_size()))
     res_out, res_lse = outs[0], lses[0]
     for o, l in zip(outs[1:], lses[1:]):
         merge_(res_out, res_lse, o, l)

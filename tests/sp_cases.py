@@ -45,7 +45,7 @@ class Case:
     engine: str = "python"
     chunks: Optional[int] = None  # Ulysses pipeline head chunks (SPATTN_ULYSSES_CHUNKS)
     seed: int = 0
-    mask: str = ""                # joint_mask: "" none, "pad" right-padded per batch, "hole", "empty" (see text_mask)
+    mask: str = ""                # joint_mask: "" none, "pad", "short", "hole", "empty" (see text_mask)
 
 
     @property
@@ -56,7 +56,7 @@ class Case:
 def text_mask(c: Case) -> Optional[torch.Tensor]:
     """The case's joint_mask, bool (batch, text), True = real token.
     "pad": right-padded like a pipeline's batched prompts: batch element b keeps max(1, T - 4b) tokens
-    (T=7, batch 2: 7 and 3). "hole": element 0 loses tokens in the middle, the others alternate
+    (T=7, batch 2: 7 and 3). "short": T - 2 - 2b tokens (all padded). "hole": element 0 loses tokens in the middle, the others alternate
     False/True (a masked first token too). "empty": element 0 right-padded to 3, the rest all masked."""
     if not c.mask:
         return None
@@ -65,6 +65,9 @@ def text_mask(c: Case) -> Optional[torch.Tensor]:
     if c.mask == "pad":
         for b in range(B):
             m[b, max(1, T - 4 * b):] = False
+    elif c.mask == "short":  # every prompt padded: the keys past the longest one are dropped
+        for b in range(B):
+            m[b, max(1, T - 2 - 2 * b):] = False
     elif c.mask == "hole":
         m[0, 1:max(2, T // 2)] = False
         m[1:, 0::2] = False
@@ -180,6 +183,8 @@ def _run_case(c: Case) -> Optional[dict]:
         if c.mask:  # masked text keys: exactly zero gradient, on every rank
             km = text_mask(c)
             assert (got["djk"][~km] == 0).all() and (got["djv"][~km] == 0).all(), "masked keys got gradient"
+            # Masked text rows are queries too: finite (compared with SDPA below like every row).
+            assert torch.isfinite(got["jout"]).all() and torch.isfinite(got["djq"]).all(), "non-finite text rows"
         # Replicated results must be identical on every rank.
         for n in ("jout", "djq", "djk", "djv"):
             t = got[n].contiguous()

@@ -35,6 +35,13 @@ def test_general_masks(mesh, mask):
     check(Case(u, r, seq=97, heads=4, head_dim=16, batch=2, text=7, mask=mask, joint_strategy="rear"))
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_all_prompts_padded(batch):
+    # Every prompt shorter than text_len: the joint K/V are cut to the longest prompt (batch 1: no mask left).
+    check(Case(1, 2, seq=13, heads=4, head_dim=16, batch=batch, text=9, mask="short"))
+    check(Case(2, 1, seq=13, heads=4, head_dim=16, batch=batch, text=9, mask="short", joint_strategy="rear"))
+
+
 def test_uneven_heads_pipeline():
     # 6 query / 3 kv heads on 4 Ulysses ranks: uneven head ranges, a non-uniform kv head map
     # (HeadMapBackend) and 3 pipeline chunks, all passing the key lengths through.
@@ -142,3 +149,41 @@ def test_kernel_key_lengths(case, dtype):
     for a, gr in zip(acc, grads):
         assert torch.allclose(a - 1, gr.float(), atol=floor * 10, rtol=1e-3)
     assert (acc[1][dead] == 1).all() and (acc[2][dead] == 1).all()
+
+
+def test_compact_joint():
+    """Masks become (keys, lengths) that keep exactly the real keys, in order; right-padded masks
+    without a copy, and no lengths at all where every batch element keeps the same keys."""
+    import sys
+
+    import torch
+
+    mod = sys.modules["spattn.attention"]  # the module (spattn.attention is the function)
+    jk, jv = torch.randn(3, 6, 2, 4), torch.randn(3, 6, 2, 4)
+    masks = {"all": torch.ones(3, 6, dtype=torch.bool),
+             "prefix_equal": torch.arange(6)[None, :].expand(3, 6) < 4,
+             "prefix": torch.arange(6)[None, :] < torch.tensor([[5], [2], [0]]),
+             "holes": torch.tensor([[1, 0, 1, 1, 0, 1], [0, 0, 0, 0, 0, 1], [0] * 6], dtype=torch.bool)}
+    for name, m in masks.items():
+        k2, v2, lens = mod._compact_joint(m, jk, jv)
+        n = lens.tolist() if lens is not None else [k2.shape[1]] * 3
+        assert k2.shape[1] == max(1, int(m.sum(1).max())), name  # cut to the longest prompt
+        for b in range(3):
+            assert torch.equal(k2[b, :n[b]], jk[b][m[b]]) and torch.equal(v2[b, :n[b]], jv[b][m[b]]), name
+        if name != "holes":
+            assert k2.data_ptr() == jk.data_ptr(), f"{name}: a right-padded mask must not copy the keys"
+        assert (lens is None) == (name in ("all", "prefix_equal")), name
+
+
+def test_mask_summary_cached_per_version():
+    import sys
+
+    import torch
+
+    mod = sys.modules["spattn.attention"]
+    m = torch.ones(2, 5, dtype=torch.bool)
+    assert mod._mask_summary(m) == (True, 5, 5)
+    m[0, 3:] = False  # in place: the version counter moves, the summary is recomputed
+    assert mod._mask_summary(m) == (True, 5, 3)
+    m[1, 1] = False
+    assert mod._mask_summary(m) == (False, 4, 3)

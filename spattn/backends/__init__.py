@@ -44,8 +44,12 @@ class Backend(Protocol):
 
 _REGISTRY: Dict[str, Callable[[], Backend]] = {}
 _INSTANCES: Dict[str, Backend] = {}
-# Preference order for backend="auto", per device type.
-_AUTO_ORDER = {"cuda": ("triton", "torch", "reference"), "cpu": ("torch", "reference")}
+# Preference order for backend="auto", per device type. "auto" picks only kernels that have been
+# checked on the device kind: on CUDA that is torch's own fused kernels. The Triton kernels are
+# opt-in (backend="triton") until they pass `spattn doctor --selftest` on a real GPU (none has run
+# them yet); then "triton" goes first here and TRITON_GPU_VERIFIED records the GPU and versions.
+_AUTO_ORDER = {"cuda": ("torch", "reference"), "cpu": ("torch", "reference")}
+TRITON_GPU_VERIFIED = None  # e.g. "H100 80GB, torch 2.x, triton 3.x: selftest PASS (date)"
 
 
 def register_backend(name: str, factory: Callable[[], Backend]) -> None:
