@@ -417,3 +417,75 @@ def test_balanced_many_pieces():
     assert Geometry(sum(docs), 2, "balanced").pieces_per_rank == 4
     for impl in ("p2p", "allgather"):
         vcheck(VCase(1, 2, docs, heads=2, head_dim=8, layout="balanced", impl=impl))
+
+
+# -- Hugging Face packed batches: position_ids restarting at 0 per document -------------------------
+def packed_llm_case(u: int, r: int, layout: str):
+    """Per layout: relative errors (logits, loss, grads) of the SP model fed a packed batch via
+    shard_inputs(position_ids=...) vs the single-process model running each document on its own
+    (= document-aware attention), and how far plain causal attention over the pack would be."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from spattn.integrations.transformers import global_loss, reduce_gradients, register, shard_inputs
+    from test_integration_transformers import _rel, tiny_config
+
+    mesh = get_mesh(u, r)
+    register(mesh)
+    cfg = tiny_config("llama")
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
+    sp = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="spattn", dtype=torch.float32)
+    sp.load_state_dict(ref.state_dict())
+    docs = (9, 1, 20, 3, 8)
+    S = sum(docs)
+    ids = torch.randint(0, cfg.vocab_size, (1, S))
+    pos = torch.cat([torch.arange(n) for n in docs])[None]
+    labels = ids.clone()
+    labels[0, 3] = -100
+    bounds = torch.tensor((0,) + docs).cumsum(0).tolist()
+    ref.zero_grad()
+    logits_ref = torch.cat([ref(input_ids=ids[:, a:b], position_ids=pos[:, a:b], use_cache=False).logits
+                            for a, b in zip(bounds, bounds[1:])], dim=1)
+    shifted = torch.cat([labels[:, 1:], torch.full((1, 1), -100)], dim=1)
+    loss_ref = F.cross_entropy(logits_ref[0], shifted[0], ignore_index=-100, reduction="sum") / (shifted != -100).sum()
+    loss_ref.backward()
+    res = {}
+    for lay in (layout,):
+        sp.zero_grad()
+        inputs = shard_inputs(ids, mesh, labels=labels, layout=lay, position_ids=pos)
+        out = sp(**inputs)
+        out.loss.backward()
+        reduce_gradients(sp, mesh)
+        logits = spattn.gather(out.logits, mesh, seq_len=S, layout=lay, cu_seqlens=inputs["spattn_cu_seqlens"])
+        gerr = max(_rel(p.grad, q.grad) for p, q in zip(sp.parameters(), ref.parameters()))
+        blind = float("inf")
+        if lay != "balanced":  # (balanced shards depend on the boundaries: no blind run of the same shards)
+            with torch.no_grad():  # without the boundaries: what a document-blind ring computes
+                kw = {n: x for n, x in inputs.items() if n != "spattn_cu_seqlens"}
+                blind = _rel(spattn.gather(sp(**kw).logits, mesh, seq_len=S, layout=lay), logits_ref)
+        res[lay] = (_rel(logits, logits_ref), _rel(global_loss(out.loss, mesh), loss_ref.detach()), gerr, blind)
+    dist.barrier()
+    return res
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "balanced"])
+@pytest.mark.parametrize("mesh", [(1, 2), (2, 2)], ids=["u1r2", "u2r2"])
+def test_hf_packed_batch(mesh, layout):
+    pytest.importorskip("transformers")
+    res = run_on_ranks(mesh[0] * mesh[1], packed_llm_case, mesh[0], mesh[1], layout, timeout=600)
+    for lay, (e_logits, e_loss, e_grad, blind) in res.items():
+        assert blind > 1e-2, "the test would not see documents mixed"
+        assert e_logits <= 1e-5 and e_loss <= 1e-5 and e_grad <= 1e-5, (lay, e_logits, e_loss, e_grad)
+
+
+def test_cu_seqlens_from_position_ids():
+    pytest.importorskip("transformers")
+    from spattn.integrations.transformers import cu_seqlens_from_position_ids
+
+    pos = torch.tensor([[0, 1, 2, 0, 0, 1]])
+    assert cu_seqlens_from_position_ids(pos).tolist() == [0, 3, 4, 6]
+    for bad in (torch.tensor([[1, 2, 3]]), torch.tensor([[0, 1, 3]]), torch.tensor([[0, 1], [0, 1]])):
+        with pytest.raises(ValueError, match="position_ids"):
+            cu_seqlens_from_position_ids(bad)
