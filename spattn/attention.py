@@ -392,7 +392,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
         # requires_grad too: a rank that skips backward would leave the others in its collectives.
         _check_across_ranks(mesh, (tuple(q.shape), tuple(k.shape), str(q.dtype), bool(causal), geo,
                                    tuple(tuple(t.shape) for t in joint) if joint else None,
-                                   tuple(t.requires_grad for t in (q, k, v) + (joint or ()))))
+                                   tuple(t.requires_grad for t in (q, k, v) + (joint or ())),
+                                   hash(docs), ring_impl))  # the documents (as a hash) and ring choice too
     be = get_backend(backend, q.device)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     U, R = mesh.ulysses_degree, mesh.ring_degree

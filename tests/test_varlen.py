@@ -489,3 +489,24 @@ def test_cu_seqlens_from_position_ids():
     for bad in (torch.tensor([[1, 2, 3]]), torch.tensor([[0, 1, 3]]), torch.tensor([[0, 1], [0, 1]])):
         with pytest.raises(ValueError, match="position_ids"):
             cu_seqlens_from_position_ids(bad)
+
+
+def mismatched_documents(u: int, r: int) -> str:
+    """Rank 0 passes other document boundaries: SPATTN_CHECK=1 reports it on every rank."""
+    mesh = get_mesh(u, r)
+    S = 8 * mesh.world_size
+    cu = torch.tensor([0, 3 if dist.get_rank() == 0 else 5, S])
+    x = torch.randn(1, 8, 2, 8)
+    os.environ["SPATTN_CHECK"] = "1"
+    try:
+        spattn.attention(x, x, x, mesh, cu_seqlens=cu)
+    except ValueError as e:
+        dist.barrier()
+        return str(e)
+    finally:
+        os.environ.pop("SPATTN_CHECK")
+    raise AssertionError("mismatched cu_seqlens were not detected")
+
+
+def test_varlen_check_across_ranks():
+    assert "different arguments" in run_on_ranks(2, mismatched_documents, 1, 2)
