@@ -345,6 +345,7 @@ def allgather_head_chunks(st: RingSetup, q: Tensor, k: Tensor) -> List[Tuple[Tup
 def _start_gather(st: RingSetup, k: Tensor, v: Tensor, kh: Tuple[int, int]):
     kv = torch.stack([k[:, :, kh[0]:kh[1]], v[:, :, kh[0]:kh[1]]])  # K and V in one message
     parts = [torch.empty_like(kv) for _ in range(st.size)]
+    count_bytes("all_gather", (st.size - 1) * kv.numel() * kv.element_size())
     return dist.all_gather(parts, kv, group=st.group, async_op=True), parts
 
 
@@ -392,6 +393,7 @@ def _allgather_backward(st: RingSetup, saved: Saved, dout: Tensor, dt_out: Optio
                 _blocks_backward(st.backend, dout[:, :, qs], q[:, :, qs], parts[src], out[:, :, qs],
                                  lse[:, qs], plans[src], st.scale, dq[:, :, qs], grads[src])
         mine = torch.empty_like(grads[0])
+        count_bytes("reduce_scatter", (st.size - 1) * mine.numel() * mine.element_size())
         pending.append((dist.reduce_scatter(mine, grads, group=st.group, async_op=True), mine, (h0, h1)))
     for w, mine, (h0, h1) in pending:
         w.wait()
