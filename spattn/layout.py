@@ -130,11 +130,15 @@ def balanced_assignment(seq_len: int, ring_degree: int, seg: int, pieces: int,
     return tuple(tuple(sorted(h)) for h in held)
 
 
-def doc_bounds(cu_seqlens: Optional[Tensor], layout: str) -> Optional[Tuple[int, ...]]:
+def doc_bounds(cu_seqlens: Optional[Tensor], layout: str, seq_len: int, where: str) -> Optional[Tuple[int, ...]]:
     """Document boundaries as a tuple for the balanced layout (None for the others: they ignore them)."""
     if layout != "balanced" or cu_seqlens is None:
         return None
-    return tuple(int(x) for x in cu_seqlens.tolist())
+    b = tuple(int(x) for x in cu_seqlens.reshape(-1).tolist())
+    if len(b) < 2 or b[0] != 0 or b[-1] != seq_len or any(x >= y for x, y in zip(b, b[1:])):
+        raise ValueError(f"spattn.{where}: cu_seqlens must be increasing boundaries 0 = b_0 < ... < b_n = "
+                         f"seq_len ({seq_len}), got {list(b[:4])}{' ...' if len(b) > 4 else ''}")
+    return b
 
 
 def local_seq_len(seq_len: int, mesh: SPMesh, layout: str = "contiguous") -> int:
@@ -163,7 +167,7 @@ def shard(x: Tensor, mesh: SPMesh, dim: int = 1, seq_len: Optional[int] = None,
     if seq_len is not None and seq_len != s:
         raise ValueError(f"spattn.shard: x has {s} positions along dim {dim} but seq_len={seq_len}; "
                          f"shard takes the full tensor")
-    geo = Geometry(s, mesh.world_size, layout, mesh.ulysses_degree, doc_bounds(cu_seqlens, layout))
+    geo = Geometry(s, mesh.world_size, layout, mesh.ulysses_degree, doc_bounds(cu_seqlens, layout, s, "shard"))
     xp = _pad_to(x, dim, geo.padded_len)
     c = geo.chunk
     parts = [xp.narrow(dim, cid * c, c) for cid in geo.chunk_ids(mesh.sp_rank)]
@@ -219,7 +223,7 @@ def gather(x_local: Tensor, mesh: SPMesh, dim: int = 1, seq_len: Optional[int] =
     dim = dim % x_local.dim()
     n = x_local.shape[dim]
     s = n * mesh.world_size if seq_len is None else int(seq_len)
-    geo = Geometry(s, mesh.world_size, layout, mesh.ulysses_degree, doc_bounds(cu_seqlens, layout))
+    geo = Geometry(s, mesh.world_size, layout, mesh.ulysses_degree, doc_bounds(cu_seqlens, layout, s, "gather"))
     if geo.local_len != n:
         raise ValueError(f"spattn.gather: local length {n} along dim {dim} does not match seq_len={s} over "
                          f"{mesh.world_size} ranks with layout {layout!r} (expected {geo.local_len})")

@@ -510,3 +510,9 @@ def mismatched_documents(u: int, r: int) -> str:
 
 def test_varlen_check_across_ranks():
     assert "different arguments" in run_on_ranks(2, mismatched_documents, 1, 2)
+
+
+def test_balanced_shard_checks_boundaries():
+    x = torch.zeros(1, 10, 2)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        spattn.shard(x, spattn.SPMesh(), layout="balanced", cu_seqlens=torch.tensor([0, 4, 9]))
