@@ -248,12 +248,17 @@ def traced_attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: b
                      seq_len: Optional[int] = None, layout: str = "contiguous",
                      joint_q: Optional[Tensor] = None, joint_k: Optional[Tensor] = None,
                      joint_v: Optional[Tensor] = None, joint_strategy: str = "front",
-                     ring_engine: Optional[str] = None, joint_mask: Optional[Tensor] = None, **newer):
+                     ring_engine: Optional[str] = None, joint_mask: Optional[Tensor] = None,
+                     cu_seqlens: Optional[Tensor] = None, ring_impl: str = "auto", **newer):
     """``spattn.attention`` while dynamo traces (same arguments and results, see its docstring)."""
     if joint_mask is not None:
         # Not yet: with a mask the eager path saves the compacted joint K/V (cut to the longest prompt,
         # a data-dependent length), which the fake impl / saved-tensor slots do not describe.
         newer = dict(newer, joint_mask=joint_mask)
+    if cu_seqlens is not None:  # not yet: the plan is built from the boundaries' values on the host
+        newer = dict(newer, cu_seqlens=cu_seqlens)
+    if ring_impl != "auto":  # not yet carried by the custom op; "auto" is resolved inside it
+        newer = dict(newer, ring_impl=ring_impl)
     if any(x is not None for x in newer.values()):
         raise NotImplementedError(f"spattn.attention under torch.compile: {sorted(newer)} not supported yet; "
                                   "call attention outside the compiled region (torch.compiler.disable)")
