@@ -19,7 +19,7 @@ from .comm import A2ASpec, count_bytes, default_ring_engine, start_head_to_seq, 
 from .layout import LAYOUTS, Geometry
 from .mesh import SPMesh
 from .ops import check_qkv
-from .ring import RingSetup, ring_backward, ring_forward
+from .ring import RingSetup, choose_ring_impl, ring_backward, ring_forward
 from .ulysses import HeadMapBackend, head_plan, pipeline_plans
 
 Tensor = torch.Tensor
@@ -96,6 +96,38 @@ def _check_joint_mask(joint_mask, joint, q: Tensor) -> None:
     if joint_mask.device != q.device:
         raise ValueError(f"spattn.attention: joint_mask is on {joint_mask.device} but q is on {q.device}; "
                          f"move it with joint_mask.to(q.device)")
+
+
+RING_IMPLS = ("auto", "p2p", "allgather")
+
+
+def _check_varlen(cu_seqlens, ring_impl, joint, q: Tensor, geo: Geometry) -> Optional[Tuple[int, ...]]:
+    """Validate cu_seqlens (and ring_impl) locally; return the document boundaries as a tuple of
+    ints (read once on the host: the plan is built from them), or None."""
+    if ring_impl not in RING_IMPLS:
+        raise ValueError(f"spattn.attention: ring_impl must be one of {RING_IMPLS}, got {ring_impl!r}")
+    if cu_seqlens is None:
+        return None
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"spattn.attention: cu_seqlens must be an int32/int64 torch.Tensor of document "
+                        f"boundaries, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"spattn.attention: cu_seqlens must be a 1-D int32/int64 tensor [0, b_1, ..., seq_len] "
+                         f"with at least 2 entries, got dtype {cu_seqlens.dtype}, shape {tuple(cu_seqlens.shape)}")
+    if joint is not None:
+        raise ValueError("spattn.attention: cu_seqlens (packed documents) cannot be combined with joint "
+                         "(text) tensors; pass one or the other")
+    if q.shape[0] != 1:
+        raise ValueError(f"spattn.attention: cu_seqlens needs packed batch 1 (all documents in one sequence), "
+                         f"got batch {q.shape[0]}; concatenate the batch along the sequence instead")
+    b = tuple(int(x) for x in cu_seqlens.tolist())
+    if b[0] != 0 or b[-1] != geo.seq_len:
+        raise ValueError(f"spattn.attention: cu_seqlens must start at 0 and end at the global (unpadded) "
+                         f"sequence length {geo.seq_len}, got {b[0]} ... {b[-1]}")
+    if any(x >= y for x, y in zip(b, b[1:])):
+        raise ValueError("spattn.attention: cu_seqlens must be strictly increasing (no empty documents); "
+                         "drop repeated boundaries, e.g. with torch.unique_consecutive(cu_seqlens)")
+    return b
 
 
 def _mask_summary(mask: Tensor) -> Tuple[bool, int, int]:
@@ -317,7 +349,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
               joint_q: Optional[Tensor] = None, joint_k: Optional[Tensor] = None,
               joint_v: Optional[Tensor] = None, joint_strategy: str = "front",
               ring_engine: Optional[str] = None,
-              joint_mask: Optional[Tensor] = None) -> Union[Tensor, Tuple[Tensor, ...]]:
+              joint_mask: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
+              ring_impl: str = "auto") -> Union[Tensor, Tuple[Tensor, ...]]:
     """Sequence-parallel attention on this rank's shards; equals attention over the full sequence.
 
     Args:
@@ -330,18 +363,28 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
         backend: single-device kernel: "auto", "torch", "reference" or "triton".
         seq_len: global length when it is not ``seq_local * world_size`` (shards are padded; padded
             keys get exactly zero weight, padded output rows are 0 and get no gradient).
-        layout: "contiguous" or "zigzag" (load-balanced causal); must match how q/k/v were sharded.
+        layout: "contiguous", "zigzag" (load-balanced causal) or "balanced" (load-balanced packed
+            documents: chunks dealt by their causal work under ``cu_seqlens``); must match how q/k/v
+            were sharded (``spattn.shard(..., layout=..., cu_seqlens=...)``).
         joint_q, joint_k, joint_v: text tokens (batch, text_len, heads, head_dim), identical on every
             rank, attending jointly with the image tokens (non-causal only).
         joint_strategy: "front" ([text, image]) or "rear" ([image, text]); for bidirectional attention
             both orders give the same numbers, the flag records the model's convention.
-        ring_engine: "auto" (C++ engine when built), "python" or "cpp"; default ``$SPATTN_RING_ENGINE``.
+        ring_engine: P2P ring transport: "auto" (C++ engine when built), "python" or "cpp"; default
+            ``$SPATTN_RING_ENGINE``.
         joint_mask: bool (batch, text_len), True = real text token, identical on every rank (e.g.
             Qwen-Image's ``encoder_hidden_states_mask``); needs joint_q/k/v. Masked text *keys* get
             exactly zero weight for every query and zero gradient; a masked text *row* still gets a
             finite output (it attends to the unmasked keys), exactly as SDPA over the joint sequence
             with ``attn_mask`` (batch, 1, 1, text_len + seq_len). Right-padded masks take a fast path
             (per-batch key lengths); any other pattern is exact too.
+        cu_seqlens: packed documents, int32/int64 (n_docs + 1,) boundaries ``0 = b_0 < ... < b_n =
+            seq_len`` over the global unpadded sequence, identical on every rank, batch 1. Token i
+            attends to token j only within its own document (and j <= i if causal), exactly as SDPA
+            with the block-diagonal document mask; (query, key) blocks with no visible pair are skipped.
+        ring_impl: "p2p" (K/V blocks travel the ring, overlapped with compute), "allgather" (the ring
+            group's K/V gathered in head chunks, one pass; dK/dV reduce-scattered) or "auto" (the
+            measured rule in ``spattn.ring.choose_ring_impl``; an explicit ``ring_engine`` means "p2p").
 
     Returns:
         ``out`` (batch, seq_local, heads_q, head_dim), then ``joint_out`` (batch, text_len, heads_q,
@@ -354,17 +397,18 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
         return traced_attention(q, k, v, mesh, causal=causal, softmax_scale=softmax_scale, return_lse=return_lse,
                                 backend=backend, seq_len=seq_len, layout=layout, joint_q=joint_q, joint_k=joint_k,
                                 joint_v=joint_v, joint_strategy=joint_strategy, ring_engine=ring_engine,
-                                joint_mask=joint_mask)
+                                joint_mask=joint_mask, cu_seqlens=cu_seqlens, ring_impl=ring_impl)
     return _attention(q, k, v, mesh, causal=causal, softmax_scale=softmax_scale, return_lse=return_lse,
                       backend=backend, seq_len=seq_len, layout=layout, joint_q=joint_q, joint_k=joint_k,
                       joint_v=joint_v, joint_strategy=joint_strategy, ring_engine=ring_engine,
-                      joint_mask=joint_mask)
+                      joint_mask=joint_mask, cu_seqlens=cu_seqlens, ring_impl=ring_impl)
 
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool, softmax_scale: Optional[float],
                return_lse: bool, backend: str, seq_len: Optional[int], layout: str, joint_q: Optional[Tensor],
                joint_k: Optional[Tensor], joint_v: Optional[Tensor], joint_strategy: str,
                ring_engine: Optional[str], joint_mask: Optional[Tensor] = None,
+               cu_seqlens: Optional[Tensor] = None, ring_impl: str = "auto",
                joint_lens: Optional[Tensor] = None) -> Union[Tensor, Tuple[Tensor, ...]]:
     """``attention`` in eager mode. ``joint_lens`` (int32 (batch,), instead of ``joint_mask``): the
     joint K/V are already compacted (real keys first, as ``_compact_joint`` returns them under
@@ -374,11 +418,13 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool, s
     _check_joint_mask(joint_mask, joint, q)
     if joint_lens is not None and (joint is None or joint_mask is not None):
         raise ValueError("spattn.attention: joint_lens needs joint tensors and no joint_mask")
+    docs = _check_varlen(cu_seqlens, ring_impl, joint, q, geo)
     if os.environ.get("SPATTN_CHECK") == "1" and mesh.world_size > 1:
         # requires_grad too: a rank that skips backward would leave the others in its collectives.
         _check_across_ranks(mesh, (tuple(q.shape), tuple(k.shape), str(q.dtype), bool(causal), geo,
                                    tuple(tuple(t.shape) for t in joint) if joint else None,
-                                   tuple(t.requires_grad for t in (q, k, v) + (joint or ()))))
+                                   tuple(t.requires_grad for t in (q, k, v) + (joint or ())),
+                                   hash(docs), ring_impl))  # the documents (as a hash) and ring choice too
     be = get_backend(backend, q.device)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     U, R = mesh.ulysses_degree, mesh.ring_degree
@@ -390,19 +436,26 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool, s
     if joint_lens is not None:
         jlens = joint_lens
 
+    if layout == "balanced":  # the chunk assignment depends on the documents and the mesh shape
+        geo = Geometry(geo.seq_len, geo.world_size, layout, U, docs)
     pieces, L, i = geo.pieces_per_rank, U * geo.chunk, mesh.ring_rank
-    starts = tuple((r * L,) if pieces == 1 else (r * L, (2 * R - 1 - r) * L) for r in range(R))
+    starts = tuple(tuple(s * L for s in geo.ring_segments(r, R)) for r in range(R))
+
+    impl = choose_ring_impl(R, U * q.shape[1], q.device, ring_engine) if ring_impl == "auto" else ring_impl
 
     def setup(backend_) -> RingSetup:
         return RingSetup(mesh.ring_group, R, i, L, starts, geo.seq_len, bool(causal), scale, backend_,
-                         ring_engine or default_ring_engine(), jlens)
+                         ring_engine or default_ring_engine(), jlens, docs, impl)
 
     if U == 1:
         chunks = [_Chunk(setup(be), None, None, (0, hq), (0, hkv))]
     else:
         plan, u = head_plan(hq, hkv, U), mesh.ulysses_rank
         # Head-sharded sequence in global order: piece 0 of every rank, then (zigzag) piece 1 reversed.
-        order = [(r, 0) for r in range(U)] + ([(r, 1) for r in reversed(range(U))] if pieces == 2 else [])
+        if layout == "zigzag":
+            order = [(r, 0) for r in range(U)] + [(r, 1) for r in reversed(range(U))]
+        else:  # contiguous / balanced: every local piece j is super-chunk j's U-th part u
+            order = [(r, j) for j in range(pieces) for r in range(U)]
         chunks = []
         for p in pipeline_plans(plan, ulysses_chunks()):
             index = p.local_kv_index(u)

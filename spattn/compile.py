@@ -5,13 +5,13 @@ Why opaque ops: the eager path is an ``autograd.Function`` driving torch.distrib
 collectives with Python-side plans, which dynamo cannot trace. Under ``torch.compiler.is_compiling()``
 ``attention()`` hands over to ``traced_attention`` here, which calls two ``torch.library.custom_op``s:
 
-- ``spattn::attention_fwd(q, k, v, jq?, jk?, jv?, jlens?, mesh_id, ...) -> [out, (joint_out), (lse, (joint_lse)),
-  *saved]`` runs the eager
+- ``spattn::attention_fwd(q, k, v, jq?, jk?, jv?, jlens?, mesh_id, ...) -> [out, (joint_out), (lse,
+  (joint_lse)), *saved]`` runs the eager
   ``attention()`` and returns, besides the output, what its backward needs (the tensors the autograd
   Function saved: the head-sharded q/k/v/out/LSE of each Ulysses pipeline chunk, or just the LSE for a
   ring). Shapes for tracing come from ``register_fake`` (the same head plan the eager path uses).
-- ``spattn::attention_bwd(dout, djout?, q, k, v, jq?, jk?, jv?, jlens?, out, jout?, saved, ...) -> [dq, dk, dv,
-  (djq, djk, djv)]`` runs the eager backward
+- ``spattn::attention_bwd(dout, djout?, q, k, v, jq?, jk?, jv?, jlens?, out, jout?, saved, ...) -> [dq, dk,
+  dv, (djq, djk, djv)]`` runs the eager backward
   from those saved tensors: attention is never recomputed and nothing is re-exchanged. Cost over eager:
   the saved tensors are graph values instead of autograd-held ones (the same memory), plus a copy of
   any two that shared storage (the packed q/k/v of one all-to-all), since op outputs may not alias.
@@ -22,8 +22,8 @@ bools and strings. Joint (text) tensors are op inputs too; their replicated-grad
 inside the backward op. A text mask (``joint_mask``) is compacted in the traced graph by plain torch
 ops without a host read (``attention._compact_joint`` under tracing: real keys gathered first, all
 ``text_len`` keys kept, so every shape is static) and reaches the ops as ``jlens``, int32 (batch,) key
-counts; the gather's backward (scatter) is part of the graph. ``spattn.shard`` is plain slicing and traces as is; ``spattn.gather`` (an
-all-gather) stays outside the compiled region.
+counts; the gather's backward (scatter) is part of the graph. ``spattn.shard`` is plain slicing and
+traces as is; ``spattn.gather`` (an all-gather) stays outside the compiled region.
 """
 from __future__ import annotations
 
@@ -125,9 +125,9 @@ def _plan_key(q, k, jq, causal, scale, backend, seq_len, layout, strategy, ring_
 
 @torch.library.custom_op("spattn::attention_fwd", mutates_args=())
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, jq: Optional[Tensor], jk: Optional[Tensor],
-                   jv: Optional[Tensor], jlens: Optional[Tensor], mesh_id: int, causal: bool, scale: Optional[float], return_lse: bool,
-                   backend: str, seq_len: Optional[int], layout: str, joint_strategy: str,
-                   ring_engine: Optional[str], save: bool) -> List[Tensor]:
+                   jv: Optional[Tensor], jlens: Optional[Tensor], mesh_id: int, causal: bool,
+                   scale: Optional[float], return_lse: bool, backend: str, seq_len: Optional[int], layout: str,
+                   joint_strategy: str, ring_engine: Optional[str], save: bool) -> List[Tensor]:
     """[out, (joint_out), (lse, (joint_lse)), *saved]: spattn.attention's results, then (``save``)
     the tensors its backward needs that are neither inputs nor results. ``jlens``: the text mask as
     int32 (batch,) key counts, jk/jv already compacted (real keys first, full text length)."""
@@ -164,8 +164,8 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, jq: Optional[Tensor], jk: Op
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, jq, jk, jv, jlens, mesh_id, causal, scale, return_lse, backend, seq_len, layout, joint_strategy,
-      ring_engine, save):
+def _(q, k, v, jq, jk, jv, jlens, mesh_id, causal, scale, return_lse, backend, seq_len, layout,
+      joint_strategy, ring_engine, save):
     from .attention import _validate
 
     mesh = _mesh(mesh_id)
@@ -186,9 +186,9 @@ def _(q, k, v, jq, jk, jv, jlens, mesh_id, causal, scale, return_lse, backend, s
 
 @torch.library.custom_op("spattn::attention_bwd", mutates_args=())
 def _attention_bwd(dout: Tensor, djout: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, jq: Optional[Tensor],
-                   jk: Optional[Tensor], jv: Optional[Tensor], jlens: Optional[Tensor], out: Tensor, jout: Optional[Tensor],
-                   saved: List[Tensor], mesh_id: int, causal: bool, scale: Optional[float], backend: str,
-                   seq_len: Optional[int], layout: str, joint_strategy: str,
+                   jk: Optional[Tensor], jv: Optional[Tensor], jlens: Optional[Tensor], out: Tensor,
+                   jout: Optional[Tensor], saved: List[Tensor], mesh_id: int, causal: bool, scale: Optional[float],
+                   backend: str, seq_len: Optional[int], layout: str, joint_strategy: str,
                    ring_engine: Optional[str]) -> List[Tensor]:
     """[dq, dk, dv, (djq, djk, djv)]: the eager backward from the saved tensors (no recomputation).
     djk/djv are for the compacted jk/jv (the traced gather scatters them home)."""
@@ -224,8 +224,8 @@ def _attention_bwd(dout: Tensor, djout: Optional[Tensor], q: Tensor, k: Tensor, 
 
 
 @_attention_bwd.register_fake
-def _(dout, djout, q, k, v, jq, jk, jv, jlens, out, jout, saved, mesh_id, causal, scale, backend, seq_len, layout,
-      joint_strategy, ring_engine):
+def _(dout, djout, q, k, v, jq, jk, jv, jlens, out, jout, saved, mesh_id, causal, scale, backend, seq_len,
+      layout, joint_strategy, ring_engine):
     return [torch.empty_like(t) for t in ((q, k, v) if jq is None else (q, k, v, jq, jk, jv))]
 
 
@@ -263,8 +263,13 @@ def traced_attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: b
                      seq_len: Optional[int] = None, layout: str = "contiguous",
                      joint_q: Optional[Tensor] = None, joint_k: Optional[Tensor] = None,
                      joint_v: Optional[Tensor] = None, joint_strategy: str = "front",
-                     ring_engine: Optional[str] = None, joint_mask: Optional[Tensor] = None, **newer):
+                     ring_engine: Optional[str] = None, joint_mask: Optional[Tensor] = None,
+                     cu_seqlens: Optional[Tensor] = None, ring_impl: str = "auto", **newer):
     """``spattn.attention`` while dynamo traces (same arguments and results, see its docstring)."""
+    if cu_seqlens is not None:  # not yet: the plan is built from the boundaries' values on the host
+        newer = dict(newer, cu_seqlens=cu_seqlens)
+    if ring_impl != "auto":  # not yet carried by the custom op; "auto" is resolved inside it
+        newer = dict(newer, ring_impl=ring_impl)
     if any(x is not None for x in newer.values()):
         raise NotImplementedError(f"spattn.attention under torch.compile: {sorted(newer)} not supported yet; "
                                   "call attention outside the compiled region (torch.compiler.disable)")

@@ -38,7 +38,8 @@ import spattn
 Tensor = torch.Tensor
 IGNORE_INDEX = -100
 
-__all__ = ["register", "shard_inputs", "sp_loss", "global_loss", "reduce_gradients"]
+__all__ = ["register", "shard_inputs", "cu_seqlens_from_position_ids", "sp_loss", "global_loss",
+           "reduce_gradients"]
 
 
 def _mask_fn(name: str):
@@ -75,7 +76,7 @@ def register(mesh: "spattn.SPMesh", name: str = "spattn") -> str:
                                  attention_mask: Optional[Tensor], dropout: float = 0.0,
                                  scaling: Optional[float] = None, is_causal: Optional[bool] = None,
                                  spattn_seq_len: Optional[int] = None, spattn_layout: Optional[str] = None,
-                                 **kwargs):
+                                 spattn_cu_seqlens: Optional[Tensor] = None, **kwargs):
         """transformers' attention signature: query (batch, heads, seq_local, head_dim), key/value
         (batch, kv_heads, seq_local, head_dim) -> ((batch, seq_local, heads, head_dim), None)."""
         where = f"attn_implementation={name!r}"
@@ -97,7 +98,7 @@ def register(mesh: "spattn.SPMesh", name: str = "spattn") -> str:
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))  # -> (B, s, H, D)
         out = spattn.attention(q, k, v, mesh, causal=bool(causal), softmax_scale=scaling,
-                               seq_len=int(spattn_seq_len), layout=spattn_layout)
+                               seq_len=int(spattn_seq_len), layout=spattn_layout, cu_seqlens=spattn_cu_seqlens)
         return out, None
 
     AttentionInterface.register(name, spattn_attention_forward)
@@ -105,18 +106,39 @@ def register(mesh: "spattn.SPMesh", name: str = "spattn") -> str:
     return name
 
 
+def cu_seqlens_from_position_ids(position_ids: Tensor) -> Tensor:
+    """Document boundaries int32 (n_docs + 1,) of a packed batch given the Hugging Face way:
+    position_ids (1, seq) restarting at 0 at each document and counting up by 1 inside it."""
+    if position_ids.dim() != 2 or position_ids.shape[0] != 1:
+        raise ValueError(f"shard_inputs: packed position_ids must be (1, seq) (all documents in one row), got "
+                         f"shape {tuple(position_ids.shape)}")
+    p = position_ids[0]
+    starts = p == 0
+    if p.numel() == 0 or not bool(starts[0]):
+        raise ValueError("shard_inputs: packed position_ids must start at 0 (each document counts 0, 1, 2, ...)")
+    if not bool(((p[1:] == p[:-1] + 1) | starts[1:]).all()):
+        raise ValueError("shard_inputs: packed position_ids must count up by 1 inside a document and restart at 0 "
+                         "at the next one; got another pattern")
+    n = torch.tensor([p.numel()], device=p.device)
+    return torch.cat([starts.nonzero().flatten(), n]).to(torch.int32)
+
+
 def shard_inputs(input_ids: Tensor, mesh: "spattn.SPMesh", *, labels: Optional[Tensor] = None,
-                 layout: str = "zigzag") -> Dict[str, object]:
+                 layout: str = "zigzag", position_ids: Optional[Tensor] = None) -> Dict[str, object]:
     """What this rank passes to the model: ``model(**shard_inputs(input_ids, mesh, labels=...))``.
 
     Args:
         input_ids: (batch, seq) full token ids, identical on every rank; any seq.
         labels: (batch, seq) full labels (usually ``input_ids``; -100 = ignored), NOT shifted.
-        layout: "zigzag" (balanced causal work) or "contiguous".
+        layout: "zigzag" (balanced causal work), "contiguous", or "balanced" (packed documents).
+        position_ids: (1, seq) for a packed batch, the Hugging Face way (restarting at 0 at each
+            document): the document boundaries are derived from them (``spattn_cu_seqlens``), so no
+            token attends across a document, and these positions (not global ones) feed RoPE.
 
     Returns a dict with ``input_ids`` (batch, s) this rank's tokens (padded with 0 past the end),
     ``position_ids`` (batch, s) their global positions, ``use_cache=False``, ``spattn_seq_len`` and
-    ``spattn_layout`` (read by the registered attention), and with labels: ``labels`` and
+    ``spattn_layout`` (read by the registered attention; with ``position_ids`` also
+    ``spattn_cu_seqlens``, and ``position_ids`` are then the given per-document ones), and with labels: ``labels`` and
     ``shift_labels`` (batch, s), the next-token targets of this rank's positions (shifted on the full
     sequence, -100 on the last and on padded positions), and ``num_items_in_batch``, the global count of
     valid targets, which makes ``model(**inputs).loss`` this rank's share of the global mean loss.
@@ -127,14 +149,35 @@ def shard_inputs(input_ids: Tensor, mesh: "spattn.SPMesh", *, labels: Optional[T
     padded = spattn.local_seq_len(s, mesh, layout) * mesh.world_size
     # Padded slots (past the end) get their global index as position: their keys get zero weight in
     # spattn and their labels are -100, so the value only has to be finite.
-    pos = torch.arange(padded, device=input_ids.device).expand(b, padded)
+    cu = None
+    if position_ids is None:
+        pos = torch.arange(padded, device=input_ids.device).expand(b, padded)
+    else:
+        if position_ids.shape != input_ids.shape:
+            raise ValueError(f"shard_inputs: position_ids {tuple(position_ids.shape)} must have the shape of "
+                             f"input_ids {tuple(input_ids.shape)}")
+        cu = cu_seqlens_from_position_ids(position_ids)
+        tail = position_ids[:, -1:] + 1 + torch.arange(padded - s, device=position_ids.device)
+        pos = torch.cat([position_ids, tail], dim=1)
+
+    def shard_padded(x: Tensor, fill: int) -> Tensor:
+        """Shard a (b, padded) tensor whose tail past s is already filled. The balanced layout's
+        geometry depends on the real length, so there the real part is sharded and the padded
+        slots filled after."""
+        if layout != "balanced":
+            return spattn.shard(x, mesh, layout=layout)
+        valid = spattn.shard(torch.ones(1, s, dtype=torch.bool, device=x.device), mesh, layout=layout, cu_seqlens=cu)
+        return spattn.shard(x[:, :s], mesh, layout=layout, cu_seqlens=cu).masked_fill(~valid, fill)
+
     out: Dict[str, object] = {
-        "input_ids": spattn.shard(input_ids, mesh, layout=layout),
-        "position_ids": spattn.shard(pos, mesh, layout=layout),
+        "input_ids": spattn.shard(input_ids, mesh, layout=layout, cu_seqlens=cu),
+        "position_ids": shard_padded(pos, 0),
         "use_cache": False,
         "spattn_seq_len": s,
         "spattn_layout": layout,
     }
+    if cu is not None:
+        out["spattn_cu_seqlens"] = cu
     if labels is not None:
         if labels.shape != input_ids.shape:
             raise ValueError(f"shard_inputs: labels {tuple(labels.shape)} must have the shape of input_ids "
@@ -142,7 +185,7 @@ def shard_inputs(input_ids: Tensor, mesh: "spattn.SPMesh", *, labels: Optional[T
         # Shift on the full sequence first: the target of a shard's last token lives on another rank.
         shifted = torch.cat([labels[:, 1:], labels.new_full((b, 1), IGNORE_INDEX)], dim=1)
         shifted_padded = torch.cat([shifted, shifted.new_full((b, padded - s), IGNORE_INDEX)], dim=1)
-        local = spattn.shard(shifted_padded, mesh, layout=layout)
+        local = shard_padded(shifted_padded, IGNORE_INDEX)
         out["labels"] = local
         out["shift_labels"] = local  # transformers' loss then uses them as they are (no second shift)
         out["num_items_in_batch"] = int((shifted != IGNORE_INDEX).sum())
