@@ -39,7 +39,6 @@ import socket
 import statistics
 import time
 from datetime import timedelta
-from typing import Dict
 
 import torch
 import torch.distributed as dist
