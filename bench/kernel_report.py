@@ -80,12 +80,13 @@ def kernel_spec(kind: str, arch: int, head_dim: int, dtype: torch.dtype, cfg: Op
     if kind in ("fwd", "dkdv", "dq"):
         cfg = cfg or fa.tile_config(kind, arch, head_dim, dtype)
         ce = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=True,
-                  EVEN_M=False, EVEN_N=False, DOT_PREC=prec)
+                  EVEN_M=False, EVEN_N=False, DOT_PREC=prec, HAS_KLENS=False)
         if kind == "fwd":
-            fn, ptrs = fa._flash_fwd_kernel, dict(Q=t, K=t, V=t, Out=t, LSE="*fp32")
+            fn, ptrs = fa._flash_fwd_kernel, dict(Q=t, K=t, V=t, Out=t, LSE="*fp32", K_LENS="*i32")
         else:
             ce["ACCUMULATE"] = True
-            ptrs = dict(Q=t, K=t, V=t, DO=t, LSE="*fp32", Delta="*fp32", DK="*fp32", DV="*fp32", DQ="*fp32")
+            ptrs = dict(Q=t, K=t, V=t, DO=t, LSE="*fp32", Delta="*fp32", DK="*fp32", DV="*fp32", DQ="*fp32",
+                        K_LENS="*i32")
             fn = fa._flash_bwd_dkdv_kernel if kind == "dkdv" else fa._flash_bwd_dq_kernel
             ptrs = {k: v for k, v in ptrs.items() if k in fn.arg_names}
         opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)

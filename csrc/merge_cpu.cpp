@@ -117,7 +117,10 @@ __attribute__((target("avx2,f16c"))) inline void lse_weights_avx2(const float* a
   const __m256 mx = _mm256_max_ps(a, b), mn = _mm256_min_ps(a, b);
   const __m256 lae = _mm256_add_ps(mx, Sleef_log1pf8_u10(Sleef_expf8_u10(_mm256_sub_ps(mn, mx))));
   const __m256 mx_inf = _mm256_cmp_ps(_mm256_andnot_ps(sign, mx), inf, _CMP_EQ_OQ);
-  const __m256 nl = _mm256_blendv_ps(lae, mx, mx_inf);
+  // _mm256_max_ps/min_ps return their second operand when either is NaN, which would turn a NaN
+  // running LSE finite (SDPA keeps a poisoned row NaN): put the NaN back where the inputs are unordered.
+  const __m256 unord = _mm256_cmp_ps(a, b, _CMP_UNORD_Q);
+  const __m256 nl = _mm256_blendv_ps(_mm256_blendv_ps(lae, mx, mx_inf), _mm256_add_ps(a, b), unord);
   const __m256 nl_inf = _mm256_cmp_ps(_mm256_andnot_ps(sign, nl), inf, _CMP_EQ_OQ);
   const __m256 safe = _mm256_blendv_ps(nl, _mm256_setzero_ps(), nl_inf);
   _mm256_storeu_ps(new_p, nl);

@@ -4,6 +4,8 @@ Layout: q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D), any strides; query head h reads k
 (GQA/MQA without repeating K/V). LSE: (B, Hq, Sq) fp32, natural log, -inf for a row that sees no key
 (its output row is 0). Causal mask with global positions: key j is visible to query i iff
 ``k_offset + j <= q_offset + i``, so a ring can hand over blocks that come from different ranks.
+Optional per-batch key lengths ``k_lens`` (int32 (B,), a right-padded text mask): keys j >= k_lens[b]
+are masked inside the tile, whole key tiles past it are skipped, and their dK/dV are exactly 0.
 
 Inside the kernels scores are kept in base 2 (exp2 is one instruction); the LSE is converted to the
 natural log at the kernel boundary. Accumulation is fp32 for every input dtype.
@@ -123,9 +125,10 @@ def _flash_fwd_kernel(
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ob, stride_os, stride_oh, stride_od,
     stride_lb, stride_lh, stride_ls,
-    heads_q, group, seqlen_q, seqlen_k, q_offset, k_offset, sm_scale,
+    heads_q, group, seqlen_q, seqlen_k, q_offset, k_offset, sm_scale, K_LENS,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
+    HAS_KLENS: tl.constexpr = False,
 ):
     """Grid (cdiv(Sq, BLOCK_M), B * Hq): one query tile of one head, all its visible keys."""
     tl.static_assert(BLOCK_D >= HEAD_DIM, "BLOCK_D pads head_dim to a power of two")
@@ -140,6 +143,8 @@ def _flash_fwd_kernel(
     V += b * stride_vb + kvh * stride_vh
     Out += b * stride_ob + h * stride_oh
     LSE += b * stride_lb + h * stride_lh
+    if HAS_KLENS:  # keys past this batch element's length are padding: as if the block ended there
+        seqlen_k = tl.minimum(seqlen_k, tl.load(K_LENS + b))
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -200,9 +205,10 @@ def _bwd_preprocess_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, Delta, stride_qs, stride_qd, stride_dos, stride_dod, stride_ls,
-                    offs_n, offs_d, lo, hi, seqlen_q, causal_shift, qk_scale,
+                    offs_n, offs_d, lo, hi, seqlen_q, causal_shift, qk_scale, k_len,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                    MASKED: tl.constexpr, EVEN_M: tl.constexpr, DOT_PREC: tl.constexpr):
+                    MASKED: tl.constexpr, EVEN_M: tl.constexpr, DOT_PREC: tl.constexpr,
+                    HAS_KLENS: tl.constexpr):
     """Accumulate dK (unscaled) and dV of one key tile over query tiles [lo, hi). Works on the
     transposed scores (keys x queries) so the key tile stays in registers."""
     for start_m in range(lo, hi, BLOCK_M):
@@ -217,6 +223,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, Delta, stride_qs, stride_qd, strid
         pT = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale - lse2[None, :])
         if MASKED:
             pT = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_shift, pT, 0.0)
+        if HAS_KLENS:  # the tile straddles this batch element's key length
+            pT = tl.where(offs_n[:, None] < k_len, pT, 0.0)
         dv = tl.dot(pT.to(k.dtype), do, dv, input_precision=DOT_PREC)
         if EVEN_M:
             delta = tl.load(Delta + offs_m)
@@ -238,10 +246,10 @@ def _flash_bwd_dkdv_kernel(
     stride_lb, stride_lh, stride_ls,
     stride_dkb, stride_dks, stride_dkh, stride_dkd,
     stride_dvb, stride_dvs, stride_dvh, stride_dvd,
-    heads_q, heads_kv, group, seqlen_q, seqlen_k, q_offset, k_offset, sm_scale,
+    heads_q, heads_kv, group, seqlen_q, seqlen_k, q_offset, k_offset, sm_scale, K_LENS,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, ACCUMULATE: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, HAS_KLENS: tl.constexpr = False,
 ):
     """Grid (cdiv(Sk, BLOCK_N), B * Hkv). GQA: the program loops over the query heads of its group and
     keeps dK/dV in registers, so each kv-head gradient is written once: no atomics, deterministic, and
@@ -272,6 +280,14 @@ def _flash_bwd_dkdv_kernel(
     else:
         lo = 0
         full_lo = 0
+    q_hi = seqlen_q
+    k_len = seqlen_k
+    if HAS_KLENS:
+        k_len = tl.load(K_LENS + b)
+        # A key tile wholly past the length loops over no query tile: its dK/dV stay exactly 0.
+        q_hi = tl.where(start_n * BLOCK_N < k_len, seqlen_q, 0)
+        lo = tl.minimum(lo, q_hi)
+        full_lo = tl.minimum(full_lo, q_hi)
     # Out-of-range keys (tail tile) load as zeros and are never stored, so only the causal mask is needed.
     for g in range(0, group):
         h = kvh * group + g
@@ -280,11 +296,11 @@ def _flash_bwd_dkdv_kernel(
         LSEh = LSE + b * stride_lb + h * stride_lh
         Dh = Delta + (b * heads_q + h) * seqlen_q
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, Dh, stride_qs, stride_qd, stride_dos, stride_dod,
-                                 stride_ls, offs_n, offs_d, lo, full_lo, seqlen_q, causal_shift, qk_scale,
-                                 HEAD_DIM, BLOCK_M, BLOCK_D, True, EVEN_M, DOT_PREC)
+                                 stride_ls, offs_n, offs_d, lo, full_lo, seqlen_q, causal_shift, qk_scale, k_len,
+                                 HEAD_DIM, BLOCK_M, BLOCK_D, True, EVEN_M, DOT_PREC, HAS_KLENS)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, Dh, stride_qs, stride_qd, stride_dos, stride_dod,
-                                 stride_ls, offs_n, offs_d, full_lo, seqlen_q, seqlen_q, causal_shift, qk_scale,
-                                 HEAD_DIM, BLOCK_M, BLOCK_D, False, EVEN_M, DOT_PREC)
+                                 stride_ls, offs_n, offs_d, full_lo, q_hi, seqlen_q, causal_shift, qk_scale, k_len,
+                                 HEAD_DIM, BLOCK_M, BLOCK_D, False, EVEN_M, DOT_PREC, HAS_KLENS)
     _store_rows(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dks
                 + offs_d[None, :] * stride_dkd,
                 dk * sm_scale, offs_n, seqlen_k, offs_d, HEAD_DIM, ACCUMULATE)
@@ -329,10 +345,10 @@ def _flash_bwd_dq_kernel(
     stride_dob, stride_dos, stride_doh, stride_dod,
     stride_lb, stride_lh, stride_ls,
     stride_dqb, stride_dqs, stride_dqh, stride_dqd,
-    heads_q, group, seqlen_q, seqlen_k, q_offset, k_offset, sm_scale,
+    heads_q, group, seqlen_q, seqlen_k, q_offset, k_offset, sm_scale, K_LENS,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, ACCUMULATE: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    DOT_PREC: tl.constexpr, HAS_KLENS: tl.constexpr = False,
 ):
     """Grid (cdiv(Sq, BLOCK_M), B * Hq). A separate kernel (rather than atomics from the dK/dV program)
     keeps dQ deterministic and lets both kernels hold their accumulator in registers."""
@@ -347,6 +363,8 @@ def _flash_bwd_dq_kernel(
     K += b * stride_kb + kvh * stride_kh
     V += b * stride_vb + kvh * stride_vh
     DO += b * stride_dob + h * stride_doh
+    if HAS_KLENS:  # as in the forward: the key block ends at this batch element's length
+        seqlen_k = tl.minimum(seqlen_k, tl.load(K_LENS + b))
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(Q + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, offs_m, seqlen_q,
@@ -483,16 +501,28 @@ def _check_int32_offsets(**tensors: Tensor) -> None:
                              f"(shape {tuple(t.shape)}, strides {t.stride()}); split it along the sequence")
 
 
+def _check_k_lens(k_lens: Optional[Tensor], q: Tensor) -> Optional[Tensor]:
+    """Optional valid key counts -> contiguous int32 (B,) on q's device."""
+    if k_lens is None:
+        return None
+    if k_lens.shape != (q.shape[0],) or k_lens.dtype.is_floating_point or k_lens.device != q.device:
+        raise ValueError(f"flash_attn: k_lens must be an integer ({q.shape[0]},) tensor on {q.device} (valid keys "
+                         f"per batch element), got {tuple(k_lens.shape)} {k_lens.dtype} on {k_lens.device}")
+    return k_lens.to(torch.int32).contiguous()
+
+
 def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: Optional[float] = None,
                    q_offset: int = 0, k_offset: int = 0,
-                   config: Optional[TileConfig] = None) -> Tuple[Tensor, Tensor]:
+                   config: Optional[TileConfig] = None, k_lens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Attention forward with LSE.
 
     q: (B, Sq, Hq, D); k, v: (B, Sk, Hkv, D), Hq % Hkv == 0, any strides, fp16/bf16/fp32, D <= 256.
     causal: key j visible to query i iff ``k_offset + j <= q_offset + i`` (global positions).
+    k_lens: optional int32 (B,): keys j >= k_lens[b] are invisible to batch element b.
     Returns out (B, Sq, Hq, D) in q's dtype and lse (B, Hq, Sq) fp32 natural log (-inf: row saw no key).
     """
     _check(q, k, v)
+    k_lens = _check_k_lens(k_lens, q)
     _check_int32_offsets(q=q, k=k, v=v)
     _check_grid(q.shape[0], q.shape[2])
     B, Sq, Hq, D = q.shape
@@ -508,10 +538,10 @@ def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale:
     grid = (triton.cdiv(Sq, cfg.block_m), B * Hq)
     _flash_fwd_kernel[grid](
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-        Hq, Hq // Hkv, Sq, Sk, int(q_offset), int(k_offset), scale,
+        Hq, Hq // Hkv, Sq, Sk, int(q_offset), int(k_offset), scale, lse if k_lens is None else k_lens,
         HEAD_DIM=D, BLOCK_D=block_d_for(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=bool(causal),
         EVEN_M=Sq % cfg.block_m == 0, EVEN_N=Sk % cfg.block_n == 0, DOT_PREC=dot_precision(q.dtype),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        HAS_KLENS=k_lens is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out, lse
 
 
@@ -532,15 +562,18 @@ def flash_attn_bwd_preprocess(out: Tensor, dout: Tensor) -> Tensor:
 def flash_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                    causal: bool = False, scale: Optional[float] = None, q_offset: int = 0, k_offset: int = 0,
                    dq: Optional[Tensor] = None, dk: Optional[Tensor] = None, dv: Optional[Tensor] = None,
-                   config: Optional[Tuple[TileConfig, TileConfig]] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                   config: Optional[Tuple[TileConfig, TileConfig]] = None,
+                   k_lens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Attention backward of one (query block, key block) pair from the rows' final out and lse.
 
     dout, out: (B, Sq, Hq, D), any float dtype; lse: (B, Hq, Sq) fp32 natural log. q/k/v as in
     :func:`flash_attn_fwd`. If dq / dk, dv are given (any float dtype, any strides; fp32 in a ring) the
     block's gradients are added into them in place; otherwise new tensors in q/k/v's dtype are returned.
-    ``config``: optional (dkdv, dq) tile configs.
+    ``config``: optional (dkdv, dq) tile configs. ``k_lens``: as in :func:`flash_attn_fwd`; keys past it get
+    dk = dv = 0 (added as nothing into accumulators).
     """
     _check(q, k, v)
+    k_lens = _check_k_lens(k_lens, q)
     B, Sq, Hq, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     if out.shape != q.shape or dout.shape != q.shape or lse.shape != (B, Hq, Sq) or lse.dtype != torch.float32:
@@ -566,16 +599,18 @@ def flash_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     bd = block_d_for(D)
     delta = flash_attn_bwd_preprocess(out, dout)
     cfg_kv, cfg_q = config or (_config("dkdv", q, D), _config("dq", q, D))
-    common = dict(HEAD_DIM=D, BLOCK_D=bd, IS_CAUSAL=bool(causal), DOT_PREC=dot_precision(q.dtype))
+    common = dict(HEAD_DIM=D, BLOCK_D=bd, IS_CAUSAL=bool(causal), DOT_PREC=dot_precision(q.dtype),
+                  HAS_KLENS=k_lens is not None)
+    lens_arg = delta if k_lens is None else k_lens  # any pointer when unused
     _flash_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg_kv.block_n), B * Hkv)](
         q, k, v, dout, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(),
-        *dk.stride(), *dv.stride(), Hq, Hkv, Hq // Hkv, Sq, Sk, int(q_offset), int(k_offset), scale,
+        *dk.stride(), *dv.stride(), Hq, Hkv, Hq // Hkv, Sq, Sk, int(q_offset), int(k_offset), scale, lens_arg,
         BLOCK_M=cfg_kv.block_m, BLOCK_N=cfg_kv.block_n, EVEN_M=Sq % cfg_kv.block_m == 0,
         EVEN_N=Sk % cfg_kv.block_n == 0, ACCUMULATE=acc_kv, num_warps=cfg_kv.num_warps,
         num_stages=cfg_kv.num_stages, **common)
     _flash_bwd_dq_kernel[(triton.cdiv(Sq, cfg_q.block_m), B * Hq)](
         q, k, v, dout, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(),
-        *dq.stride(), Hq, Hq // Hkv, Sq, Sk, int(q_offset), int(k_offset), scale,
+        *dq.stride(), Hq, Hq // Hkv, Sq, Sk, int(q_offset), int(k_offset), scale, lens_arg,
         BLOCK_M=cfg_q.block_m, BLOCK_N=cfg_q.block_n, EVEN_M=Sq % cfg_q.block_m == 0,
         EVEN_N=Sk % cfg_q.block_n == 0, ACCUMULATE=acc_q, num_warps=cfg_q.num_warps,
         num_stages=cfg_q.num_stages, **common)
@@ -586,8 +621,9 @@ def flash_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
 # plain-torch references (what the kernels are tested against)
 # ----------------------------------------------------------------------------------------------
 def _scores_ref(q: Tensor, k: Tensor, causal: bool, scale: float, q_offset: int, k_offset: int,
-                cd: torch.dtype) -> Tensor:
-    """Masked scaled scores (B, Hq, Sq, Sk) in dtype ``cd``; kv heads indexed h // group."""
+                cd: torch.dtype, k_lens: Optional[Tensor] = None) -> Tensor:
+    """Masked scaled scores (B, Hq, Sq, Sk) in dtype ``cd``; kv heads indexed h // group; keys
+    j >= k_lens[b] masked when k_lens (B,) is given."""
     group = q.shape[2] // k.shape[2]
     qf = q.to(cd).transpose(1, 2)
     kf = k.to(cd).repeat_interleave(group, dim=2).transpose(1, 2)
@@ -596,15 +632,20 @@ def _scores_ref(q: Tensor, k: Tensor, causal: bool, scale: float, q_offset: int,
         i = torch.arange(q.shape[1], device=q.device)[:, None] + q_offset
         j = torch.arange(k.shape[1], device=q.device)[None, :] + k_offset
         s = s.masked_fill(j > i, float("-inf"))
+    if k_lens is not None:
+        j = torch.arange(k.shape[1], device=q.device)
+        s = s.masked_fill(j[None, None, None, :] >= k_lens.to(q.device, torch.int64)[:, None, None, None],
+                          float("-inf"))
     return s
 
 
 def flash_attn_fwd_ref(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: Optional[float] = None,
                        q_offset: int = 0, k_offset: int = 0,
-                       compute_dtype: torch.dtype = torch.float32) -> Tuple[Tensor, Tensor]:
+                       compute_dtype: torch.dtype = torch.float32,
+                       k_lens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Reference of :func:`flash_attn_fwd` (materializes the scores). Returns out in q's dtype, lse fp32."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = _scores_ref(q, k, causal, scale, q_offset, k_offset, compute_dtype)
+    s = _scores_ref(q, k, causal, scale, q_offset, k_offset, compute_dtype, k_lens)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.nan_to_num(neginf=0.0).unsqueeze(-1))  # -inf rows: p = 0
     vf = v.to(compute_dtype).repeat_interleave(q.shape[2] // k.shape[2], dim=2).transpose(1, 2)
@@ -618,13 +659,14 @@ def flash_attn_bwd_preprocess_ref(out: Tensor, dout: Tensor) -> Tensor:
 
 def flash_attn_bwd_ref(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                        causal: bool = False, scale: Optional[float] = None, q_offset: int = 0, k_offset: int = 0,
-                       compute_dtype: torch.dtype = torch.float32) -> Tuple[Tensor, Tensor, Tensor]:
+                       compute_dtype: torch.dtype = torch.float32,
+                       k_lens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Reference of :func:`flash_attn_bwd` from the given lse (not recomputed). Returns fp grads in
     ``compute_dtype``: dq (B, Sq, Hq, D), dk/dv (B, Sk, Hkv, D) summed over each query group."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     cd = compute_dtype
     hkv, group = k.shape[2], q.shape[2] // k.shape[2]
-    s = _scores_ref(q, k, causal, scale, q_offset, k_offset, cd)
+    s = _scores_ref(q, k, causal, scale, q_offset, k_offset, cd, k_lens)
     lse_c = lse.to(cd).unsqueeze(-1)
     p = torch.exp(s - torch.where(torch.isinf(lse_c), torch.full_like(lse_c, math.inf), lse_c))
     do = dout.to(cd).transpose(1, 2)

@@ -17,11 +17,11 @@ import torch.distributed as dist
 
 from . import check
 from .backends import get_backend
-from .comm import A2ASpec, default_ring_engine, start_head_to_seq, start_seq_to_head
+from .comm import A2ASpec, count_bytes, default_ring_engine, start_head_to_seq, start_seq_to_head
 from .layout import LAYOUTS, Geometry
 from .mesh import SPMesh
 from .ops import check_qkv
-from .ring import RingSetup, ring_backward, ring_forward
+from .ring import RingSetup, choose_ring_impl, ring_backward, ring_forward
 from .ulysses import HeadMapBackend, head_plan, pipeline_plans
 
 Tensor = torch.Tensor
@@ -78,6 +78,117 @@ def _validate(q, k, v, mesh, causal, seq_len, layout, joint, joint_strategy) -> 
     return geo
 
 
+def _check_joint_mask(joint_mask, joint, q: Tensor) -> None:
+    """joint_mask must be bool (batch, text_len) on q's device, and only comes with joint tensors."""
+    if joint_mask is None:
+        return
+    if joint is None:
+        raise ValueError("spattn.attention: joint_mask masks joint (text) keys; pass joint_q, joint_k and "
+                         "joint_v with it, or drop joint_mask")
+    if not isinstance(joint_mask, torch.Tensor):
+        raise TypeError(f"spattn.attention: joint_mask must be a bool torch.Tensor (batch, text_len), "
+                        f"got {type(joint_mask).__name__}")
+    if joint_mask.dtype != torch.bool:
+        raise ValueError(f"spattn.attention: joint_mask must be bool (True = real token), got {joint_mask.dtype}; "
+                         f"convert it with joint_mask.bool() (or mask > 0)")
+    want = (q.shape[0], joint[0].shape[1])
+    if tuple(joint_mask.shape) != want:
+        raise ValueError(f"spattn.attention: joint_mask has shape {tuple(joint_mask.shape)} but must be "
+                         f"(batch, text_len) = {want}, one row per batch element of joint_q")
+    if joint_mask.device != q.device:
+        raise ValueError(f"spattn.attention: joint_mask is on {joint_mask.device} but q is on {q.device}; "
+                         f"move it with joint_mask.to(q.device)")
+
+
+RING_IMPLS = ("auto", "p2p", "allgather")
+
+
+def _check_varlen(cu_seqlens, ring_impl, joint, q: Tensor, geo: Geometry) -> Optional[Tuple[int, ...]]:
+    """Validate cu_seqlens (and ring_impl) locally; return the document boundaries as a tuple of
+    ints (read once on the host: the plan is built from them), or None."""
+    if ring_impl not in RING_IMPLS:
+        raise ValueError(f"spattn.attention: ring_impl must be one of {RING_IMPLS}, got {ring_impl!r}")
+    if cu_seqlens is None:
+        return None
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"spattn.attention: cu_seqlens must be an int32/int64 torch.Tensor of document "
+                        f"boundaries, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"spattn.attention: cu_seqlens must be a 1-D int32/int64 tensor [0, b_1, ..., seq_len] "
+                         f"with at least 2 entries, got dtype {cu_seqlens.dtype}, shape {tuple(cu_seqlens.shape)}")
+    if joint is not None:
+        raise ValueError("spattn.attention: cu_seqlens (packed documents) cannot be combined with joint "
+                         "(text) tensors; pass one or the other")
+    if q.shape[0] != 1:
+        raise ValueError(f"spattn.attention: cu_seqlens needs packed batch 1 (all documents in one sequence), "
+                         f"got batch {q.shape[0]}; concatenate the batch along the sequence instead")
+    b = tuple(int(x) for x in cu_seqlens.tolist())
+    if b[0] != 0 or b[-1] != geo.seq_len:
+        raise ValueError(f"spattn.attention: cu_seqlens must start at 0 and end at the global (unpadded) "
+                         f"sequence length {geo.seq_len}, got {b[0]} ... {b[-1]}")
+    if any(x >= y for x, y in zip(b, b[1:])):
+        raise ValueError("spattn.attention: cu_seqlens must be strictly increasing (no empty documents); "
+                         "drop repeated boundaries, e.g. with torch.unique_consecutive(cu_seqlens)")
+    return b
+
+
+def _mask_summary(mask: Tensor) -> Tuple[bool, int, int]:
+    """(right-padded?, longest, shortest) of a bool (B, T) text mask, read on the host. Cached on the
+    mask tensor, keyed by its version counter (an in-place change recomputes): a model hands the same
+    mask to every layer, so a GPU stream waits for this read once per forward, not once per layer."""
+    try:
+        version = mask._version
+    except RuntimeError:  # inference-mode tensors have no version counter: read it every call
+        version = None
+    cached = getattr(mask, "_spattn_summary", None)
+    if cached is not None and version is not None and cached[0] == version:
+        return cached[1]
+    lens = mask.sum(1)
+    prefix = torch.arange(mask.shape[1], device=mask.device)[None, :] < lens[:, None]
+    is_prefix, longest, shortest = torch.stack([(mask == prefix).all().long(), lens.max(), lens.min()]).tolist()
+    summary = (bool(is_prefix), longest, shortest)
+    if version is not None:
+        try:
+            mask._spattn_summary = (version, summary)
+        except (AttributeError, RuntimeError):  # a tensor type without Python attributes: just no cache
+            pass
+    return summary
+
+
+def _compact_joint(mask: Optional[Tensor], jk: Tensor, jv: Tensor):
+    """Joint K/V and per-batch key lengths for a text mask (batch, T): returns (jk, jv, k_lens) with
+    each batch element's real keys first, so every backend only needs lengths (int32 (B,), or None
+    when every batch element keeps all of the returned keys).
+
+    Right-padded masks (what pipelines pass) already are a prefix: no copy, no mask, and the keys past
+    the longest prompt are sliced off (a batch of one padded prompt then runs unmasked on fewer keys).
+    Any other mask (holes) is compacted: the real keys are gathered to the front, order kept. That is
+    exact without any bias, reuses the same length path in every backend (the Triton kernels skip the
+    masked tiles), and costs one gather of the text K/V (B*T*Hkv*D, small beside the attention); the
+    gather's backward scatters gradients home, so masked keys get exactly 0.
+
+    While dynamo traces, the result keeps the full text length (lengths always returned): see
+    ``spattn.compile``, which hands the compacted K/V and the lengths to its custom op.
+    """
+    if mask is None:
+        return jk, jv, None
+    if torch.compiler.is_compiling():
+        # Traced (spattn.compile): no host read, no data-dependent shape. Always gather (the identity
+        # order for a right-padded mask) and keep all T keys; the lengths mask the rest, exactly.
+        order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices
+        idx = order[:, :, None, None].expand(-1, -1, *jk.shape[2:])
+        return jk.gather(1, idx), jv.gather(1, idx), mask.sum(1, dtype=torch.int32)
+    is_prefix, longest, shortest = _mask_summary(mask)
+    n = max(1, longest)  # keep one (masked) key when no text token is real: no empty blocks downstream
+    if not is_prefix:
+        order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices  # (B, T): real keys first
+        idx = order[:, :, None, None].expand(-1, -1, *jk.shape[2:])
+        jk, jv = jk.gather(1, idx), jv.gather(1, idx)
+    if shortest == n:  # every batch element keeps its first n keys: nothing left to mask
+        return jk[:, :n], jv[:, :n], None
+    return jk[:, :n], jv[:, :n], mask.sum(1, dtype=torch.int32)
+
+
 def _validate_call(q, k, v, mesh, softmax_scale, backend, joint) -> Tuple[object, float]:
     """Checks that need the resolved backend and scale (local; before any collective)."""
     be = get_backend(backend, q.device)
@@ -110,15 +221,15 @@ _BACKEND_LIMITS = {"triton": (256, (torch.float16, torch.bfloat16, torch.float32
 
 
 def _check_across_ranks(mesh: SPMesh, q, k, v, *, causal, geo, scale, return_lse, backend, engine,
-                        joint, joint_strategy, joint_mask=None) -> None:
+                        joint, joint_strategy, joint_mask=None, docs=None, ring_impl="auto") -> None:
     """The per-call cross-rank signature check (spattn.check), on by default; SPATTN_CHECK=0 skips it."""
     mode = check.check_mode()
-    if not mode or mesh.world_size == 1:
+    if not mode or mesh.world_size == 1 or torch.compiler.is_compiling():
         return
     sig = check.signature(q, k, v, mesh=mesh, causal=causal, seq_len=geo.seq_len, layout=geo.layout,
                           scale=scale, return_lse=return_lse, backend=backend, ring_engine=engine,
                           ulysses_chunks=ulysses_chunks(), joint=joint, joint_strategy=joint_strategy,
-                          joint_mask=joint_mask, mode=mode)
+                          joint_mask=joint_mask, docs=docs, ring_impl=ring_impl, mode=mode)
     check.check_signature(mesh, sig)
 
 
@@ -149,6 +260,8 @@ class _Replicated(torch.autograd.Function):
     def backward(ctx, *gs):
         flat = torch.cat([g.reshape(-1) for g in gs])  # one all-reduce per group, not one per tensor
         for grp in ctx.mesh.groups():
+            n = dist.get_world_size(grp)
+            count_bytes("all_reduce", 2 * (n - 1) * flat.numel() * flat.element_size() // n)
             dist.all_reduce(flat, group=grp)
         return (None, *(f.view_as(g) for f, g in zip(flat.split([g.numel() for g in gs]), gs)))
 
@@ -166,6 +279,7 @@ class _GatherHeads(torch.autograd.Function):
         padded[:, :, :h] = x
         parts = [torch.empty_like(padded) for _ in ranges]
         dist.all_gather(parts, padded, group=group)
+        count_bytes("all_gather", (len(ranges) - 1) * padded.numel() * padded.element_size())
         return torch.cat([p[:, :, :hi - lo] for p, (lo, hi) in zip(parts, ranges)], dim=2)
 
     @staticmethod
@@ -281,7 +395,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
               seq_len: Optional[int] = None, layout: str = "contiguous",
               joint_q: Optional[Tensor] = None, joint_k: Optional[Tensor] = None,
               joint_v: Optional[Tensor] = None, joint_strategy: str = "front",
-              ring_engine: Optional[str] = None) -> Union[Tensor, Tuple[Tensor, ...]]:
+              ring_engine: Optional[str] = None,
+              joint_mask: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
+              ring_impl: str = "auto") -> Union[Tensor, Tuple[Tensor, ...]]:
     """Sequence-parallel attention on this rank's shards; equals attention over the full sequence.
 
     Args:
@@ -294,12 +410,28 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
         backend: single-device kernel: "auto", "torch", "reference" or "triton".
         seq_len: global length when it is not ``seq_local * world_size`` (shards are padded; padded
             keys get exactly zero weight, padded output rows are 0 and get no gradient).
-        layout: "contiguous" or "zigzag" (load-balanced causal); must match how q/k/v were sharded.
+        layout: "contiguous", "zigzag" (load-balanced causal) or "balanced" (load-balanced packed
+            documents: chunks dealt by their causal work under ``cu_seqlens``); must match how q/k/v
+            were sharded (``spattn.shard(..., layout=..., cu_seqlens=...)``).
         joint_q, joint_k, joint_v: text tokens (batch, text_len, heads, head_dim), identical on every
             rank, attending jointly with the image tokens (non-causal only).
         joint_strategy: "front" ([text, image]) or "rear" ([image, text]); for bidirectional attention
             both orders give the same numbers, the flag records the model's convention.
-        ring_engine: "auto" (C++ engine when built), "python" or "cpp"; default ``$SPATTN_RING_ENGINE``.
+        ring_engine: P2P ring transport: "auto" (C++ engine when built), "python" or "cpp"; default
+            ``$SPATTN_RING_ENGINE``.
+        joint_mask: bool (batch, text_len), True = real text token, identical on every rank (e.g.
+            Qwen-Image's ``encoder_hidden_states_mask``); needs joint_q/k/v. Masked text *keys* get
+            exactly zero weight for every query and zero gradient; a masked text *row* still gets a
+            finite output (it attends to the unmasked keys), exactly as SDPA over the joint sequence
+            with ``attn_mask`` (batch, 1, 1, text_len + seq_len). Right-padded masks take a fast path
+            (per-batch key lengths); any other pattern is exact too.
+        cu_seqlens: packed documents, int32/int64 (n_docs + 1,) boundaries ``0 = b_0 < ... < b_n =
+            seq_len`` over the global unpadded sequence, identical on every rank, batch 1. Token i
+            attends to token j only within its own document (and j <= i if causal), exactly as SDPA
+            with the block-diagonal document mask; (query, key) blocks with no visible pair are skipped.
+        ring_impl: "p2p" (K/V blocks travel the ring, overlapped with compute), "allgather" (the ring
+            group's K/V gathered in head chunks, one pass; dK/dV reduce-scattered) or "auto" (the
+            measured rule in ``spattn.ring.choose_ring_impl``; an explicit ``ring_engine`` means "p2p").
 
     Returns:
         ``out`` (batch, seq_local, heads_q, head_dim), then ``joint_out`` (batch, text_len, heads_q,
@@ -307,31 +439,67 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
         seq_local; fp32, natural log, -inf on padded rows) and ``joint_lse`` (batch, heads_q,
         text_len) if ``return_lse``. LSEs carry no gradient.
     """
+    if torch.compiler.is_compiling():  # dynamo: the same eager code, behind opaque custom ops
+        from .compile import traced_attention
+        return traced_attention(q, k, v, mesh, causal=causal, softmax_scale=softmax_scale, return_lse=return_lse,
+                                backend=backend, seq_len=seq_len, layout=layout, joint_q=joint_q, joint_k=joint_k,
+                                joint_v=joint_v, joint_strategy=joint_strategy, ring_engine=ring_engine,
+                                joint_mask=joint_mask, cu_seqlens=cu_seqlens, ring_impl=ring_impl)
+    return _attention(q, k, v, mesh, causal=causal, softmax_scale=softmax_scale, return_lse=return_lse,
+                      backend=backend, seq_len=seq_len, layout=layout, joint_q=joint_q, joint_k=joint_k,
+                      joint_v=joint_v, joint_strategy=joint_strategy, ring_engine=ring_engine,
+                      joint_mask=joint_mask, cu_seqlens=cu_seqlens, ring_impl=ring_impl)
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool, softmax_scale: Optional[float],
+               return_lse: bool, backend: str, seq_len: Optional[int], layout: str, joint_q: Optional[Tensor],
+               joint_k: Optional[Tensor], joint_v: Optional[Tensor], joint_strategy: str,
+               ring_engine: Optional[str], joint_mask: Optional[Tensor] = None,
+               cu_seqlens: Optional[Tensor] = None, ring_impl: str = "auto",
+               joint_lens: Optional[Tensor] = None) -> Union[Tensor, Tuple[Tensor, ...]]:
+    """``attention`` in eager mode. ``joint_lens`` (int32 (batch,), instead of ``joint_mask``): the
+    joint K/V are already compacted (real keys first, as ``_compact_joint`` returns them under
+    tracing) and batch element b keeps its first ``joint_lens[b]`` keys; spattn.compile's op uses it."""
     joint = (joint_q, joint_k, joint_v) if any(t is not None for t in (joint_q, joint_k, joint_v)) else None
     geo = _validate(q, k, v, mesh, causal, seq_len, layout, joint, joint_strategy)
+    _check_joint_mask(joint_mask, joint, q)
+    if joint_lens is not None and (joint is None or joint_mask is not None):
+        raise ValueError("spattn.attention: joint_lens needs joint tensors and no joint_mask")
+    docs = _check_varlen(cu_seqlens, ring_impl, joint, q, geo)
     be, scale = _validate_call(q, k, v, mesh, softmax_scale, backend, joint)
     engine = ring_engine or default_ring_engine()
     _check_across_ranks(mesh, q, k, v, causal=causal, geo=geo, scale=scale, return_lse=return_lse,
-                        backend=backend, engine=engine, joint=joint, joint_strategy=joint_strategy)
+                        backend=backend, engine=engine, joint=joint, joint_strategy=joint_strategy,
+                        joint_mask=joint_mask, docs=docs, ring_impl=ring_impl)
     U, R = mesh.ulysses_degree, mesh.ring_degree
     hq, hkv = q.shape[2], k.shape[2]
     jq = jk = jv = None
     if joint is not None:
         jq, jk, jv = _Replicated.apply(mesh, *joint) if mesh.world_size > 1 else joint
+    jk, jv, jlens = _compact_joint(joint_mask, jk, jv) if joint is not None else (jk, jv, None)
+    if joint_lens is not None:
+        jlens = joint_lens
 
+    if layout == "balanced":  # the chunk assignment depends on the documents and the mesh shape
+        geo = Geometry(geo.seq_len, geo.world_size, layout, U, docs)
     pieces, L, i = geo.pieces_per_rank, U * geo.chunk, mesh.ring_rank
-    starts = tuple((r * L,) if pieces == 1 else (r * L, (2 * R - 1 - r) * L) for r in range(R))
+    starts = tuple(tuple(s * L for s in geo.ring_segments(r, R)) for r in range(R))
+
+    impl = choose_ring_impl(R, U * q.shape[1], q.device, ring_engine) if ring_impl == "auto" else ring_impl
 
     def setup(backend_) -> RingSetup:
-        return RingSetup(mesh.ring_group, R, i, L, starts, geo.seq_len, bool(causal), scale, backend_, engine,
-                         mesh.comm_cache)
+        return RingSetup(mesh.ring_group, R, i, L, starts, geo.seq_len, bool(causal), scale, backend_,
+                         engine, jlens, docs, impl, mesh.comm_cache)
 
     if U == 1:
         chunks = [_Chunk(setup(be), None, None, (0, hq), (0, hkv))]
     else:
         plan, u = head_plan(hq, hkv, U), mesh.ulysses_rank
         # Head-sharded sequence in global order: piece 0 of every rank, then (zigzag) piece 1 reversed.
-        order = [(r, 0) for r in range(U)] + ([(r, 1) for r in reversed(range(U))] if pieces == 2 else [])
+        if layout == "zigzag":
+            order = [(r, 0) for r in range(U)] + [(r, 1) for r in reversed(range(U))]
+        else:  # contiguous / balanced: every local piece j is super-chunk j's U-th part u
+            order = [(r, j) for j in range(pieces) for r in range(U)]
         chunks = []
         for p in pipeline_plans(plan, ulysses_chunks()):
             index = p.local_kv_index(u)

@@ -45,6 +45,8 @@ FIELDS: Tuple[str, ...] = (
     "ulysses_degree", "ring_degree", "ulysses_chunks", "backend", "ring_engine",
     "joint_len", "joint_heads", "joint_kv_heads", "joint_strategy",
     "joint_mask",           # -1: absent; else its number of elements
+    "documents",            # cu_seqlens: -1 absent; else a hash of the boundaries (read on the host)
+    "ring_impl",
     "joint_digest",         # SPATTN_CHECK=2 only: digest of the joint tensors' contents (else 0)
 )
 N_FIELDS = len(FIELDS)
@@ -58,6 +60,7 @@ _ENUMS: Dict[str, Tuple[str, ...]] = {
     "backend": ("auto", "torch", "reference", "triton"),
     "ring_engine": ("auto", "python", "cpp"),
     "joint_strategy": ("front", "rear"),
+    "ring_impl": ("auto", "p2p", "allgather"),
 }
 
 
@@ -102,7 +105,7 @@ def _decode(field: str, v: int) -> str:
         names = ("q", "k", "v", "joint_q", "joint_k", "joint_v")
         on = [n for i, n in enumerate(names) if v >> i & 1]
         return "{" + ", ".join(on) + "}" + ("" if v >> 6 & 1 else " (grad mode off)")
-    if field in ("joint_len", "joint_mask", "joint_heads", "joint_kv_heads") and v < 0:
+    if field in ("joint_len", "joint_mask", "joint_heads", "joint_kv_heads", "documents") and v < 0:
         return "absent"
     return str(v)
 
@@ -127,7 +130,8 @@ def _digest(ts: Sequence[Optional[Tensor]]) -> int:
 def signature(q: Tensor, k: Tensor, v: Tensor, *, mesh, causal: bool, seq_len: int, layout: str,
               scale: float, return_lse: bool, backend: str, ring_engine: str, ulysses_chunks: int,
               joint: Optional[Sequence[Tensor]] = None, joint_strategy: str = "front",
-              joint_mask: Optional[Tensor] = None, mode: int = 1) -> Tensor:
+              joint_mask: Optional[Tensor] = None, docs: Optional[Sequence[int]] = None,
+              ring_impl: str = "auto", mode: int = 1) -> Tensor:
     """This rank's call signature: an int64 tensor of ``N_FIELDS`` on the CPU (no device sync)."""
     jt = tuple(joint) if joint is not None else ()
     grad = torch.is_grad_enabled()
@@ -148,6 +152,8 @@ def signature(q: Tensor, k: Tensor, v: Tensor, *, mesh, causal: bool, seq_len: i
         "joint_kv_heads": jt[1].shape[2] if jt else -1,
         "joint_strategy": _enum("joint_strategy", joint_strategy) if jt else -1,
         "joint_mask": joint_mask.numel() if joint_mask is not None else -1,
+        "documents": zlib.crc32(repr(tuple(docs)).encode()) if docs is not None else -1,
+        "ring_impl": _enum("ring_impl", ring_impl),
         "joint_digest": _digest(jt + (joint_mask,)) if mode >= 2 and jt else 0,
     }
     return torch.tensor([int(sig[f]) for f in FIELDS], dtype=torch.int64)

@@ -5,8 +5,9 @@ the same code in tests here and on GPUs.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -74,9 +75,9 @@ def make_ring_comm(group: ProcessGroup, like: Tensor, engine: str = "auto",
     """
     if engine not in ("auto", "python", "cpp"):
         raise ValueError(f"spattn: unknown ring engine {engine!r}; choose 'auto', 'python' or 'cpp'")
-    if cache is not None:
-        return cache.get(group, like, engine, slot)
-    return _new_ring_comm(group, like, engine)
+    if cache is not None:  # counting is decided per call, so a cached exchange is wrapped per call
+        return _counted(cache.get(group, like, engine, slot))
+    return _counted(_new_ring_comm(group, like, engine))
 
 
 def _new_ring_comm(group: ProcessGroup, like: Tensor, engine: str):
@@ -211,6 +212,7 @@ def start_seq_to_head(xs: Sequence[Tensor], spec: A2ASpec) -> A2AWork:
     for t, row in enumerate(_blocks(send, send_n, send_shapes)):
         for x, rs, blk in zip(xs, spec.ranges, row):
             blk.copy_(x[:, :, rs[t][0]:rs[t][1]])
+    count_bytes("all_to_all", (sum(send_n) - send_n[spec.rank]) * send.element_size())
     work = dist.all_to_all_single(recv, send, recv_n, send_n, group=spec.group, async_op=True)
 
     def finish() -> List[Tensor]:
@@ -245,6 +247,7 @@ def start_head_to_seq(ys: Sequence[Tensor], spec: A2ASpec, outs: Sequence[Tensor
     for j, (u, p) in enumerate(spec.order):
         for i, y in enumerate(ys):
             send_blocks[u][i][:, p * c:(p + 1) * c].copy_(y[:, j * c:(j + 1) * c])
+    count_bytes("all_to_all", (sum(send_n) - send_n[spec.rank]) * send.element_size())
     work = dist.all_to_all_single(recv, send, recv_n, send_n, group=spec.group, async_op=True)
 
     def finish() -> List[Tensor]:
@@ -268,3 +271,76 @@ class _Keep:
     def wait(self):
         self.work.wait()
         self.keep = ()
+
+
+# ----------------------------------------------------------------------------------------------
+# Byte counters: what this rank sends, per collective kind (bench/bench_sp.py, tests)
+# ----------------------------------------------------------------------------------------------
+COMM_KINDS = ("ring_p2p", "all_to_all", "all_gather", "all_reduce")
+
+
+class CommCounter:
+    """Bytes (and calls) this rank sent inside a ``count_comm()`` block, per kind of COMM_KINDS.
+
+    Counted where a transfer starts: ring P2P sends (one K/V or dK/dV message per step), the part of an
+    all-to-all that leaves this rank, and the all-gathers / all-reduces of joint (text) tokens counted
+    as their ring algorithms send them (all-gather: (n-1) pieces; all-reduce: 2 (n-1)/n of the tensor).
+    """
+
+    def __init__(self) -> None:
+        self.bytes: Dict[str, int] = {k: 0 for k in COMM_KINDS}
+        self.calls: Dict[str, int] = {k: 0 for k in COMM_KINDS}
+
+    def add(self, kind: str, nbytes: int) -> None:
+        self.bytes[kind] = self.bytes.get(kind, 0) + int(nbytes)
+        self.calls[kind] = self.calls.get(kind, 0) + 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.bytes.values())
+
+    def __repr__(self) -> str:
+        return f"CommCounter({self.bytes})"
+
+
+_COUNTERS: List[CommCounter] = []  # active count_comm() blocks in this process (empty: counting off)
+
+
+def count_bytes(kind: str, nbytes: int) -> None:
+    """Record ``nbytes`` sent by this rank; one empty-list test when no counter is active."""
+    if _COUNTERS:
+        for c in _COUNTERS:
+            c.add(kind, nbytes)
+
+
+@contextlib.contextmanager
+def count_comm() -> Iterator[CommCounter]:
+    """``with count_comm() as c: ...`` counts this rank's sent bytes per kind into ``c.bytes``."""
+    c = CommCounter()
+    _COUNTERS.append(c)
+    try:
+        yield c
+    finally:
+        _COUNTERS.remove(c)
+
+
+class _CountingRing:
+    """A ring exchange (Python or C++ engine) whose ``start`` records the bytes it sends."""
+
+    def __init__(self, inner) -> None:
+        self._inner = inner
+
+    def start(self, send: Tensor) -> None:
+        count_bytes("ring_p2p", send.numel() * send.element_size())
+        self._inner.start(send)
+
+    def wait(self) -> Tensor:
+        return self._inner.wait()
+
+    def __getattr__(self, name):  # group, size, next, prev, ...
+        return getattr(self._inner, name)
+
+
+def _counted(comm):
+    """Wrap a ring exchange for counting only while a count_comm() block is active (free otherwise)."""
+    return _CountingRing(comm) if _COUNTERS else comm

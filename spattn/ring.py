@@ -13,18 +13,23 @@ as few backend calls as possible and skips masked work entirely.
 Joint (text) tokens, replicated on every rank and already head-sliced: image queries see the joint
 K/V once (one local block, not a ring step), text queries see each rank's own image block plus, on ring rank
 0 only, the joint K/V; their partials are all-gathered over the ring and merged, so text work is done
-once across the ring.
+once across the ring. A text padding mask reaches this layer as per-batch key lengths
+(``RingSetup.joint_lens``, keys compacted to a prefix by attention()) and applies to the two joint K/V
+blocks only; image K/V are never masked by it.
 """
 from __future__ import annotations
 
+import os
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
-from .comm import RingCommCache, make_ring_comm
+from .comm import RingCommCache, count_bytes, make_ring_comm
 from .ops import block_forward, merge_
+from .ulysses import HeadMapBackend, balanced_ranges
 
 Tensor = torch.Tensor
 Call = Tuple[int, int, int, int, bool]  # q_lo, q_hi, k_lo, k_hi, causal (local sequence indices)
@@ -44,6 +49,9 @@ class RingSetup:
     scale: float
     backend: object
     engine: str = "auto"
+    joint_lens: Optional[Tensor] = None  # int32 (B,): valid joint keys per batch element (None: all)
+    docs: Optional[Tuple[int, ...]] = None  # packed documents: global boundaries 0 = b_0 < ... < b_n
+    impl: str = "p2p"         # "p2p" (K/V blocks travel the ring) or "allgather" (gather, one pass)
     comm_cache: Optional[RingCommCache] = None  # the mesh's: ring buffers reused across calls
 
     def valid(self, start: int) -> int:
@@ -61,6 +69,8 @@ class RingSetup:
 
     def plan(self, src: int) -> List[Call]:
         """Backend calls for the local queries against ring rank ``src``'s key block."""
+        if self.docs is not None:
+            return self._plan_docs(src)
         L, qs, ks = self.seg_len, self.starts[self.rank], self.starts[src]
 
         def vis(a: int, b: int) -> str:
@@ -92,6 +102,51 @@ class RingSetup:
                 elif grid[a][b] == "diag":
                     calls.append((a * L, (a + 1) * L, b * L, (b + 1) * L, True))
         return calls
+
+    def _plan_docs(self, src: int) -> List[Call]:
+        """Packed documents: for every (query segment, key segment) pair, one call per visible
+        (document piece x document piece) sub-block, nothing for invisible ones. A causal
+        sub-block is cut into keys before the first query (full), a square aligned diagonal
+        (top-left causal) and, when the keys end before the queries do, the rows below it (full)."""
+        L, qs, ks, docs = self.seg_len, self.starts[self.rank], self.starts[src], self.docs
+        calls: List[Call] = []
+        for a, qa in enumerate(qs):
+            qb = qa + self.valid(qa)
+            for b, ka in enumerate(ks):
+                kb = ka + self.valid(ka)
+                if qa >= qb or ka >= kb or (self.causal and ka >= qb):
+                    continue
+                # Only documents overlapping both segments can hold a visible pair.
+                first = max(bisect_right(docs, qa), bisect_right(docs, ka)) - 1
+                for d in range(first, min(bisect_left(docs, qb), bisect_left(docs, kb))):
+                    d0, d1 = docs[d], docs[d + 1]
+                    x0, x1, y0, y1 = max(qa, d0), min(qb, d1), max(ka, d0), min(kb, d1)
+                    if x0 >= x1 or y0 >= y1:
+                        continue
+                    qo, ko = a * L - qa, b * L - ka  # global position -> local index
+                    if not self.causal:
+                        calls.append((x0 + qo, x1 + qo, y0 + ko, y1 + ko, False))
+                        continue
+                    if y0 >= x1:
+                        continue
+                    if y0 < x0:
+                        calls.append((x0 + qo, x1 + qo, y0 + ko, min(y1, x0) + ko, False))
+                    s0, s1 = max(x0, y0), min(y1, x1)
+                    if s0 < s1:
+                        calls.append((s0 + qo, s1 + qo, s0 + ko, s1 + ko, True))
+                        if s1 < x1:
+                            calls.append((s1 + qo, x1 + qo, s0 + ko, s1 + ko, False))
+        return calls
+
+
+def visible_pairs(calls: Sequence[Call]) -> int:
+    """(query, key) pairs a list of calls computes: q*k for a full call, k*(k+1)/2 + (q-k)*k for a
+    top-left causal one (the work measure of bench_varlen's balance figures)."""
+    n = 0
+    for q0, q1, k0, k1, causal in calls:
+        sq, sk = q1 - q0, k1 - k0
+        n += (min(sq, sk) * (min(sq, sk) + 1) // 2 + max(0, sq - sk) * sk) if causal else sq * sk
+    return n
 
 
 def _blocks_forward(be, q: Tensor, kv, calls: Sequence[Call], scale: float, acc: List) -> None:
@@ -136,26 +191,29 @@ def ring_forward(st: RingSetup, q: Tensor, k: Tensor, v: Tensor, jq: Optional[Te
     # A rank left without heads (fewer heads than Ulysses ranks) has nothing to compute, and
     # neither has the rest of its ring (same heads): no compute, no ring.
     R = st.size if q.shape[2] else 0
-    kv = torch.stack([k, v]) if R > 1 else (k, v)  # K and V travel as one message
-    comm = make_ring_comm(st.group, kv, st.engine, st.comm_cache, "kv") if R > 1 else None
-    cur, acc = kv, [None, None]
-    for j in range(R):
-        if j + 1 < R:
-            comm.start(cur)
-        _blocks_forward(be, q, cur, st.plan((i - j) % R), st.scale, acc)
-        if j + 1 < R:
-            cur = comm.wait()
-    out, lse = acc if acc[0] is not None else _running(q, q.shape[2])
+    if st.impl == "allgather" and R > 1:
+        out, lse = _allgather_forward(st, q, k, v)
+    else:
+        kv = torch.stack([k, v]) if R > 1 else (k, v)  # K and V travel as one message
+        comm = make_ring_comm(st.group, kv, st.engine, st.comm_cache, "kv") if R > 1 else None
+        cur, acc = kv, [None, None]
+        for j in range(R):
+            if j + 1 < R:
+                comm.start(cur)
+            _blocks_forward(be, q, cur, st.plan((i - j) % R), st.scale, acc)
+            if j + 1 < R:
+                cur = comm.wait()
+        out, lse = acc if acc[0] is not None else _running(q, q.shape[2])
     t_out = t_lse = None
     if jq is not None:
         t_out, t_lse = _running(jq, jq.shape[2])
         if R:
-            merge_(out, lse, *block_forward(be, q, jk, jv, False, st.scale))
+            merge_(out, lse, *block_forward(be, q, jk, jv, False, st.scale, st.joint_lens))
             n = st.kv_valid(i)
             if n:
                 merge_(t_out, t_lse, *block_forward(be, jq, k[:, :n], v[:, :n], False, st.scale))
             if i == 0:
-                merge_(t_out, t_lse, *block_forward(be, jq, jk, jv, False, st.scale))
+                merge_(t_out, t_lse, *block_forward(be, jq, jk, jv, False, st.scale, st.joint_lens))
             if R > 1:
                 t_out, t_lse = _allgather_merge(t_out, t_lse, st.group, R)
         t_out = t_out.to(q.dtype)
@@ -181,6 +239,8 @@ def ring_backward(st: RingSetup, saved: Saved, dout: Tensor, dt_out: Optional[Te
         for r0, r1 in pad:
             dout[:, r0:r1] = 0
     dout = dout.contiguous()
+    if st.impl == "allgather" and R > 1:
+        return _allgather_backward(st, saved, dout, dt_out)
     calls = st.plan(i)
     sl = q.shape[1]
     if R == 1 and not joint and len(calls) == 1 and calls[0][:4] == (0, sl, 0, sl):
@@ -204,13 +264,7 @@ def ring_backward(st: RingSetup, saved: Saved, dout: Tensor, dt_out: Optional[Te
             acc.zero_()
         _blocks_backward(be, dout, q, cur, out, lse, st.plan((i - j) % R), st.scale, dq, acc)
         if joint and j == 0:
-            be.backward(dout, q, jk, jv, out, lse, False, st.scale, dq=dq, dk=djk, dv=djv)
-            n = st.kv_valid(i)
-            if n:
-                be.backward(dt_out, jq, k[:, :n], v[:, :n], t_out, t_lse, False, st.scale,
-                            dq=djq, dk=acc[0][:, :n], dv=acc[1][:, :n])
-            if i == 0:
-                be.backward(dt_out, jq, jk, jv, t_out, t_lse, False, st.scale, dq=djq, dk=djk, dv=djv)
+            _joint_backward(st, saved, dout, dt_out, dq, (djq, djk, djv), acc)
         if j == 0:
             send = acc
         else:
@@ -227,12 +281,142 @@ def ring_backward(st: RingSetup, saved: Saved, dout: Tensor, dt_out: Optional[Te
     return grads + ((djq.to(jq.dtype), djk.to(jk.dtype), djv.to(jv.dtype)) if joint else (None,) * 3)
 
 
+def _joint_backward(st: RingSetup, saved: Saved, dout: Tensor, dt_out: Tensor, dq: Tensor,
+                    djoint: Tuple[Tensor, Tensor, Tensor], dkv_own) -> None:
+    """Joint-token gradients of this rank: image queries x joint K/V, text queries x this rank's
+    own image K/V (into ``dkv_own``, the own block's (dk, dv) accumulators) and, on ring rank 0,
+    text queries x joint K/V."""
+    q, k, v, out, lse, jq, jk, jv, t_out, t_lse = saved
+    be, (djq, djk, djv) = st.backend, djoint
+    jkw = {} if st.joint_lens is None else {"k_lens": st.joint_lens}
+    be.backward(dout, q, jk, jv, out, lse, False, st.scale, dq=dq, dk=djk, dv=djv, **jkw)
+    n = st.kv_valid(st.rank)
+    if n:
+        be.backward(dt_out, jq, k[:, :n], v[:, :n], t_out, t_lse, False, st.scale,
+                    dq=djq, dk=dkv_own[0][:, :n], dv=dkv_own[1][:, :n])
+    if st.rank == 0:
+        be.backward(dt_out, jq, jk, jv, t_out, t_lse, False, st.scale, dq=djq, dk=djk, dv=djv, **jkw)
+
+
+# ----------------------------------------------------------------------------------------------
+# The all-gather K/V ring: one all-gather of the group's K/V (per head chunk) instead of R-1 P2P
+# steps, every visible block computed from it with the same plan; backward reduce-scatters dK/dV.
+# ----------------------------------------------------------------------------------------------
+def choose_ring_impl(degree: int, local_len: int, device: torch.device, ring_engine: Optional[str] = None) -> str:
+    """The ring implementation ``ring_impl="auto"`` picks for a ring of ``degree`` ranks whose
+    post-Ulysses local sequence is ``local_len`` positions. ``$SPATTN_RING_IMPL`` ("p2p" or
+    "allgather") overrides the rule; an explicit ``ring_engine`` (an option of the P2P ring) picks "p2p".
+
+    Rule: "allgather" on CPU when the gathered sequence ``degree * local_len`` is at most 512
+    positions, else "p2p"; on GPUs always "p2p" (its transfers overlap compute; not measured here).
+    Evidence (bench/bench_varlen.py time --worlds 2,4 --seqs 256,1024,4096 --heads 4 --reps 5
+    --packing one-doc; gloo CPU, 2 cores shared, load average ~19, so +-30% noise; causal zigzag,
+    fp32, head_dim 64; median ms p2p / allgather, fwd and fwd+bwd):
+        R=2, S=256:  fwd 16.3 / 7.5    fwd+bwd  42.1 / 21.5   allgather wins (fewer, larger messages)
+        R=4, S=256:  fwd  9.4 / 5.9    fwd+bwd  30.4 / 35.1   fwd wins, bwd a wash
+        R=2, S=1024: fwd 32.4 / 32.2   fwd+bwd 124.3 / 128.3  tie
+        R=4, S=1024: fwd 14.7 / 20.3   fwd+bwd  55.5 / 74.4   p2p wins
+        R=4, S=4096: fwd 195 / 198     fwd+bwd  626 / 672     p2p (and R x less K/V memory)
+    Above a few hundred positions the compute hides the ring's per-step cost, and the P2P ring
+    keeps K/V memory at 2 blocks instead of R, so it stays the default.
+    """
+    forced = os.environ.get("SPATTN_RING_IMPL", "")
+    if forced in ("p2p", "allgather"):
+        return forced
+    if ring_engine is not None:
+        return "p2p"
+    if degree > 1 and device.type == "cpu" and degree * local_len <= 512:
+        return "allgather"
+    return "p2p"
+
+
+def allgather_head_chunks(st: RingSetup, q: Tensor, k: Tensor) -> List[Tuple[Tuple[int, int], Tuple[int, int]]]:
+    """(query head range, kv head range) per chunk. The gathered K/V of one chunk is
+    R * 2 * B * Sl * hc * D elements; chunks keep it under ``$SPATTN_ALLGATHER_BYTES`` (default
+    256 MiB; two chunks are alive at once, the next one arriving while this one computes). A
+    backend with a non-uniform head map (``HeadMapBackend``) takes all heads in one chunk."""
+    hq, hkv = q.shape[2], k.shape[2]
+    budget = int(os.environ.get("SPATTN_ALLGATHER_BYTES", str(256 << 20)))
+    need = st.size * 2 * k.numel() * k.element_size()
+    n = min(hkv, max(1, -(-need // max(budget, 1))))
+    if n == 1 or isinstance(st.backend, HeadMapBackend):
+        return [((0, hq), (0, hkv))]
+    g = hq // hkv
+    return [((lo * g, hi * g), (lo, hi)) for lo, hi in balanced_ranges(hkv, n)]
+
+
+def _start_gather(st: RingSetup, k: Tensor, v: Tensor, kh: Tuple[int, int]):
+    kv = torch.stack([k[:, :, kh[0]:kh[1]], v[:, :, kh[0]:kh[1]]])  # K and V in one message
+    parts = [torch.empty_like(kv) for _ in range(st.size)]
+    count_bytes("all_gather", (st.size - 1) * kv.numel() * kv.element_size())
+    return dist.all_gather(parts, kv, group=st.group, async_op=True), parts
+
+
+def _allgather_forward(st: RingSetup, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+    """out (B, Sl, Hq, D) fp32, lse (B, Hq, Sl) of the local queries against every ring rank's K/V."""
+    chunks = allgather_head_chunks(st, q, k)
+    plans = [st.plan(src) for src in range(st.size)]
+    order = [(st.rank - j) % st.size for j in range(st.size)]  # the P2P ring's merge order
+    res = None if len(chunks) == 1 else _running(q, q.shape[2])
+    work = _start_gather(st, k, v, chunks[0][1])
+    for c, ((q0, q1), kh) in enumerate(chunks):
+        w, parts = work
+        w.wait()
+        if c + 1 < len(chunks):
+            work = _start_gather(st, k, v, chunks[c + 1][1])
+        qc, acc = q[:, :, q0:q1], [None, None]
+        for src in order:
+            _blocks_forward(st.backend, qc, parts[src], plans[src], st.scale, acc)
+        if acc[0] is None:
+            acc = list(_running(qc, q1 - q0))
+        if res is None:
+            return acc[0], acc[1]
+        res[0][:, :, q0:q1] = acc[0]
+        res[1][:, q0:q1] = acc[1]
+    return res
+
+
+def _allgather_backward(st: RingSetup, saved: Saved, dout: Tensor, dt_out: Optional[Tensor]):
+    q, k, v, out, lse, jq, jk, jv, t_out, t_lse = saved
+    chunks = allgather_head_chunks(st, q, k)
+    plans = [st.plan(src) for src in range(st.size)]
+    dq = torch.zeros_like(q, dtype=torch.float32)
+    dkv = k.new_zeros((2,) + k.shape, dtype=torch.float32)  # this rank's own (dk, dv)
+    pending = []
+    work = _start_gather(st, k, v, chunks[0][1])
+    for c, ((q0, q1), (h0, h1)) in enumerate(chunks):
+        w, parts = work
+        w.wait()
+        if c + 1 < len(chunks):
+            work = _start_gather(st, k, v, chunks[c + 1][1])
+        grads = [parts[0].new_zeros(parts[0].shape, dtype=torch.float32) for _ in range(st.size)]
+        qs = slice(q0, q1)
+        for src in range(st.size):
+            if plans[src]:
+                _blocks_backward(st.backend, dout[:, :, qs], q[:, :, qs], parts[src], out[:, :, qs],
+                                 lse[:, qs], plans[src], st.scale, dq[:, :, qs], grads[src])
+        mine = torch.empty_like(grads[0])
+        count_bytes("reduce_scatter", (st.size - 1) * mine.numel() * mine.element_size())
+        pending.append((dist.reduce_scatter(mine, grads, group=st.group, async_op=True), mine, (h0, h1)))
+    for w, mine, (h0, h1) in pending:
+        w.wait()
+        dkv[:, :, :, h0:h1] += mine
+    joint = jq is not None
+    if joint:
+        djq, djk, djv = (torch.zeros_like(t, dtype=torch.float32) for t in (jq, jk, jv))
+        dt_out = torch.zeros_like(t_out) if dt_out is None else dt_out.contiguous()
+        _joint_backward(st, saved, dout, dt_out, dq, (djq, djk, djv), dkv)
+    grads = (dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype))
+    return grads + ((djq.to(jq.dtype), djk.to(jk.dtype), djv.to(jv.dtype)) if joint else (None,) * 3)
+
+
 def _allgather_merge(out: Tensor, lse: Tensor, group, size: int) -> Tuple[Tensor, Tensor]:
     """Merge every ring rank's partial (out, lse) in ring order: identical result on every rank."""
     outs = [torch.empty_like(out) for _ in range(size)]
     lses = [torch.empty_like(lse) for _ in range(size)]
     dist.all_gather(outs, out.contiguous(), group=group)
     dist.all_gather(lses, lse.contiguous(), group=group)
+    count_bytes("all_gather", (size - 1) * (out.numel() * out.element_size() + lse.numel() * lse.element_size()))
     res_out, res_lse = outs[0], lses[0]
     for o, l in zip(outs[1:], lses[1:]):
         merge_(res_out, res_lse, o, l)

@@ -90,12 +90,12 @@ class HeadMapBackend:
     def _expand(self, x):
         return x.index_select(2, self.index.to(x.device))
 
-    def forward(self, q, k, v, causal, scale):
-        return self.inner.forward(q, self._expand(k), self._expand(v), causal, scale)
+    def forward(self, q, k, v, causal, scale, **kw):  # kw: optional k_lens, passed through
+        return self.inner.forward(q, self._expand(k), self._expand(v), causal, scale, **kw)
 
-    def backward(self, dout, q, k, v, out, lse, causal, scale, dq=None, dk=None, dv=None):
+    def backward(self, dout, q, k, v, out, lse, causal, scale, dq=None, dk=None, dv=None, **kw):
         dq, gk, gv = self.inner.backward(dout, q, self._expand(k), self._expand(v), out, lse, causal,
-                                         scale, dq=dq)
+                                         scale, dq=dq, **kw)
         idx = self.index.to(k.device)
         if dk is None:
             dk, dv = torch.zeros_like(k), torch.zeros_like(v)

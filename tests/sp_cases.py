@@ -45,10 +45,38 @@ class Case:
     engine: str = "python"
     chunks: Optional[int] = None  # Ulysses pipeline head chunks (SPATTN_ULYSSES_CHUNKS)
     seed: int = 0
+    mask: str = ""                # joint_mask: "" none, "pad", "short", "hole", "empty" (see text_mask)
+
 
     @property
     def kvh(self) -> int:
         return self.kv_heads or self.heads
+
+
+def text_mask(c: Case) -> Optional[torch.Tensor]:
+    """The case's joint_mask, bool (batch, text), True = real token.
+    "pad": right-padded like a pipeline's batched prompts: batch element b keeps max(1, T - 4b) tokens
+    (T=7, batch 2: 7 and 3). "short": T - 2 - 2b tokens (all padded). "hole": element 0 loses tokens in the middle, the others alternate
+    False/True (a masked first token too). "empty": element 0 right-padded to 3, the rest all masked."""
+    if not c.mask:
+        return None
+    T, B = c.text, c.batch
+    m = torch.ones(B, T, dtype=torch.bool)
+    if c.mask == "pad":
+        for b in range(B):
+            m[b, max(1, T - 4 * b):] = False
+    elif c.mask == "short":  # every prompt padded: the keys past the longest one are dropped
+        for b in range(B):
+            m[b, max(1, T - 2 - 2 * b):] = False
+    elif c.mask == "hole":
+        m[0, 1:max(2, T // 2)] = False
+        m[1:, 0::2] = False
+    elif c.mask == "empty":
+        m[0, 3:] = False
+        m[1:] = False
+    else:
+        raise ValueError(c.mask)
+    return m
 
 
 def _inputs(c: Case):
@@ -78,10 +106,15 @@ def _full_reference(c: Case, q, k, v, dout, joint, dtype, impl: str):
         front = c.joint_strategy == "front"
         cat = (lambda t, j: torch.cat([j, t] if front else [t, j], dim=1))
         qq, kk, vv = cat(qq, jq), cat(kk, jk), cat(vv, jv)
+    km = text_mask(c)
+    if km is not None:  # key mask over the joint sequence; image keys are always visible
+        img_keys = torch.ones(c.batch, c.seq, dtype=torch.bool)
+        km = torch.cat([km, img_keys] if c.joint_strategy == "front" else [img_keys, km], dim=1)
     if impl == "ref":
-        o, lse = attention_ref(qq, kk, vv, c.causal)
+        o, lse = attention_ref(qq, kk, vv, c.causal, key_mask=km)
     else:
         o = F.scaled_dot_product_attention(qq.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2),
+                                           attn_mask=None if km is None else km[:, None, None, :],
                                            is_causal=c.causal, enable_gqa=c.kvh != c.heads).transpose(1, 2)
         lse = None
     T = c.text
@@ -124,7 +157,8 @@ def _run_case(c: Case) -> Optional[dict]:
     args = {}
     if joint:
         jts = [t.clone().requires_grad_() for t in joint[:3]]
-        args = dict(joint_q=jts[0], joint_k=jts[1], joint_v=jts[2], joint_strategy=c.joint_strategy)
+        args = dict(joint_q=jts[0], joint_k=jts[1], joint_v=jts[2], joint_strategy=c.joint_strategy,
+                    joint_mask=text_mask(c))
     res = spattn.attention(ql, kl, vl, mesh, causal=c.causal, return_lse=True, backend=c.backend,
                            ring_engine=c.engine, **args, **kw)
     if joint:
@@ -146,6 +180,11 @@ def _run_case(c: Case) -> Optional[dict]:
     got["lse"] = spattn.gather(lse, mesh, dim=2, **kw)
     if joint:
         got.update(jout=jout.detach(), djq=jts[0].grad, djk=jts[1].grad, djv=jts[2].grad)
+        if c.mask:  # masked text keys: exactly zero gradient, on every rank
+            km = text_mask(c)
+            assert (got["djk"][~km] == 0).all() and (got["djv"][~km] == 0).all(), "masked keys got gradient"
+            # Masked text rows are queries too: finite (compared with SDPA below like every row).
+            assert torch.isfinite(got["jout"]).all() and torch.isfinite(got["djq"]).all(), "non-finite text rows"
         # Replicated results must be identical on every rank.
         for n in ("jout", "djq", "djk", "djv"):
             t = got[n].contiguous()
@@ -204,6 +243,12 @@ def expect_error(u: int, r: int, kind: str) -> str:
             spattn.attention(x, x, x, mesh, causal=True, joint_q=t, joint_k=t, joint_v=t)
         elif kind == "joint_partial":
             spattn.attention(x, x, x, mesh, joint_q=torch.randn(1, 3, 4, 16))
+        elif kind in ("mask_no_joint", "mask_dtype", "mask_shape"):
+            t = torch.randn(1, 3, 4, 16)
+            m = {"mask_no_joint": torch.ones(1, 3, dtype=torch.bool), "mask_dtype": torch.ones(1, 3),
+                 "mask_shape": torch.ones(3, dtype=torch.bool)}[kind]
+            joint = {} if kind == "mask_no_joint" else dict(joint_q=t, joint_k=t, joint_v=t)
+            spattn.attention(x, x, x, mesh, joint_mask=m, **joint)
         elif kind == "backend":
             spattn.attention(x, x, x, mesh, backend="nope")
         else:

@@ -456,12 +456,7 @@ def numerics_body(u: int, r: int, kind: str, causal: bool, layout: str) -> dict:
 @pytest.mark.parametrize("kind", ["nan_q", "nan_k", "inf_v", "large"])
 @pytest.mark.parametrize("mode,causal,layout", [("ulysses", True, "contiguous"), ("ring", True, "zigzag"),
                                                 ("ring", False, "contiguous"), ("hybrid", True, "contiguous")])
-def test_nonfinite_and_large_inputs_match_sdpa(kind, mode, causal, layout, request):
-    if (mode, kind) == ("hybrid", "nan_k"):
-        request.applymarker(pytest.mark.xfail(strict=_cpp_merge_avx2(), reason=(
-            "known bug found by this test: the C++ CPU merge's AVX2 path (csrc/merge_cpu.cpp "
-            "lse_weights_avx2: _mm256_max_ps drops a NaN running LSE) turns a NaN LSE finite, so "
-            "backward leaves dv of the poisoned rows finite; see docs/reliability.md")))
+def test_nonfinite_and_large_inputs_match_sdpa(kind, mode, causal, layout):
     u, r = MODES[mode]
     res = run_on_ranks(u * r, numerics_body, u, r, kind, causal, layout)
     for n, s in res.items():
@@ -478,16 +473,9 @@ def test_nonfinite_and_large_inputs_match_sdpa(kind, mode, causal, layout, reque
         assert all(s["n_nan"] == s["got_nan"] == 0 for s in res.values()), res
 
 
-def _cpp_merge_avx2() -> bool:
-    return any(n == "cpp" for n, _ in spattn.ops._MERGE_ORDER) and not os.environ.get("SPATTN_MERGE_NO_AVX2")
-
-
 @pytest.mark.parametrize("impl", ["torch", "auto"])
-def test_merge_propagates_nan_lse(impl, request):
-    if impl == "auto" and _cpp_merge_avx2():
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "csrc/merge_cpu.cpp lse_weights_avx2: _mm256_max_ps(a, b) returns b when a is NaN; fix: "
-            "blend a back in where a is unordered (_CMP_UNORD_Q) before the log1p")))
+def test_merge_propagates_nan_lse(impl):
+    # Regression: the C++ AVX2 merge once dropped a NaN running LSE (max_ps returns the other operand).
     out = torch.zeros(1, 2, 1, 2)
     out[0, 0] = float("nan")
     lse = torch.tensor([[[float("nan"), 1.0]]])

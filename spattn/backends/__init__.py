@@ -14,6 +14,11 @@ A backend computes block attention *with its log-sum-exp* and the matching backw
     Gradients of one block given the *final* (merged) out and lse of the rows, so a ring can call it
     block by block. dk/dv have the kv head count. If accumulators are passed (any float dtype, fp32 in
     the ring) the block's gradients are added into them in place and they are returned.
+
+Optional key lengths (joint text masks): both take a keyword ``k_lens``, an int32 (batch,) tensor on
+q's device, or None. Keys ``j >= k_lens[b]`` of batch element b get exactly zero weight (and exactly
+zero dk/dv); a row whose keys are all masked gets out 0, lse -inf, as above. Strategies pass it only
+when set, so a third-party backend without it still serves every unmasked call.
 """
 from __future__ import annotations
 
@@ -29,17 +34,22 @@ class Backend(Protocol):
 
     def available(self, device: torch.device) -> bool: ...
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float) -> Tuple[Tensor, Tensor]: ...
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
+                k_lens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]: ...
 
     def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                  causal: bool, scale: float, dq: Optional[Tensor] = None, dk: Optional[Tensor] = None,
-                 dv: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]: ...
+                 dv: Optional[Tensor] = None, k_lens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]: ...
 
 
 _REGISTRY: Dict[str, Callable[[], Backend]] = {}
 _INSTANCES: Dict[str, Backend] = {}
-# Preference order for backend="auto", per device type.
-_AUTO_ORDER = {"cuda": ("triton", "torch", "reference"), "cpu": ("torch", "reference")}
+# Preference order for backend="auto", per device type. "auto" picks only kernels that have been
+# checked on the device kind: on CUDA that is torch's own fused kernels. The Triton kernels are
+# opt-in (backend="triton") until they pass `spattn doctor --selftest` on a real GPU (none has run
+# them yet); then "triton" goes first here and TRITON_GPU_VERIFIED records the GPU and versions.
+_AUTO_ORDER = {"cuda": ("torch", "reference"), "cpu": ("torch", "reference")}
+TRITON_GPU_VERIFIED = None  # e.g. "H100 80GB, torch 2.x, triton 3.x: selftest PASS (date)"
 
 
 def register_backend(name: str, factory: Callable[[], Backend]) -> None:

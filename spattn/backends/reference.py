@@ -16,12 +16,26 @@ def _expand_kv(x: Tensor, heads_q: int) -> Tensor:
     return x.repeat_interleave(heads_q // x.shape[2], dim=2) if x.shape[2] != heads_q else x
 
 
+def key_mask_from_lens(k_lens: Tensor, seqlen_k: int) -> Tensor:
+    """int (B,) valid key counts -> bool (B, Sk) key mask (True = key visible)."""
+    return torch.arange(seqlen_k, device=k_lens.device)[None, :] < k_lens.to(torch.int64)[:, None]
+
+
+def _mask_keys(s: Tensor, key_mask: Optional[Tensor]) -> Tensor:
+    """Scores (B, H, Sq, Sk) with the keys where ``key_mask`` (B, Sk) is False set to -inf."""
+    if key_mask is None:
+        return s
+    return s.masked_fill(~key_mask.to(s.device)[:, None, None, :], float("-inf"))
+
+
 def attention_ref(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: Optional[float] = None,
-                  compute_dtype: Optional[torch.dtype] = None) -> Tuple[Tensor, Tensor]:
+                  compute_dtype: Optional[torch.dtype] = None,
+                  key_mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Differentiable reference. q: (B, Sq, Hq, D), k/v: (B, Sk, Hkv, D) -> out (B, Sq, Hq, D) in
     q's dtype, lse (B, Hq, Sq) fp32 (natural log, -inf for rows that see no key).
 
-    ``compute_dtype`` defaults to fp64 for fp64 inputs and fp32 otherwise.
+    ``compute_dtype`` defaults to fp64 for fp64 inputs and fp32 otherwise. ``key_mask``: optional bool
+    (B, Sk), False = key invisible to every query (any pattern, holes included).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     cd = compute_dtype or (torch.float64 if q.dtype == torch.float64 else torch.float32)
@@ -33,6 +47,7 @@ def attention_ref(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: 
         sq, sk = s.shape[-2], s.shape[-1]
         mask = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
         s = s.masked_fill(~mask, float("-inf"))
+    s = _mask_keys(s, key_mask)
     lse = torch.logsumexp(s, dim=-1)                             # (B, Hq, Sq)
     # Rows with no visible key: weights 0 (not NaN), out 0, lse -inf.
     p = torch.exp(s - lse.unsqueeze(-1).nan_to_num(neginf=0.0)).nan_to_num(nan=0.0)
@@ -48,11 +63,12 @@ class ReferenceBackend:
     def available(self, device: torch.device) -> bool:
         return True
 
-    def forward(self, q, k, v, causal, scale):
+    def forward(self, q, k, v, causal, scale, k_lens=None):
+        km = None if k_lens is None else key_mask_from_lens(k_lens, k.shape[1])
         with torch.no_grad():
-            return attention_ref(q, k, v, causal, scale)
+            return attention_ref(q, k, v, causal, scale, key_mask=km)
 
-    def backward(self, dout, q, k, v, out, lse, causal, scale, dq=None, dk=None, dv=None):
+    def backward(self, dout, q, k, v, out, lse, causal, scale, dq=None, dk=None, dv=None, k_lens=None):
         # Block gradient from the *final* row statistics: P = exp(S - lse), D = rowsum(dout * out).
         cd = torch.float64 if q.dtype == torch.float64 else torch.float32
         hq = q.shape[2]
@@ -64,6 +80,8 @@ class ReferenceBackend:
         if causal:
             mask = torch.ones(s.shape[-2], s.shape[-1], dtype=torch.bool, device=q.device).tril()
             s = s.masked_fill(~mask, float("-inf"))
+        if k_lens is not None:
+            s = _mask_keys(s, key_mask_from_lens(k_lens, k.shape[1]))
         p = torch.exp(s - lse.to(cd).unsqueeze(-1)).nan_to_num(nan=0.0)
         delta = (do * out.to(cd).transpose(1, 2)).sum(-1, keepdim=True)
         dvf = torch.matmul(p.transpose(-1, -2), do)

@@ -4,10 +4,12 @@ The kernels live in ``spattn.kernels`` (leaf code). Here they are wrapped as ``t
 custom ops so they trace under ``torch.compile`` (the fake implementations give output shapes
 without running anything):
 
-* ``spattn::flash_fwd(q, k, v, causal, scale, q_offset, k_offset) -> (out, lse)``
-* ``spattn::flash_bwd(dout, q, k, v, out, lse, causal, scale, q_offset, k_offset) -> (dq, dk, dv)``
-* ``spattn::flash_bwd_acc_(dout, q, k, v, out, lse, dq, dk, dv, causal, scale, q_offset, k_offset)``
+* ``spattn::flash_fwd(q, k, v, causal, scale, q_offset, k_offset, k_lens) -> (out, lse)``
+* ``spattn::flash_bwd(dout, q, k, v, out, lse, causal, scale, q_offset, k_offset, k_lens) -> (dq, dk, dv)``
+* ``spattn::flash_bwd_acc_(dout, q, k, v, out, lse, dq, dk, dv, causal, scale, q_offset, k_offset, k_lens)``
   adds the block's gradients into dq/dk/dv in place (ring accumulators).
+
+``k_lens`` is an optional int32 (B,) tensor of valid key counts (the joint text mask).
 * ``spattn::merge_(out, lse, blk_out, blk_lse)`` folds a block result into (out, lse) in place.
 
 Importing this module registers the fused merge with :func:`spattn.ops.register_merge` for CUDA tensors.
@@ -31,35 +33,37 @@ Tensor = torch.Tensor
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("spattn::flash_fwd", mutates_args=())
 def flash_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, q_offset: int,
-              k_offset: int) -> Tuple[Tensor, Tensor]:
-    return _fa.flash_attn_fwd(q, k, v, causal, scale, q_offset, k_offset)
+              k_offset: int, k_lens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    return _fa.flash_attn_fwd(q, k, v, causal, scale, q_offset, k_offset, k_lens=k_lens)
 
 
 @flash_fwd.register_fake
-def _(q, k, v, causal, scale, q_offset, k_offset):
+def _(q, k, v, causal, scale, q_offset, k_offset, k_lens=None):
     b, sq, hq, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((b, hq, sq), dtype=torch.float32)
 
 
 @torch.library.custom_op("spattn::flash_bwd", mutates_args=())
 def flash_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
-              scale: float, q_offset: int, k_offset: int) -> Tuple[Tensor, Tensor, Tensor]:
-    return _fa.flash_attn_bwd(dout, q, k, v, out, lse, causal, scale, q_offset, k_offset)
+              scale: float, q_offset: int, k_offset: int, k_lens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    return _fa.flash_attn_bwd(dout, q, k, v, out, lse, causal, scale, q_offset, k_offset, k_lens=k_lens)
 
 
 @flash_bwd.register_fake
-def _(dout, q, k, v, out, lse, causal, scale, q_offset, k_offset):
+def _(dout, q, k, v, out, lse, causal, scale, q_offset, k_offset, k_lens=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 @torch.library.custom_op("spattn::flash_bwd_acc_", mutates_args=("dq", "dk", "dv"))
 def flash_bwd_acc_(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dq: Tensor,
-                   dk: Tensor, dv: Tensor, causal: bool, scale: float, q_offset: int, k_offset: int) -> None:
-    _fa.flash_attn_bwd(dout, q, k, v, out, lse, causal, scale, q_offset, k_offset, dq=dq, dk=dk, dv=dv)
+                   dk: Tensor, dv: Tensor, causal: bool, scale: float, q_offset: int, k_offset: int,
+                   k_lens: Optional[Tensor] = None) -> None:
+    _fa.flash_attn_bwd(dout, q, k, v, out, lse, causal, scale, q_offset, k_offset, dq=dq, dk=dk, dv=dv,
+                       k_lens=k_lens)
 
 
 @flash_bwd_acc_.register_fake
-def _(dout, q, k, v, out, lse, dq, dk, dv, causal, scale, q_offset, k_offset):
+def _(dout, q, k, v, out, lse, dq, dk, dv, causal, scale, q_offset, k_offset, k_lens=None):
     return None
 
 
@@ -102,16 +106,18 @@ class TritonBackend:
         return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
-                q_offset: int = 0, k_offset: int = 0) -> Tuple[Tensor, Tensor]:
-        """q: (B, Sq, Hq, D), k/v: (B, Sk, Hkv, D) -> out (B, Sq, Hq, D), lse (B, Hq, Sq) fp32."""
-        return torch.ops.spattn.flash_fwd(q, k, v, bool(causal), float(scale), int(q_offset), int(k_offset))
+                q_offset: int = 0, k_offset: int = 0, k_lens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """q: (B, Sq, Hq, D), k/v: (B, Sk, Hkv, D) -> out (B, Sq, Hq, D), lse (B, Hq, Sq) fp32.
+        k_lens: optional int32 (B,) valid keys per batch element (the kernel skips the rest)."""
+        return torch.ops.spattn.flash_fwd(q, k, v, bool(causal), float(scale), int(q_offset), int(k_offset),
+                                          k_lens)
 
     def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
                  scale: float, dq: Optional[Tensor] = None, dk: Optional[Tensor] = None,
                  dv: Optional[Tensor] = None, q_offset: int = 0,
-                 k_offset: int = 0) -> Tuple[Tensor, Tensor, Tensor]:
+                 k_offset: int = 0, k_lens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
         """Block gradients from the rows' final (out, lse); added into dq/dk/dv in place when given."""
-        args = (bool(causal), float(scale), int(q_offset), int(k_offset))
+        args = (bool(causal), float(scale), int(q_offset), int(k_offset), k_lens)
         if dq is None and dk is None and dv is None:
             return torch.ops.spattn.flash_bwd(dout, q, k, v, out, lse, *args)
         # Missing accumulators start at zero in the input dtype: adding into zero is a plain store.

@@ -18,10 +18,17 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad flags get one line naming the fix (not argparse's usage block), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="spattn", description="sequence-parallel attention tools")
-    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}")
+    parser = _Parser(prog="spattn", description="sequence-parallel attention tools")
+    sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}", parser_class=_Parser)
     name = next((a for a in argv if not a.startswith("-")), None)
     for cmd, (_, help_) in COMMANDS.items():
         p = sub.add_parser(cmd, help=help_, description=help_)

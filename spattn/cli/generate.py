@@ -1,0 +1,480 @@
+"""``spattn generate``: the guide's text-to-image run, with the transformer's attention sequence-parallel.
+
+    spattn generate --model tiny-qwen-image --ulysses-degree 2 --ring-degree 1 --baseline
+
+Every rank runs the same diffusers pipeline with the same seed (identical full inputs); the
+transformer, parallelized by ``spattn.integrations.diffusers.parallelize``, splits the image tokens
+internally and returns the full output on every rank, so the scheduler, VAE and text encoder run
+unchanged. Rank 0 times the generation, writes the PNG, the table and the ``--json`` rows. With
+``--baseline`` rank 0 first runs the unmodified pipeline on one device with the same seed (all the
+CPU cores on CPU) and the table gives the speedup and the largest pixel deviation from it.
+
+Launch: under ``torchrun`` (RANK/WORLD_SIZE set) the launched ranks are used (NCCL on GPUs, gloo on
+CPU); otherwise ``ulysses_degree x ring_degree`` local ranks are spawned here. Every bad flag is
+reported as one line naming the fix (exit code 2) before anything is spawned.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import socket
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import List, Optional
+
+SUPPORTED_PIPELINES = ("QwenImagePipeline", "FluxPipeline")
+MAX_CPU_RANKS = 8
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+BACKENDS = ("auto", "torch", "triton", "reference")
+DEFAULT_PROMPT = "A cat sitting on a windowsill"
+
+
+class UsageError(Exception):
+    """A bad flag: reported as one line on stderr, exit code 2."""
+
+
+@dataclasses.dataclass
+class Config:
+    """Everything a rank needs (validated, picklable for spawn)."""
+
+    model: str                 # a tiny name or a local pipeline directory
+    model_label: str           # what the user passed
+    pipeline_class: str
+    prompt: str
+    ulysses_degree: int
+    ring_degree: int
+    width: int
+    height: int
+    num_inference_steps: int
+    seed: int
+    dtype: str                 # resolved: float32 / bfloat16 / float16
+    backend: str
+    output: str
+    json_path: Optional[str]
+    baseline: bool
+    warmup: bool
+    cores: int
+
+    @property
+    def world(self) -> int:
+        return self.ulysses_degree * self.ring_degree
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument
+    g("--model", default="tiny-qwen-image",
+      help="diffusers pipeline directory or cached hub id (Qwen-Image, Flux), or a built-in tiny random "
+           "pipeline: tiny-qwen-image (default), tiny-flux")
+    g("--prompt", default=DEFAULT_PROMPT, help=f"text prompt (default: {DEFAULT_PROMPT!r})")
+    g("--ulysses-degree", "--usp", dest="ulysses_degree", type=_positive_int, default=None,
+      help="ranks splitting attention heads by all-to-all (default 1; 2 when neither degree is given)")
+    g("--ring-degree", "--ring", dest="ring_degree", type=_positive_int, default=None,
+      help="ranks passing K/V around a ring (default 1); ranks used = ulysses x ring")
+    g("--width", type=_positive_int, default=512, help="image width, a multiple of 16 (default 512)")
+    g("--height", type=_positive_int, default=512, help="image height, a multiple of 16 (default 512)")
+    g("--num-inference-steps", type=_positive_int, default=20, help="denoising steps (default 20)")
+    g("--seed", type=int, default=0, help="generator seed, the same on every rank (default 0)")
+    g("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
+    g("--backend", choices=BACKENDS, default="auto", help="spattn attention backend (default auto)")
+    g("--output", default="spattn_generate.png", help="PNG written by rank 0 (default spattn_generate.png)")
+    g("--json", dest="json_path", metavar="PATH", default=None,
+      help="write the table as a JSON list of rows (baseline first)")
+    g("--baseline", action=argparse.BooleanOptionalAction, default=True,
+      help="also run the unmodified pipeline on one device with the same seed; report speedup and max "
+           "pixel deviation (default on; --no-baseline skips it)")
+    g("--warmup", action=argparse.BooleanOptionalAction, default=True,
+      help="one untimed 1-step generation per configuration before timing (default on)")
+
+    def one_line_error(message: str) -> None:  # argparse's usage block is not one line
+        print(f"spattn generate: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+    parser.error = one_line_error  # type: ignore[method-assign]
+
+
+# ----------------------------------------------------------------------------------------- validation
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _resolve_model(model: str):
+    """-> (path or tiny name, pipeline class name, spatial multiple for width/height)."""
+    from .tiny import TINY_MODELS, TINY_SPATIAL_MULTIPLE, TINY_PIPELINE_CLASS
+
+    if model in TINY_MODELS:
+        return model, TINY_PIPELINE_CLASS[model], TINY_SPATIAL_MULTIPLE
+    path = Path(model).expanduser()
+    if not path.exists():
+        if model.count("/") == 1 and not model.startswith((".", "/", "~")):
+            path = _cached_hub_snapshot(model)
+        else:
+            raise UsageError(f"--model {model}: no such directory; pass a diffusers pipeline directory, a "
+                             f"cached hub id, or {' / '.join(TINY_MODELS)}")
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise UsageError(f"--model {model}: {path} has no model_index.json; pass the directory that "
+                         f"save_pretrained wrote (or one of {', '.join(TINY_MODELS)})")
+    try:
+        cls = json.loads(index.read_text())["_class_name"]
+        vae_cfg = json.loads((path / "vae" / "config.json").read_text())
+    except (OSError, ValueError, KeyError) as e:
+        raise UsageError(f"--model {model}: unreadable pipeline files ({e}); re-save it with save_pretrained") from None
+    if cls not in SUPPORTED_PIPELINES:
+        raise UsageError(f"--model {model}: {cls} is not supported; use a {' or '.join(SUPPORTED_PIPELINES)} "
+                         f"directory (or one of {', '.join(TINY_MODELS)})")
+    # The pipelines' own rule: latents are packed in 2x2 patches, so sizes are multiples of 2 x VAE factor.
+    if cls == "QwenImagePipeline":
+        factor = 2 ** len(vae_cfg.get("temperal_downsample", [False, True, True]))
+    else:
+        factor = 2 ** (len(vae_cfg.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    return str(path), cls, 2 * factor
+
+
+def _cached_hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot of ``repo_id`` in the Hugging Face cache; nothing is downloaded."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, local_files_only=True))
+    except Exception:  # not cached (LocalEntryNotFoundError), bad id, or no huggingface_hub
+        raise UsageError(f"--model {repo_id}: not in the local Hugging Face cache (spattn downloads nothing); "
+                         f"run `huggingface-cli download {repo_id}` first or pass a local directory") from None
+
+
+def _launched_world() -> Optional[int]:
+    """WORLD_SIZE when started by torchrun (or another launcher setting RANK/WORLD_SIZE), else None."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    return None
+
+
+def validate(args: argparse.Namespace) -> Config:
+    """Check every flag before anything is spawned; raises ``UsageError`` with a one-line fix."""
+    import importlib.util
+
+    import torch
+
+    missing = [m for m in ("diffusers", "transformers", "PIL") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UsageError(f"{', '.join(missing)} not installed; pip install -e \".[diffusers]\" "
+                         f"(or pip install diffusers transformers accelerate pillow)")
+    model, cls, multiple = _resolve_model(args.model)
+    for name in ("width", "height"):
+        v = getattr(args, name)
+        if v % multiple:
+            lo, hi = v // multiple * multiple, (v // multiple + 1) * multiple
+            use = f"{lo} or {hi}" if lo else f"{hi}"
+            raise UsageError(f"--{name} {v}: {cls} needs a multiple of {multiple} (VAE factor x 2x2 patches); "
+                             f"use {use}")
+    # As in the guide each degree defaults to 1; with neither given, show sequence parallelism: Ulysses
+    # over the launched ranks under torchrun, else over 2 local ranks.
+    launched = _launched_world()
+    if args.ulysses_degree is None and args.ring_degree is None:
+        args.ulysses_degree = launched or 2
+    args.ulysses_degree = args.ulysses_degree or 1
+    args.ring_degree = args.ring_degree or 1
+    world = args.ulysses_degree * args.ring_degree
+    cuda = torch.cuda.is_available()
+    degrees = f"--ulysses-degree {args.ulysses_degree} x --ring-degree {args.ring_degree} = {world} ranks"
+    if launched is not None and launched != world:
+        raise UsageError(f"{degrees}, but the launcher started {launched}; pick degrees whose product is "
+                         f"{launched} or launch {world} processes (torchrun --nproc-per-node {world})")
+    if launched is None:
+        if cuda and world > torch.cuda.device_count():
+            raise UsageError(f"{degrees}, but only {torch.cuda.device_count()} GPUs are visible; lower the degrees")
+        if not cuda and world > MAX_CPU_RANKS:
+            raise UsageError(f"{degrees}: at most {MAX_CPU_RANKS} local CPU ranks; lower the degrees "
+                             f"(or launch with torchrun across machines)")
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if cuda else "float32")
+    if dtype == "float16" and not cuda:
+        raise UsageError("--dtype float16 needs a GPU; use --dtype bfloat16 or float32 on CPU")
+    if args.backend == "triton" and not cuda:
+        raise UsageError("--backend triton needs a CUDA GPU; use --backend auto (torch on CPU)")
+    for flag, target in (("--output", args.output), ("--json", args.json_path)):
+        if target is not None:
+            parent = Path(target).expanduser().resolve().parent
+            if not parent.is_dir():
+                raise UsageError(f"{flag} {target}: directory {parent} does not exist; create it or choose another path")
+    return Config(
+        model=model, model_label=args.model, pipeline_class=cls, prompt=args.prompt,
+        ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree, width=args.width, height=args.height,
+        num_inference_steps=args.num_inference_steps, seed=args.seed, dtype=dtype, backend=args.backend,
+        output=args.output, json_path=args.json_path, baseline=args.baseline, warmup=args.warmup, cores=_cores(),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- ranks
+def load_pipeline(cfg: Config, device):
+    """The pipeline named by ``cfg`` on ``device``: a built-in tiny one or ``from_pretrained`` (local files)."""
+    import torch
+
+    from .tiny import TINY_MODELS, build_tiny_pipeline
+
+    dtype = getattr(torch, cfg.dtype)
+    if cfg.model in TINY_MODELS:
+        pipe = build_tiny_pipeline(cfg.model, dtype=dtype)
+    else:
+        import diffusers
+        from diffusers import DiffusionPipeline
+
+        # diffusers 0.42 renamed torch_dtype to dtype (the old name warns).
+        new = tuple(int(x) for x in diffusers.__version__.split(".")[:2]) >= (0, 42)
+        pipe = DiffusionPipeline.from_pretrained(cfg.model, local_files_only=True,
+                                                 **{"dtype" if new else "torch_dtype": dtype})
+    return pipe.to(device)
+
+
+def _call_kwargs(cfg: Config) -> dict:
+    kw = {}
+    if cfg.pipeline_class == "QwenImagePipeline":
+        kw.setdefault("true_cfg_scale", 1.0)  # no negative prompt: plain conditional sampling
+    return kw
+
+
+def generate_image(pipe, cfg: Config, steps: int, decode: bool = True, decode_threads: Optional[int] = None):
+    """One generation with ``cfg``'s seed: float image (height, width, 3), values in [0, 1], or None
+    with ``decode=False`` (the denoising loop only; no VAE decode). ``decode_threads``: CPU threads
+    from the end of the denoising loop on (the VAE decode)."""
+    import torch
+
+    kw = _call_kwargs(cfg)
+    if decode_threads is not None:
+        def more_threads(pipeline, i, t, tensors):
+            if i == steps - 1:
+                torch.set_num_threads(decode_threads)
+            return {}
+
+        kw["callback_on_step_end"] = more_threads
+    generator = torch.Generator("cpu").manual_seed(cfg.seed)  # same noise on every device and rank
+    out = pipe(prompt=cfg.prompt, width=cfg.width, height=cfg.height, num_inference_steps=steps,
+               generator=generator, output_type="np" if decode else "latent", **kw)
+    return out.images[0] if decode else None
+
+
+def _quiet_libraries() -> None:
+    """Library warnings about casting and optional extras would bury the table."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(pipe, cfg: Config, device, desc: str, show: bool, barrier=None, decode: bool = True,
+           decode_threads: Optional[int] = None):
+    """(image, seconds) of one generation; the warm-up (1 step) is not timed."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if cfg.warmup:
+        pipe.set_progress_bar_config(disable=True)
+        generate_image(pipe, cfg, 1, decode, decode_threads)
+        torch.set_num_threads(threads)
+    pipe.set_progress_bar_config(disable=not show, desc=desc, leave=False)
+    if barrier is not None:
+        barrier()  # every rank starts the timed run together
+    _sync(device)
+    t0 = time.perf_counter()
+    image = generate_image(pipe, cfg, cfg.num_inference_steps, decode, decode_threads)
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    torch.set_num_threads(threads)
+    return image, seconds
+
+
+def configuration_name(ulysses_degree: int, ring_degree: int) -> str:
+    if ulysses_degree > 1 and ring_degree > 1:
+        return "Hybrid"
+    if ring_degree > 1:
+        return "Ring-Attention"
+    if ulysses_degree > 1:
+        return "Ulysses-SP"
+    return "Single device (spattn)"
+
+
+def rank_main(rank: int, world: int, cfg: Config, init_method: Optional[str]) -> None:
+    """One rank: load the pipeline, (rank 0) the baseline, then the parallel run; rank 0 reports."""
+    import torch
+    import torch.distributed as dist
+
+    import spattn
+
+    _quiet_libraries()
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    threads = max(1, cfg.cores // int(os.environ.get("LOCAL_WORLD_SIZE", world)))  # ranks on this machine
+    if not cuda:
+        torch.set_num_threads(threads)
+    own_group = world > 1 and not dist.is_initialized()
+    if own_group:
+        # The other ranks wait in a barrier while rank 0 runs the baseline: allow a long one.
+        kw = dict(backend="nccl" if cuda else "gloo", timeout=timedelta(hours=2), device_id=device if cuda else None)
+        if init_method is None:  # torchrun: MASTER_ADDR/PORT in the environment
+            dist.init_process_group(**kw)
+        else:
+            dist.init_process_group(init_method=init_method, rank=rank, world_size=world, **kw)
+    barrier = dist.barrier if world > 1 else None
+    try:
+        pipe = load_pipeline(cfg, device)
+        rows: List[dict] = []
+        base_image = base_time = None
+        if cfg.baseline:
+            if barrier is not None:
+                barrier()  # the other ranks are idle (not still loading) while rank 0 runs the baseline
+            if rank == 0:  # one device: the whole CPU, as a single-device user would run it
+                if not cuda:
+                    torch.set_num_threads(cfg.cores)
+                base_image, base_time = _timed(pipe, cfg, device, "baseline", show=True)
+                if not cuda:
+                    torch.set_num_threads(threads)
+                rows.append(_row(cfg, "Baseline (diffusers)", 1, 1, base_time, base_time, 0.0, world=1,
+                                 threads=cfg.cores if not cuda else None))
+            if barrier is not None:
+                barrier()
+        from spattn.integrations.diffusers import parallelize
+
+        mesh = spattn.init_mesh(ulysses_degree=cfg.ulysses_degree, ring_degree=cfg.ring_degree)
+        handle = parallelize(pipe.transformer, mesh, backend=cfg.backend)
+        try:
+            desc = f"ulysses {cfg.ulysses_degree} x ring {cfg.ring_degree}"
+            # Only rank 0 needs the image. On CPU the other ranks skip the VAE decode (on GPUs each rank
+            # would decode on its own device at no cost to rank 0; here they would share its cores)
+            # and rank 0 decodes on all cores, as the baseline does.
+            cpu = not cuda and world > 1
+            image, seconds = _timed(pipe, cfg, device, desc, show=rank == 0, barrier=barrier,
+                                    decode=rank == 0 or not cpu,
+                                    decode_threads=cfg.cores if cpu and rank == 0 else None)
+        finally:
+            handle.remove()
+        if rank == 0:
+            diff = None if base_image is None else float(abs(image.astype("float64") - base_image).max())
+            rows.append(_row(cfg, configuration_name(cfg.ulysses_degree, cfg.ring_degree), cfg.ulysses_degree,
+                             cfg.ring_degree, seconds, base_time, diff, world=world,
+                             threads=threads if not cuda else None))
+            _report(cfg, rows, image, device, world, threads)
+        if barrier is not None:
+            barrier()
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _row(cfg: Config, name: str, u: int, r: int, seconds: float, base_time: Optional[float],
+         diff: Optional[float], world: int, threads: Optional[int]) -> dict:
+    return {
+        "configuration": name, "ulysses_degree": u, "ring_degree": r, "time_s": round(seconds, 4),
+        "speedup": None if base_time is None else round(base_time / seconds, 4), "max_abs_diff": diff,
+        "ranks": world, "threads_per_rank": threads, "model": cfg.model_label, "width": cfg.width,
+        "height": cfg.height, "num_inference_steps": cfg.num_inference_steps, "dtype": cfg.dtype,
+        "backend": cfg.backend, "seed": cfg.seed,
+    }
+
+
+def _device_label(device, world: int, threads: int, cores: int) -> str:
+    import torch
+
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} x {world} (NCCL)"
+    return f"CPU, {cores} cores, {world} gloo ranks x {threads} threads"
+
+
+def format_table(rows: List[dict]) -> str:
+    """The guide's benchmark table plus the deviation column."""
+    head = "| Configuration | Ulysses degree | Ring degree | Generation Time | Speedup | Max deviation |"
+    lines = [head, "|---|---|---|---|---|---|"]
+    for row in rows:
+        base = row["configuration"].startswith("Baseline")
+        u = "-" if base else str(row["ulysses_degree"])
+        r = "-" if base else str(row["ring_degree"])
+        sp = "-" if row["speedup"] is None else f"{row['speedup']:.2f}x"
+        dev = "-" if row["max_abs_diff"] is None else f"{row['max_abs_diff']:.1e}"
+        lines.append(f"| {row['configuration']} | {u} | {r} | {row['time_s']:.2f}s | {sp} | {dev} |")
+    return "\n".join(lines)
+
+
+def _report(cfg: Config, rows: List[dict], image, device, world: int, threads: int) -> None:
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray((np.clip(image, 0, 1) * 255).round().astype("uint8")).save(cfg.output, format="PNG")
+    print(f"\n{cfg.model_label} ({cfg.pipeline_class}), {cfg.width}x{cfg.height}, {cfg.num_inference_steps} steps, "
+          f"{cfg.dtype}, backend {cfg.backend}, seed {cfg.seed}; {_device_label(device, world, threads, cfg.cores)}")
+    print(format_table(rows))
+    print("Max deviation: largest |pixel difference| (values in [0, 1]) from the single-device image.")
+    print(f"image: {cfg.output}")
+    if cfg.json_path:
+        Path(cfg.json_path).write_text(json.dumps(rows, indent=2) + "\n")
+        print(f"rows: {cfg.json_path}")
+    if device.type == "cpu":
+        print(f"Note: on CPU all {world} ranks share the same {cfg.cores} cores (the baseline uses all of them), so "
+              "this table shows exactness and overhead, not GPU speedups; `spattn plan` predicts GPU times "
+              "(e.g. spattn plan --model qwen-image --width 2048 --height 2048 --gpus 4 --hardware h100).")
+    sys.stdout.flush()
+
+
+def _spawned(rank: int, world: int, cfg: Config, init_method: str) -> None:
+    rank_main(rank, world, cfg, init_method)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = validate(args)
+    except UsageError as e:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank finds it: say it once
+            print(f"spattn generate: error: {e}", file=sys.stderr)
+        return 2
+    launched = _launched_world()
+    if launched is not None:
+        rank_main(int(os.environ["RANK"]), launched, cfg, None)
+    elif cfg.world == 1:
+        rank_main(0, 1, cfg, None)
+    else:
+        import torch
+        import torch.multiprocessing as mp
+
+        if not torch.cuda.is_available():
+            # The ranks share the cores: OpenMP threads spinning while they wait would steal them from
+            # the other ranks (and from the baseline). The children read this at their torch import.
+            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        try:
+            mp.spawn(_spawned, args=(cfg.world, cfg, f"tcp://127.0.0.1:{_free_port()}"), nprocs=cfg.world)
+        except mp.ProcessRaisedException as e:  # the rank's traceback is in the message
+            print(f"spattn generate: a rank failed:\n{e}", file=sys.stderr)
+            return 1
+        except mp.ProcessExitedException as e:
+            print(f"spattn generate: a rank died: {e}", file=sys.stderr)
+            return 1
+    return 0

@@ -1,0 +1,231 @@
+"""Hugging Face transformers LLMs, sequence-parallel on spattn (public API only).
+
+    mesh = spattn.init_mesh(ulysses_degree=2, ring_degree=2)          # after init_process_group
+    register(mesh)                                                    # attn_implementation="spattn"
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="spattn")
+    inputs = shard_inputs(input_ids, mesh, labels=input_ids)          # this rank's tokens + global positions
+    out = model(**inputs)                                             # out.loss: this rank's share
+    out.loss.backward(); reduce_gradients(model, mesh)                # = single-process gradients
+
+How the pieces fit:
+
+- ``register`` puts an attention function into transformers' ``AttentionInterface`` under ``name``
+  (bound to ``mesh``) and a mask function into ``AttentionMaskInterface`` that builds no (S, S) mask:
+  causal masking over the *global* order is done inside ``spattn.attention``.
+- ``shard_inputs`` gives each rank its tokens in the chosen layout (zigzag by default: balanced causal
+  work), their *global* ``position_ids`` (so RoPE sees true positions), labels shifted on the full
+  sequence before sharding (no label crosses a shard boundary unseen), and the layout facts the
+  attention function needs, as two extra model kwargs (``spattn_seq_len``, ``spattn_layout``):
+  transformers forwards unknown kwargs from ``model(**inputs)`` down to every attention call, so the
+  information travels with the batch (no state to go stale between batches of different lengths).
+  Engines that shard by hand pass those two kwargs themselves.
+- Loss: the dict also carries ``num_items_in_batch`` = the number of valid labels in the *whole*
+  sequence, so transformers' causal-LM loss on each rank is ``sum(local token CE) / global count``:
+  these per-rank losses add up to the single-process loss (``global_loss``), and the parameter
+  gradients of the local losses, summed over the mesh (``reduce_gradients``), are the single-process
+  gradients. ``sp_loss(logits, labels, mesh)`` computes the same share from logits, for training
+  loops that compute their own loss.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.distributed as dist
+
+import spattn
+
+Tensor = torch.Tensor
+IGNORE_INDEX = -100
+
+__all__ = ["register", "shard_inputs", "cu_seqlens_from_position_ids", "sp_loss", "global_loss",
+           "reduce_gradients"]
+
+
+def _mask_fn(name: str):
+    def spattn_mask(batch_size: int = 1, q_length: int = 0, kv_length: int = 0, q_offset=0, kv_offset=0,
+                    mask_function=None, attention_mask: Optional[Tensor] = None, **kwargs) -> None:
+        """No mask is materialized: the causal mask over global positions is spattn's job. A 2-D
+        padding mask is honoured only when it keeps every token (a data check skipped under compile)."""
+        if attention_mask is not None and not torch.compiler.is_compiling() and not bool(attention_mask.all()):
+            raise NotImplementedError(
+                f"attn_implementation={name!r}: padded batches (attention_mask with zeros) are not supported; "
+                "pass attention_mask=None (shard_inputs leaves it out) and mask padding with labels=-100")
+        return None
+
+    return spattn_mask
+
+
+def register(mesh: "spattn.SPMesh", name: str = "spattn") -> str:
+    """Register the attention implementation ``name`` bound to ``mesh`` with transformers.
+
+    Afterwards ``AutoModelForCausalLM.from_config(cfg, attn_implementation=name)`` (or
+    ``model.set_attn_implementation(name)``) computes every attention layer with
+    ``spattn.attention(..., causal=True)`` over the mesh. Feed the model ``shard_inputs(...)``.
+    Registering the same name again rebinds it. Returns ``name``.
+    """
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    if not isinstance(mesh, spattn.SPMesh):
+        raise TypeError(f"spattn.integrations.transformers.register: mesh must be an SPMesh, got {type(mesh).__name__}")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"spattn.integrations.transformers.register: name must be a non-empty str, got {name!r}")
+
+    def spattn_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                                 attention_mask: Optional[Tensor], dropout: float = 0.0,
+                                 scaling: Optional[float] = None, is_causal: Optional[bool] = None,
+                                 spattn_seq_len: Optional[int] = None, spattn_layout: Optional[str] = None,
+                                 spattn_cu_seqlens: Optional[Tensor] = None, **kwargs):
+        """transformers' attention signature: query (batch, heads, seq_local, head_dim), key/value
+        (batch, kv_heads, seq_local, head_dim) -> ((batch, seq_local, heads, head_dim), None)."""
+        where = f"attn_implementation={name!r}"
+        if spattn_seq_len is None or spattn_layout is None:
+            raise ValueError(f"{where}: the model was called without spattn_seq_len / spattn_layout; call "
+                             "model(**spattn.integrations.transformers.shard_inputs(input_ids, mesh, ...)) or pass "
+                             "both kwargs (global length and layout of the shards)")
+        if attention_mask is not None:
+            raise NotImplementedError(f"{where}: got a materialized attention mask; only plain causal attention "
+                                      "over the global sequence is supported (no padding or custom 4-D masks)")
+        for opt in ("sliding_window", "softcap", "s_aux"):
+            if kwargs.get(opt) is not None:
+                raise NotImplementedError(f"{where}: {opt} is not supported (it is set by this model's config)")
+        if dropout and module.training:
+            raise NotImplementedError(f"{where}: attention dropout is not supported; set config.attention_dropout=0")
+        if key.shape[2] != query.shape[2]:
+            raise NotImplementedError(f"{where}: {key.shape[2]} keys for {query.shape[2]} queries: decoding with "
+                                      "a KV cache is not supported (call the model with use_cache=False)")
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))  # -> (B, s, H, D)
+        out = spattn.attention(q, k, v, mesh, causal=bool(causal), softmax_scale=scaling,
+                               seq_len=int(spattn_seq_len), layout=spattn_layout, cu_seqlens=spattn_cu_seqlens)
+        return out, None
+
+    AttentionInterface.register(name, spattn_attention_forward)
+    AttentionMaskInterface.register(name, _mask_fn(name))
+    return name
+
+
+def cu_seqlens_from_position_ids(position_ids: Tensor) -> Tensor:
+    """Document boundaries int32 (n_docs + 1,) of a packed batch given the Hugging Face way:
+    position_ids (1, seq) restarting at 0 at each document and counting up by 1 inside it."""
+    if position_ids.dim() != 2 or position_ids.shape[0] != 1:
+        raise ValueError(f"shard_inputs: packed position_ids must be (1, seq) (all documents in one row), got "
+                         f"shape {tuple(position_ids.shape)}")
+    p = position_ids[0]
+    starts = p == 0
+    if p.numel() == 0 or not bool(starts[0]):
+        raise ValueError("shard_inputs: packed position_ids must start at 0 (each document counts 0, 1, 2, ...)")
+    if not bool(((p[1:] == p[:-1] + 1) | starts[1:]).all()):
+        raise ValueError("shard_inputs: packed position_ids must count up by 1 inside a document and restart at 0 "
+                         "at the next one; got another pattern")
+    n = torch.tensor([p.numel()], device=p.device)
+    return torch.cat([starts.nonzero().flatten(), n]).to(torch.int32)
+
+
+def shard_inputs(input_ids: Tensor, mesh: "spattn.SPMesh", *, labels: Optional[Tensor] = None,
+                 layout: str = "zigzag", position_ids: Optional[Tensor] = None) -> Dict[str, object]:
+    """What this rank passes to the model: ``model(**shard_inputs(input_ids, mesh, labels=...))``.
+
+    Args:
+        input_ids: (batch, seq) full token ids, identical on every rank; any seq.
+        labels: (batch, seq) full labels (usually ``input_ids``; -100 = ignored), NOT shifted.
+        layout: "zigzag" (balanced causal work), "contiguous", or "balanced" (packed documents).
+        position_ids: (1, seq) for a packed batch, the Hugging Face way (restarting at 0 at each
+            document): the document boundaries are derived from them (``spattn_cu_seqlens``), so no
+            token attends across a document, and these positions (not global ones) feed RoPE.
+
+    Returns a dict with ``input_ids`` (batch, s) this rank's tokens (padded with 0 past the end),
+    ``position_ids`` (batch, s) their global positions, ``use_cache=False``, ``spattn_seq_len`` and
+    ``spattn_layout`` (read by the registered attention; with ``position_ids`` also
+    ``spattn_cu_seqlens``, and ``position_ids`` are then the given per-document ones), and with labels: ``labels`` and
+    ``shift_labels`` (batch, s), the next-token targets of this rank's positions (shifted on the full
+    sequence, -100 on the last and on padded positions), and ``num_items_in_batch``, the global count of
+    valid targets, which makes ``model(**inputs).loss`` this rank's share of the global mean loss.
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"shard_inputs: input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+    b, s = input_ids.shape
+    padded = spattn.local_seq_len(s, mesh, layout) * mesh.world_size
+    # Padded slots (past the end) get their global index as position: their keys get zero weight in
+    # spattn and their labels are -100, so the value only has to be finite.
+    cu = None
+    if position_ids is None:
+        pos = torch.arange(padded, device=input_ids.device).expand(b, padded)
+    else:
+        if position_ids.shape != input_ids.shape:
+            raise ValueError(f"shard_inputs: position_ids {tuple(position_ids.shape)} must have the shape of "
+                             f"input_ids {tuple(input_ids.shape)}")
+        cu = cu_seqlens_from_position_ids(position_ids)
+        tail = position_ids[:, -1:] + 1 + torch.arange(padded - s, device=position_ids.device)
+        pos = torch.cat([position_ids, tail], dim=1)
+
+    def shard_padded(x: Tensor, fill: int) -> Tensor:
+        """Shard a (b, padded) tensor whose tail past s is already filled. The balanced layout's
+        geometry depends on the real length, so there the real part is sharded and the padded
+        slots filled after."""
+        if layout != "balanced":
+            return spattn.shard(x, mesh, layout=layout)
+        valid = spattn.shard(torch.ones(1, s, dtype=torch.bool, device=x.device), mesh, layout=layout, cu_seqlens=cu)
+        return spattn.shard(x[:, :s], mesh, layout=layout, cu_seqlens=cu).masked_fill(~valid, fill)
+
+    out: Dict[str, object] = {
+        "input_ids": spattn.shard(input_ids, mesh, layout=layout, cu_seqlens=cu),
+        "position_ids": shard_padded(pos, 0),
+        "use_cache": False,
+        "spattn_seq_len": s,
+        "spattn_layout": layout,
+    }
+    if cu is not None:
+        out["spattn_cu_seqlens"] = cu
+    if labels is not None:
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"shard_inputs: labels {tuple(labels.shape)} must have the shape of input_ids "
+                             f"{tuple(input_ids.shape)} (unshifted; shifting happens here)")
+        # Shift on the full sequence first: the target of a shard's last token lives on another rank.
+        shifted = torch.cat([labels[:, 1:], labels.new_full((b, 1), IGNORE_INDEX)], dim=1)
+        shifted_padded = torch.cat([shifted, shifted.new_full((b, padded - s), IGNORE_INDEX)], dim=1)
+        local = shard_padded(shifted_padded, IGNORE_INDEX)
+        out["labels"] = local
+        out["shift_labels"] = local  # transformers' loss then uses them as they are (no second shift)
+        out["num_items_in_batch"] = int((shifted != IGNORE_INDEX).sum())
+    return out
+
+
+def sp_loss(logits: Tensor, labels: Tensor, mesh: "spattn.SPMesh") -> Tensor:
+    """This rank's share of the global next-token loss: sum of this rank's token cross-entropies over
+    valid labels / the valid count over the whole mesh (one small all-reduce, no gradient through it).
+
+    Args:
+        logits: (batch, s, vocab) this rank's logits.
+        labels: (batch, s) this rank's *shifted* labels (``shard_inputs(...)["labels"]``), -100 = ignored.
+    Returns a differentiable scalar; ``global_loss`` of it is the single-process mean loss, and
+    backward + ``reduce_gradients`` gives the single-process gradients.
+    """
+    total = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                              ignore_index=IGNORE_INDEX, reduction="sum")
+    count = (labels != IGNORE_INDEX).sum().to(total.dtype)
+    for g in mesh.groups():
+        dist.all_reduce(count, group=g)
+    return total / count
+
+
+def global_loss(local_loss: Tensor, mesh: "spattn.SPMesh") -> Tensor:
+    """The global (single-process) loss from each rank's share: their sum over the mesh (detached)."""
+    total = local_loss.detach().clone()
+    for g in mesh.groups():
+        dist.all_reduce(total, group=g)
+    return total
+
+
+def reduce_gradients(model: torch.nn.Module, mesh: "spattn.SPMesh") -> None:
+    """Sum every parameter gradient over the mesh (one flat all-reduce per group), so each rank holds
+    the single-process gradient. Data-parallel wrappers spanning the mesh ranks do the same for you."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads or mesh.world_size == 1:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    for g in mesh.groups():
+        dist.all_reduce(flat, group=g)
+    for g, f in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(f.view_as(g))
