@@ -12,11 +12,11 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from .backends import get_backend
+from .backends import MERGE_ORDER, MERGES, get_backend, register_merge
 
 Tensor = torch.Tensor
 
-__all__ = ["attention_with_lse", "merge", "merge_", "merge_ref", "register_merge", "check_qkv"]
+__all__ = ["attention_with_lse", "merge", "merge_", "merge_ref", "merge_impls", "register_merge", "check_qkv"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,16 +144,9 @@ def _merge_torch_(out: Tensor, lse: Tensor, blk_out: Tensor, blk_lse: Tensor) ->
     lse.copy_(new_lse)
 
 
-_MERGE_IMPLS: Dict[str, Callable[[Tensor, Tensor, Tensor, Tensor], None]] = {"torch": _merge_torch_}
-# First entry whose predicate accepts the tensors wins; "torch" is the always-available fallback.
-_MERGE_ORDER: list = []
-
-
-def register_merge(name: str, fn: Callable[[Tensor, Tensor, Tensor, Tensor], None],
-                   accepts: Callable[[Tensor], bool]) -> None:
-    """Register a fused in-place merge; ``accepts(out)`` says whether it handles these tensors."""
-    _MERGE_IMPLS[name] = fn
-    _MERGE_ORDER[:] = [(n, a) for n, a in _MERGE_ORDER if n != name] + [(name, accepts)]
+def merge_impls() -> Dict[str, Callable[[Tensor, Tensor, Tensor, Tensor], None]]:
+    """Every merge usable by name: "torch" (always) and the fused ones kernels registered."""
+    return {"torch": _merge_torch_, **MERGES}
 
 
 def merge_(out: Tensor, lse: Tensor, blk_out: Tensor, blk_lse: Tensor, impl: str = "auto") -> Tuple[Tensor, Tensor]:
@@ -163,11 +156,12 @@ def merge_(out: Tensor, lse: Tensor, blk_out: Tensor, blk_lse: Tensor, impl: str
     blk_out: same shape as out, any float dtype; blk_lse: (B, H, S) fp32.
     """
     if impl == "auto":
-        fn = next((_MERGE_IMPLS[n] for n, acc in _MERGE_ORDER if acc(out)), _merge_torch_)
+        fn = next((MERGES[n] for n, acc in MERGE_ORDER if acc(out)), _merge_torch_)
     else:
-        if impl not in _MERGE_IMPLS:
-            raise ValueError(f"spattn.merge_: unknown impl {impl!r}; choose from {('auto',) + tuple(_MERGE_IMPLS)}")
-        fn = _MERGE_IMPLS[impl]
+        impls = merge_impls()
+        if impl not in impls:
+            raise ValueError(f"spattn.merge_: unknown impl {impl!r}; choose from {('auto',) + tuple(impls)}")
+        fn = impls[impl]
     fn(out, lse, blk_out, blk_lse)
     return out, lse
 

@@ -12,7 +12,7 @@ without running anything):
 ``k_lens`` is an optional int32 (B,) tensor of valid key counts (the joint text mask).
 * ``spattn::merge_(out, lse, blk_out, blk_lse)`` folds a block result into (out, lse) in place.
 
-Importing this module registers the fused merge with :func:`spattn.ops.register_merge` for CUDA tensors.
+Importing this module registers the fused merge with :func:`spattn.backends.register_merge` for CUDA tensors.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch
 
 from ..kernels import flash_attn as _fa
 from ..kernels import merge as _merge
-from ..ops import register_merge
+from . import register_merge
 
 Tensor = torch.Tensor
 

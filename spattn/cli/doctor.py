@@ -131,8 +131,10 @@ def merge_status() -> Dict[str, str]:
     from spattn import ops
 
     out = {}
-    for name in ops._MERGE_IMPLS:
-        acc = dict(ops._MERGE_ORDER).get(name)
+    from spattn import backends
+
+    for name in ops.merge_impls():
+        acc = dict(backends.MERGE_ORDER).get(name)
         auto = [d for d in ("cpu", "cuda") if acc is not None and _accepts(acc, d)]
         out[name] = ("always (fallback)" if name == "torch" else
                      f"auto on {', '.join(auto)}" if auto else "explicit only (impl=...)")
@@ -399,7 +401,7 @@ def _merges_for(device) -> List[str]:
         except ImportError:
             pass
     names = ["torch"]
-    for name in ops._MERGE_IMPLS:
+    for name in ops.merge_impls():
         if name == "cpp" and device.type == "cpu":
             names.append(name)
         elif name in ("triton", "cuda") and device.type == "cuda" and torch.cuda.is_available():
