@@ -204,3 +204,23 @@ def test_presets_and_table_output(capsys):
         assert "MODELED" in out and "recommend: ulysses" in out and "1 device" in out
     assert main(["plan", "--model", "wan", "--frames", "81", "--hardware", "l40", "--gpus", "2"]) == 0
     assert "pcie" in capsys.readouterr().out
+
+
+def test_ring_impl_auto_says_what_the_library_picks_and_why():
+    from spattn.ring import choose_ring_impl
+
+    import torch
+
+    rows = _plan_json("--width", "2048", "--height", "2048", "--gpus", "4", "--hardware", "h100")
+    ring_rows = [r for r in rows if r["ring_degree"] > 1]
+    assert ring_rows
+    for r in ring_rows:  # the plan asks the run-time rule itself, for a GPU
+        assert r["ring_impl"] == choose_ring_impl(r["ring_degree"], 16384 // r["ring_degree"], torch.device("cuda"))
+        assert r["ring_impl_reason"]
+    # The all-gather ring sends the same bytes but cannot overlap them with compute.
+    ag = {(r["ulysses_degree"], r["ring_degree"]): r for r in _plan_json(
+        "--width", "2048", "--height", "2048", "--gpus", "4", "--hardware", "h100", "--ring-impl", "allgather")}
+    for r in ring_rows:
+        a = ag[(r["ulysses_degree"], r["ring_degree"])]
+        assert a["ring_bytes_per_rank"] == r["ring_bytes_per_rank"]
+        assert a["comm_exposed_s"] >= r["comm_exposed_s"] and a["total_s"] >= r["total_s"]

@@ -198,9 +198,32 @@ def _ring_p2p(w: Workload, hw: Hardware, u: int, r: int, attn_layer_s: float) ->
     return RingCost(block * steps, step_s * steps, steps * max(0.0, step_s - attn_step_s), merge)
 
 
+def _ring_allgather(w: Workload, hw: Hardware, u: int, r: int, attn_layer_s: float) -> RingCost:
+    """All-gather ring: the same r-1 blocks arrive, but all before the local queries compute (one
+    head chunk under spattn's default 256 MiB budget), so the transfer is exposed, not overlapped."""
+    p2p = _ring_p2p(w, hw, u, r, attn_layer_s)
+    return RingCost(p2p.bytes_per_rank, p2p.time_s, p2p.time_s, p2p.merge_s)
+
+
 # name -> cost function (workload, hardware, ulysses, ring, attention seconds per layer) -> RingCost.
-# A new ring implementation (e.g. "allgather": gather all K/V blocks up front) is one more entry.
-RING_IMPLS: Dict[str, Callable[[Workload, Hardware, int, int, float], RingCost]] = {"p2p": _ring_p2p}
+RING_IMPLS: Dict[str, Callable[[Workload, Hardware, int, int, float], RingCost]] = {
+    "p2p": _ring_p2p, "allgather": _ring_allgather}
+
+
+def resolve_ring_impl(w: Workload, u: int, r: int, ring_impl: str) -> Tuple[str, str]:
+    """(implementation, reason): "auto" asks spattn's own rule (``spattn.ring.choose_ring_impl``,
+    measured) what ``ring_impl="auto"`` would pick on a GPU for this ring's local sequence."""
+    if ring_impl != "auto":
+        return ring_impl, "chosen with --ring-impl"
+    import torch
+
+    from spattn.ring import choose_ring_impl  # the rule the library applies at run time
+
+    local = math.ceil((w.image_tokens + (w.text_tokens if w.joint_text else 0)) / r)
+    impl = choose_ring_impl(r, local, torch.device("cuda"))
+    why = ("on GPUs auto keeps the P2P ring: its transfers overlap compute and it holds 2 K/V blocks, not R"
+           if impl == "p2p" else "auto picks the all-gather ring here ($SPATTN_RING_IMPL)")
+    return impl, why
 
 
 def _flops(w: Workload, u: int, r: int) -> Tuple[float, float]:
@@ -220,6 +243,7 @@ def _flops(w: Workload, u: int, r: int) -> Tuple[float, float]:
 def predict_row(w: Workload, hw: Hardware, u: int, r: int, ring_impl: str = "p2p",
                 ulysses_pipeline: int = 1) -> Dict:
     """Predicted cost of the ``u x r`` factorization; times are seconds per rank for the generation."""
+    ring_impl, ring_why = resolve_ring_impl(w, u, r, ring_impl)
     if ring_impl not in RING_IMPLS:
         raise ValueError(f"spattn plan: unknown ring implementation {ring_impl!r}; choose one of {sorted(RING_IMPLS)}")
     rate = hw.tflops * 1e12 * hw.efficiency
@@ -241,6 +265,7 @@ def predict_row(w: Workload, hw: Hardware, u: int, r: int, ring_impl: str = "p2p
     total = serial + passes * (attn_layer + lin_layer + ring.merge_s + exposed)
     mode = "1 device" if p == 1 else f"ulysses {u}" if r == 1 else f"ring {r}" if u == 1 else f"hybrid {u}x{r}"
     return dict(mode=mode, ulysses_degree=u, ring_degree=r, gpus=p, ring_impl=ring_impl if r > 1 else None,
+                ring_impl_reason=ring_why if r > 1 else None,
                 attention_s=passes * attn_layer, linear_s=passes * lin_layer, merge_s=passes * ring.merge_s,
                 comm_s=passes * comm,
                 comm_hidden_s=passes * (comm - exposed), comm_exposed_s=passes * exposed,
@@ -407,7 +432,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     h.add_argument("--efficiency", type=float, help="achieved fraction of peak (overrides the preset's constant)")
     h.add_argument("--serial-s-per-mpix", type=float, help="undivided seconds per output megapixel (override)")
     s = p.add_argument_group("strategy")
-    s.add_argument("--ring-impl", default="p2p", choices=sorted(RING_IMPLS), help="ring implementation assumed")
+    s.add_argument("--ring-impl", default="auto", choices=["auto"] + sorted(RING_IMPLS),
+                   help="ring implementation assumed (auto: what spattn's ring_impl='auto' picks on GPUs)")
     s.add_argument("--ulysses-pipeline", type=int, default=1,
                    help="all-to-all pipeline chunks (1: exposed, as the guide's runs; spattn's default is 4)")
     c = p.add_argument_group("calibration / output")
