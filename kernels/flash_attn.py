@@ -6,6 +6,10 @@ Layout: q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D), any strides; query head h reads k
 ``k_offset + j <= q_offset + i``, so a ring can hand over blocks that come from different ranks.
 Optional per-batch key lengths ``k_lens`` (int32 (B,), a right-padded text mask): keys j >= k_lens[b]
 are masked inside the tile, whole key tiles past it are skipped, and their dK/dV are exactly 0.
+Optional packed documents ``q_doc`` (Sq,) / ``k_doc`` (Sk,) int32 ids, non-decreasing (documents are
+contiguous), shared by every batch element: query i sees key j only if ``q_doc[i] == k_doc[j]`` (and the
+causal rule). A tile's documents are [doc[first], doc[last]], so a (query tile, key tile) pair whose ranges
+do not overlap is skipped without loading K/V; inside a tile the ids are compared per pair.
 
 Inside the kernels scores are kept in base 2 (exp2 is one instruction); the LSE is converted to the
 natural log at the kernel boundary. Accumulation is fp32 for every input dtype.
@@ -83,37 +87,68 @@ def _key_range(start_m, seqlen_k, causal_shift, BLOCK_M: tl.constexpr, BLOCK_N: 
     return full_hi, hi
 
 
+@triton.jit
+def _doc_range(DOC, start, end):
+    """Documents [first, last] of the rows [start, end), start < end: ids are non-decreasing, so the
+    first and last rows bound them."""
+    return tl.load(DOC + start), tl.load(DOC + end - 1)
+
+
+@triton.jit
+def _query_docs(Q_DOC, start_m, offs_m, seqlen_q, BLOCK_M: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """Per-row documents of a query tile (-1 past the end) and the tile's range; zeros without docs."""
+    if HAS_DOCS:
+        q_doc = tl.load(Q_DOC + offs_m, mask=offs_m < seqlen_q, other=-1)
+        q_doc_lo, q_doc_hi = _doc_range(Q_DOC, start_m * BLOCK_M, tl.minimum(start_m * BLOCK_M + BLOCK_M, seqlen_q))
+    else:
+        q_doc = 0
+        q_doc_lo = 0
+        q_doc_hi = 0
+    return q_doc, q_doc_lo, q_doc_hi
+
+
 # ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
-               offs_m, offs_d, lo, hi, seqlen_k, causal_shift, qk_scale,
+               offs_m, offs_d, lo, hi, seqlen_k, causal_shift, qk_scale, K_DOC, q_doc, q_doc_lo, q_doc_hi,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr):
+               MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
+               HAS_DOCS: tl.constexpr):
     """Online softmax over key blocks [lo, hi). MASKED=False is the fast path for blocks every row of
-    the query tile fully sees (no bounds or causal mask); MASKED=True handles the diagonal and tail."""
+    the query tile fully sees (no bounds or causal mask); MASKED=True handles the diagonal and tail.
+    HAS_DOCS: key tiles sharing no document with the query tile [q_doc_lo, q_doc_hi] are skipped, the
+    others masked per (query, key) document."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, offs_n, seqlen_k,
-                       offs_d, HEAD_DIM, BLOCK_D, EVEN_N or not MASKED)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-        if MASKED:
-            keep = offs_n[None, :] < seqlen_k
-            if IS_CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
-            s = tl.where(keep, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # A row that has seen no key yet has m_new = -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.math.exp2(m_i - m_safe)
-        p = tl.math.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(V + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, offs_n, seqlen_k,
-                       offs_d, HEAD_DIM, BLOCK_D, EVEN_N or not MASKED)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
-        m_i = m_new
+        visible = True
+        if HAS_DOCS:
+            k_doc_lo, k_doc_hi = _doc_range(K_DOC, start_n, tl.minimum(start_n + BLOCK_N, seqlen_k))
+            visible = (k_doc_lo <= q_doc_hi) & (k_doc_hi >= q_doc_lo)
+        if visible:
+            k = _load_rows(K + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, offs_n, seqlen_k,
+                           offs_d, HEAD_DIM, BLOCK_D, EVEN_N or not MASKED)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+            if MASKED:
+                keep = offs_n[None, :] < seqlen_k
+                if IS_CAUSAL:
+                    keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
+                s = tl.where(keep, s, float("-inf"))
+            if HAS_DOCS:
+                k_doc = tl.load(K_DOC + offs_n, mask=offs_n < seqlen_k, other=-2)
+                s = tl.where(q_doc[:, None] == k_doc[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # A row that has seen no key yet has m_new = -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.math.exp2(m_i - m_safe)
+            p = tl.math.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = _load_rows(V + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, offs_n, seqlen_k,
+                           offs_d, HEAD_DIM, BLOCK_D, EVEN_N or not MASKED)
+            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+            m_i = m_new
     return acc, l_i, m_i
 
 
@@ -125,10 +160,10 @@ def _flash_fwd_kernel(
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ob, stride_os, stride_oh, stride_od,
     stride_lb, stride_lh, stride_ls,
-    heads_q, group, seqlen_q, seqlen_k, q_offset, k_offset, sm_scale, K_LENS,
+    heads_q, group, seqlen_q, seqlen_k, q_offset, k_offset, sm_scale, K_LENS, Q_DOC, K_DOC,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
-    HAS_KLENS: tl.constexpr = False,
+    HAS_KLENS: tl.constexpr = False, HAS_DOCS: tl.constexpr = False,
 ):
     """Grid (cdiv(Sq, BLOCK_M), B * Hq): one query tile of one head, all its visible keys."""
     tl.static_assert(BLOCK_D >= HEAD_DIM, "BLOCK_D pads head_dim to a power of two")
@@ -157,12 +192,15 @@ def _flash_fwd_kernel(
 
     causal_shift = q_offset - k_offset
     full_hi, hi = _key_range(start_m, seqlen_k, causal_shift, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    q_doc, q_doc_lo, q_doc_hi = _query_docs(Q_DOC, start_m, offs_m, seqlen_q, BLOCK_M, HAS_DOCS)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
                                offs_m, offs_d, 0, full_hi, seqlen_k, causal_shift, qk_scale,
-                               HEAD_DIM, BLOCK_N, BLOCK_D, False, IS_CAUSAL, EVEN_N, DOT_PREC)
+                               K_DOC, q_doc, q_doc_lo, q_doc_hi,
+                               HEAD_DIM, BLOCK_N, BLOCK_D, False, IS_CAUSAL, EVEN_N, DOT_PREC, HAS_DOCS)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
                                offs_m, offs_d, full_hi, hi, seqlen_k, causal_shift, qk_scale,
-                               HEAD_DIM, BLOCK_N, BLOCK_D, True, IS_CAUSAL, EVEN_N, DOT_PREC)
+                               K_DOC, q_doc, q_doc_lo, q_doc_hi,
+                               HEAD_DIM, BLOCK_N, BLOCK_D, True, IS_CAUSAL, EVEN_N, DOT_PREC, HAS_DOCS)
 
     # Rows that saw no key: l = 0, acc = 0 -> out 0, lse -inf.
     seen = l_i > 0.0
@@ -206,33 +244,43 @@ def _bwd_preprocess_kernel(
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, Delta, stride_qs, stride_qd, stride_dos, stride_dod, stride_ls,
                     offs_n, offs_d, lo, hi, seqlen_q, causal_shift, qk_scale, k_len,
+                    Q_DOC, k_doc, k_doc_lo, k_doc_hi,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                     MASKED: tl.constexpr, EVEN_M: tl.constexpr, DOT_PREC: tl.constexpr,
-                    HAS_KLENS: tl.constexpr):
+                    HAS_KLENS: tl.constexpr, HAS_DOCS: tl.constexpr = False):
     """Accumulate dK (unscaled) and dV of one key tile over query tiles [lo, hi). Works on the
-    transposed scores (keys x queries) so the key tile stays in registers."""
+    transposed scores (keys x queries) so the key tile stays in registers. HAS_DOCS: query tiles
+    sharing no document with the key tile [k_doc_lo, k_doc_hi] are skipped."""
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        q = _load_rows(Q + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, offs_m, seqlen_q,
-                       offs_d, HEAD_DIM, BLOCK_D, EVEN_M)
-        do = _load_rows(DO + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod, offs_m, seqlen_q,
-                        offs_d, HEAD_DIM, BLOCK_D, EVEN_M).to(k.dtype)
-        lse2 = _load_lse2(LSE, offs_m, seqlen_q, stride_ls, EVEN_M)
-        # P^T from the saved (final, merged) LSE: no running max, no attention matrix in memory.
-        pT = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale - lse2[None, :])
-        if MASKED:
-            pT = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_shift, pT, 0.0)
-        if HAS_KLENS:  # the tile straddles this batch element's key length
-            pT = tl.where(offs_n[:, None] < k_len, pT, 0.0)
-        dv = tl.dot(pT.to(k.dtype), do, dv, input_precision=DOT_PREC)
-        if EVEN_M:
-            delta = tl.load(Delta + offs_m)
-        else:
-            delta = tl.load(Delta + offs_m, mask=offs_m < seqlen_q, other=0.0)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-        dsT = pT * (dpT - delta[None, :])
-        dk = tl.dot(dsT.to(k.dtype), q, dk, input_precision=DOT_PREC)
+        visible = True
+        if HAS_DOCS:
+            q_doc_lo, q_doc_hi = _doc_range(Q_DOC, start_m, tl.minimum(start_m + BLOCK_M, seqlen_q))
+            visible = (q_doc_lo <= k_doc_hi) & (q_doc_hi >= k_doc_lo)
+        if visible:
+            q = _load_rows(Q + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, offs_m, seqlen_q,
+                           offs_d, HEAD_DIM, BLOCK_D, EVEN_M)
+            do = _load_rows(DO + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod, offs_m, seqlen_q,
+                            offs_d, HEAD_DIM, BLOCK_D, EVEN_M).to(k.dtype)
+            lse2 = _load_lse2(LSE, offs_m, seqlen_q, stride_ls, EVEN_M)
+            # P^T from the saved (final, merged) LSE: no running max, no attention matrix in memory.
+            pT = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale - lse2[None, :])
+            if MASKED:
+                pT = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_shift, pT, 0.0)
+            if HAS_KLENS:  # the tile straddles this batch element's key length
+                pT = tl.where(offs_n[:, None] < k_len, pT, 0.0)
+            if HAS_DOCS:
+                q_doc = tl.load(Q_DOC + offs_m, mask=offs_m < seqlen_q, other=-1)
+                pT = tl.where(k_doc[:, None] == q_doc[None, :], pT, 0.0)
+            dv = tl.dot(pT.to(k.dtype), do, dv, input_precision=DOT_PREC)
+            if EVEN_M:
+                delta = tl.load(Delta + offs_m)
+            else:
+                delta = tl.load(Delta + offs_m, mask=offs_m < seqlen_q, other=0.0)
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+            dsT = pT * (dpT - delta[None, :])
+            dk = tl.dot(dsT.to(k.dtype), q, dk, input_precision=DOT_PREC)
     return dk, dv
 
 
@@ -246,10 +294,10 @@ def _flash_bwd_dkdv_kernel(
     stride_lb, stride_lh, stride_ls,
     stride_dkb, stride_dks, stride_dkh, stride_dkd,
     stride_dvb, stride_dvs, stride_dvh, stride_dvd,
-    heads_q, heads_kv, group, seqlen_q, seqlen_k, q_offset, k_offset, sm_scale, K_LENS,
+    heads_q, heads_kv, group, seqlen_q, seqlen_k, q_offset, k_offset, sm_scale, K_LENS, Q_DOC, K_DOC,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, ACCUMULATE: tl.constexpr,
-    DOT_PREC: tl.constexpr, HAS_KLENS: tl.constexpr = False,
+    DOT_PREC: tl.constexpr, HAS_KLENS: tl.constexpr = False, HAS_DOCS: tl.constexpr = False,
 ):
     """Grid (cdiv(Sk, BLOCK_N), B * Hkv). GQA: the program loops over the query heads of its group and
     keeps dK/dV in registers, so each kv-head gradient is written once: no atomics, deterministic, and
@@ -288,6 +336,13 @@ def _flash_bwd_dkdv_kernel(
         q_hi = tl.where(start_n * BLOCK_N < k_len, seqlen_q, 0)
         lo = tl.minimum(lo, q_hi)
         full_lo = tl.minimum(full_lo, q_hi)
+    if HAS_DOCS:  # the key tile's documents (-2 past the end: matches no query, whose tail reads -1)
+        k_doc = tl.load(K_DOC + offs_n, mask=offs_n < seqlen_k, other=-2)
+        k_doc_lo, k_doc_hi = _doc_range(K_DOC, start_n * BLOCK_N, tl.minimum(start_n * BLOCK_N + BLOCK_N, seqlen_k))
+    else:
+        k_doc = 0
+        k_doc_lo = 0
+        k_doc_hi = 0
     # Out-of-range keys (tail tile) load as zeros and are never stored, so only the causal mask is needed.
     for g in range(0, group):
         h = kvh * group + g
@@ -297,10 +352,12 @@ def _flash_bwd_dkdv_kernel(
         Dh = Delta + (b * heads_q + h) * seqlen_q
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, Dh, stride_qs, stride_qd, stride_dos, stride_dod,
                                  stride_ls, offs_n, offs_d, lo, full_lo, seqlen_q, causal_shift, qk_scale, k_len,
-                                 HEAD_DIM, BLOCK_M, BLOCK_D, True, EVEN_M, DOT_PREC, HAS_KLENS)
+                                 Q_DOC, k_doc, k_doc_lo, k_doc_hi,
+                                 HEAD_DIM, BLOCK_M, BLOCK_D, True, EVEN_M, DOT_PREC, HAS_KLENS, HAS_DOCS)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, Dh, stride_qs, stride_qd, stride_dos, stride_dod,
                                  stride_ls, offs_n, offs_d, full_lo, q_hi, seqlen_q, causal_shift, qk_scale, k_len,
-                                 HEAD_DIM, BLOCK_M, BLOCK_D, False, EVEN_M, DOT_PREC, HAS_KLENS)
+                                 Q_DOC, k_doc, k_doc_lo, k_doc_hi,
+                                 HEAD_DIM, BLOCK_M, BLOCK_D, False, EVEN_M, DOT_PREC, HAS_KLENS, HAS_DOCS)
     _store_rows(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dks
                 + offs_d[None, :] * stride_dkd,
                 dk * sm_scale, offs_n, seqlen_k, offs_d, HEAD_DIM, ACCUMULATE)
@@ -314,25 +371,34 @@ def _flash_bwd_dkdv_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
-                  offs_m, offs_d, lo, hi, seqlen_k, causal_shift, qk_scale,
+                  offs_m, offs_d, lo, hi, seqlen_k, causal_shift, qk_scale, K_DOC, q_doc, q_doc_lo, q_doc_hi,
                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                  MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr):
+                  MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
+                  HAS_DOCS: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, offs_n, seqlen_k,
-                       offs_d, HEAD_DIM, BLOCK_D, EVEN_N or not MASKED)
-        v = _load_rows(V + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, offs_n, seqlen_k,
-                       offs_d, HEAD_DIM, BLOCK_D, EVEN_N or not MASKED)
-        p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale - lse2[:, None])
-        if MASKED:
-            keep = offs_n[None, :] < seqlen_k
-            if IS_CAUSAL:
-                keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
-            p = tl.where(keep, p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+        visible = True
+        if HAS_DOCS:  # as in the forward: skip key tiles sharing no document with the query tile
+            k_doc_lo, k_doc_hi = _doc_range(K_DOC, start_n, tl.minimum(start_n + BLOCK_N, seqlen_k))
+            visible = (k_doc_lo <= q_doc_hi) & (k_doc_hi >= q_doc_lo)
+        if visible:
+            k = _load_rows(K + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, offs_n, seqlen_k,
+                           offs_d, HEAD_DIM, BLOCK_D, EVEN_N or not MASKED)
+            v = _load_rows(V + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, offs_n, seqlen_k,
+                           offs_d, HEAD_DIM, BLOCK_D, EVEN_N or not MASKED)
+            p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale - lse2[:, None])
+            if MASKED:
+                keep = offs_n[None, :] < seqlen_k
+                if IS_CAUSAL:
+                    keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
+                p = tl.where(keep, p, 0.0)
+            if HAS_DOCS:
+                k_doc = tl.load(K_DOC + offs_n, mask=offs_n < seqlen_k, other=-2)
+                p = tl.where(q_doc[:, None] == k_doc[None, :], p, 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+            ds = p * (dp - delta[:, None])
+            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
     return dq
 
 
@@ -345,10 +411,10 @@ def _flash_bwd_dq_kernel(
     stride_dob, stride_dos, stride_doh, stride_dod,
     stride_lb, stride_lh, stride_ls,
     stride_dqb, stride_dqs, stride_dqh, stride_dqd,
-    heads_q, group, seqlen_q, seqlen_k, q_offset, k_offset, sm_scale, K_LENS,
+    heads_q, group, seqlen_q, seqlen_k, q_offset, k_offset, sm_scale, K_LENS, Q_DOC, K_DOC,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, ACCUMULATE: tl.constexpr,
-    DOT_PREC: tl.constexpr, HAS_KLENS: tl.constexpr = False,
+    DOT_PREC: tl.constexpr, HAS_KLENS: tl.constexpr = False, HAS_DOCS: tl.constexpr = False,
 ):
     """Grid (cdiv(Sq, BLOCK_M), B * Hq). A separate kernel (rather than atomics from the dK/dV program)
     keeps dQ deterministic and lets both kernels hold their accumulator in registers."""
@@ -378,12 +444,13 @@ def _flash_bwd_dq_kernel(
 
     causal_shift = q_offset - k_offset
     full_hi, hi = _key_range(start_m, seqlen_k, causal_shift, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    q_doc, q_doc_lo, q_doc_hi = _query_docs(Q_DOC, start_m, offs_m, seqlen_q, BLOCK_M, HAS_DOCS)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
-                       offs_m, offs_d, 0, full_hi, seqlen_k, causal_shift, qk_scale,
-                       HEAD_DIM, BLOCK_N, BLOCK_D, False, IS_CAUSAL, EVEN_N, DOT_PREC)
+                       offs_m, offs_d, 0, full_hi, seqlen_k, causal_shift, qk_scale, K_DOC, q_doc, q_doc_lo, q_doc_hi,
+                       HEAD_DIM, BLOCK_N, BLOCK_D, False, IS_CAUSAL, EVEN_N, DOT_PREC, HAS_DOCS)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
-                       offs_m, offs_d, full_hi, hi, seqlen_k, causal_shift, qk_scale,
-                       HEAD_DIM, BLOCK_N, BLOCK_D, True, IS_CAUSAL, EVEN_N, DOT_PREC)
+                       offs_m, offs_d, full_hi, hi, seqlen_k, causal_shift, qk_scale, K_DOC, q_doc, q_doc_lo, q_doc_hi,
+                       HEAD_DIM, BLOCK_N, BLOCK_D, True, IS_CAUSAL, EVEN_N, DOT_PREC, HAS_DOCS)
     _store_rows(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
                 dq * sm_scale, offs_m, seqlen_q, offs_d, HEAD_DIM, ACCUMULATE)
 
@@ -511,18 +578,36 @@ def _check_k_lens(k_lens: Optional[Tensor], q: Tensor) -> Optional[Tensor]:
     return k_lens.to(torch.int32).contiguous()
 
 
+def _check_docs(q_doc: Optional[Tensor], k_doc: Optional[Tensor], q: Tensor,
+                k: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """Optional per-token document ids -> contiguous int32 (Sq,), (Sk,) on q's device (both or neither).
+    Not checked for being non-decreasing (that would sync); the tile skip relies on it."""
+    if q_doc is None and k_doc is None:
+        return None, None
+    for name, d, n in (("q_doc", q_doc, q.shape[1]), ("k_doc", k_doc, k.shape[1])):
+        if d is None or d.shape != (n,) or d.dtype.is_floating_point or d.device != q.device:
+            raise ValueError(f"flash_attn: q_doc and k_doc must both be given as integer (seqlen,) tensors on "
+                             f"{q.device} (non-decreasing document ids per position); {name} is "
+                             f"{None if d is None else (tuple(d.shape), d.dtype, str(d.device))}, want ({n},)")
+    return q_doc.to(torch.int32).contiguous(), k_doc.to(torch.int32).contiguous()
+
+
 def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: Optional[float] = None,
                    q_offset: int = 0, k_offset: int = 0,
-                   config: Optional[TileConfig] = None, k_lens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                   config: Optional[TileConfig] = None, k_lens: Optional[Tensor] = None,
+                   q_doc: Optional[Tensor] = None, k_doc: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Attention forward with LSE.
 
     q: (B, Sq, Hq, D); k, v: (B, Sk, Hkv, D), Hq % Hkv == 0, any strides, fp16/bf16/fp32, D <= 256.
     causal: key j visible to query i iff ``k_offset + j <= q_offset + i`` (global positions).
     k_lens: optional int32 (B,): keys j >= k_lens[b] are invisible to batch element b.
+    q_doc (Sq,), k_doc (Sk,): optional non-decreasing int32 document ids shared by every batch element:
+    key j is visible to query i only if q_doc[i] == k_doc[j].
     Returns out (B, Sq, Hq, D) in q's dtype and lse (B, Hq, Sq) fp32 natural log (-inf: row saw no key).
     """
     _check(q, k, v)
     k_lens = _check_k_lens(k_lens, q)
+    q_doc, k_doc = _check_docs(q_doc, k_doc, q, k)
     _check_int32_offsets(q=q, k=k, v=v)
     _check_grid(q.shape[0], q.shape[2])
     B, Sq, Hq, D = q.shape
@@ -539,9 +624,11 @@ def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale:
     _flash_fwd_kernel[grid](
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
         Hq, Hq // Hkv, Sq, Sk, int(q_offset), int(k_offset), scale, lse if k_lens is None else k_lens,
+        lse if q_doc is None else q_doc, lse if k_doc is None else k_doc,  # any pointer when unused
         HEAD_DIM=D, BLOCK_D=block_d_for(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=bool(causal),
         EVEN_M=Sq % cfg.block_m == 0, EVEN_N=Sk % cfg.block_n == 0, DOT_PREC=dot_precision(q.dtype),
-        HAS_KLENS=k_lens is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        HAS_KLENS=k_lens is not None, HAS_DOCS=q_doc is not None, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     return out, lse
 
 
@@ -563,17 +650,19 @@ def flash_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
                    causal: bool = False, scale: Optional[float] = None, q_offset: int = 0, k_offset: int = 0,
                    dq: Optional[Tensor] = None, dk: Optional[Tensor] = None, dv: Optional[Tensor] = None,
                    config: Optional[Tuple[TileConfig, TileConfig]] = None,
-                   k_lens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                   k_lens: Optional[Tensor] = None, q_doc: Optional[Tensor] = None,
+                   k_doc: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Attention backward of one (query block, key block) pair from the rows' final out and lse.
 
     dout, out: (B, Sq, Hq, D), any float dtype; lse: (B, Hq, Sq) fp32 natural log. q/k/v as in
     :func:`flash_attn_fwd`. If dq / dk, dv are given (any float dtype, any strides; fp32 in a ring) the
     block's gradients are added into them in place; otherwise new tensors in q/k/v's dtype are returned.
     ``config``: optional (dkdv, dq) tile configs. ``k_lens``: as in :func:`flash_attn_fwd`; keys past it get
-    dk = dv = 0 (added as nothing into accumulators).
+    dk = dv = 0 (added as nothing into accumulators). ``q_doc`` / ``k_doc``: as in :func:`flash_attn_fwd`.
     """
     _check(q, k, v)
     k_lens = _check_k_lens(k_lens, q)
+    q_doc, k_doc = _check_docs(q_doc, k_doc, q, k)
     B, Sq, Hq, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     if out.shape != q.shape or dout.shape != q.shape or lse.shape != (B, Hq, Sq) or lse.dtype != torch.float32:
@@ -600,17 +689,18 @@ def flash_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     delta = flash_attn_bwd_preprocess(out, dout)
     cfg_kv, cfg_q = config or (_config("dkdv", q, D), _config("dq", q, D))
     common = dict(HEAD_DIM=D, BLOCK_D=bd, IS_CAUSAL=bool(causal), DOT_PREC=dot_precision(q.dtype),
-                  HAS_KLENS=k_lens is not None)
+                  HAS_KLENS=k_lens is not None, HAS_DOCS=q_doc is not None)
     lens_arg = delta if k_lens is None else k_lens  # any pointer when unused
+    docs = (delta, delta) if q_doc is None else (q_doc, k_doc)
     _flash_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg_kv.block_n), B * Hkv)](
         q, k, v, dout, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(),
-        *dk.stride(), *dv.stride(), Hq, Hkv, Hq // Hkv, Sq, Sk, int(q_offset), int(k_offset), scale, lens_arg,
+        *dk.stride(), *dv.stride(), Hq, Hkv, Hq // Hkv, Sq, Sk, int(q_offset), int(k_offset), scale, lens_arg, *docs,
         BLOCK_M=cfg_kv.block_m, BLOCK_N=cfg_kv.block_n, EVEN_M=Sq % cfg_kv.block_m == 0,
         EVEN_N=Sk % cfg_kv.block_n == 0, ACCUMULATE=acc_kv, num_warps=cfg_kv.num_warps,
         num_stages=cfg_kv.num_stages, **common)
     _flash_bwd_dq_kernel[(triton.cdiv(Sq, cfg_q.block_m), B * Hq)](
         q, k, v, dout, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(),
-        *dq.stride(), Hq, Hq // Hkv, Sq, Sk, int(q_offset), int(k_offset), scale, lens_arg,
+        *dq.stride(), Hq, Hq // Hkv, Sq, Sk, int(q_offset), int(k_offset), scale, lens_arg, *docs,
         BLOCK_M=cfg_q.block_m, BLOCK_N=cfg_q.block_n, EVEN_M=Sq % cfg_q.block_m == 0,
         EVEN_N=Sk % cfg_q.block_n == 0, ACCUMULATE=acc_q, num_warps=cfg_q.num_warps,
         num_stages=cfg_q.num_stages, **common)
@@ -621,9 +711,11 @@ def flash_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
 # plain-torch references (what the kernels are tested against)
 # ----------------------------------------------------------------------------------------------
 def _scores_ref(q: Tensor, k: Tensor, causal: bool, scale: float, q_offset: int, k_offset: int,
-                cd: torch.dtype, k_lens: Optional[Tensor] = None) -> Tensor:
+                cd: torch.dtype, k_lens: Optional[Tensor] = None, q_doc: Optional[Tensor] = None,
+                k_doc: Optional[Tensor] = None) -> Tensor:
     """Masked scaled scores (B, Hq, Sq, Sk) in dtype ``cd``; kv heads indexed h // group; keys
-    j >= k_lens[b] masked when k_lens (B,) is given."""
+    j >= k_lens[b] masked when k_lens (B,) is given; pairs with q_doc[i] != k_doc[j] masked when the
+    document ids (Sq,), (Sk,) are given."""
     group = q.shape[2] // k.shape[2]
     qf = q.to(cd).transpose(1, 2)
     kf = k.to(cd).repeat_interleave(group, dim=2).transpose(1, 2)
@@ -636,16 +728,18 @@ def _scores_ref(q: Tensor, k: Tensor, causal: bool, scale: float, q_offset: int,
         j = torch.arange(k.shape[1], device=q.device)
         s = s.masked_fill(j[None, None, None, :] >= k_lens.to(q.device, torch.int64)[:, None, None, None],
                           float("-inf"))
+    if q_doc is not None:
+        s = s.masked_fill(q_doc.to(q.device)[:, None] != k_doc.to(q.device)[None, :], float("-inf"))
     return s
 
 
 def flash_attn_fwd_ref(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: Optional[float] = None,
                        q_offset: int = 0, k_offset: int = 0,
-                       compute_dtype: torch.dtype = torch.float32,
-                       k_lens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                       compute_dtype: torch.dtype = torch.float32, k_lens: Optional[Tensor] = None,
+                       q_doc: Optional[Tensor] = None, k_doc: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Reference of :func:`flash_attn_fwd` (materializes the scores). Returns out in q's dtype, lse fp32."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = _scores_ref(q, k, causal, scale, q_offset, k_offset, compute_dtype, k_lens)
+    s = _scores_ref(q, k, causal, scale, q_offset, k_offset, compute_dtype, k_lens, q_doc, k_doc)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.nan_to_num(neginf=0.0).unsqueeze(-1))  # -inf rows: p = 0
     vf = v.to(compute_dtype).repeat_interleave(q.shape[2] // k.shape[2], dim=2).transpose(1, 2)
@@ -659,14 +753,15 @@ def flash_attn_bwd_preprocess_ref(out: Tensor, dout: Tensor) -> Tensor:
 
 def flash_attn_bwd_ref(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                        causal: bool = False, scale: Optional[float] = None, q_offset: int = 0, k_offset: int = 0,
-                       compute_dtype: torch.dtype = torch.float32,
-                       k_lens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                       compute_dtype: torch.dtype = torch.float32, k_lens: Optional[Tensor] = None,
+                       q_doc: Optional[Tensor] = None,
+                       k_doc: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Reference of :func:`flash_attn_bwd` from the given lse (not recomputed). Returns fp grads in
     ``compute_dtype``: dq (B, Sq, Hq, D), dk/dv (B, Sk, Hkv, D) summed over each query group."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     cd = compute_dtype
     hkv, group = k.shape[2], q.shape[2] // k.shape[2]
-    s = _scores_ref(q, k, causal, scale, q_offset, k_offset, cd, k_lens)
+    s = _scores_ref(q, k, causal, scale, q_offset, k_offset, cd, k_lens, q_doc, k_doc)
     lse_c = lse.to(cd).unsqueeze(-1)
     p = torch.exp(s - torch.where(torch.isinf(lse_c), torch.full_like(lse_c, math.inf), lse_c))
     do = dout.to(cd).transpose(1, 2)
