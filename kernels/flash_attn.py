@@ -88,23 +88,43 @@ def _key_range(start_m, seqlen_k, causal_shift, BLOCK_M: tl.constexpr, BLOCK_N: 
 
 
 @triton.jit
-def _doc_range(DOC, start, end):
-    """Documents [first, last] of the rows [start, end), start < end: ids are non-decreasing, so the
-    first and last rows bound them."""
-    return tl.load(DOC + start), tl.load(DOC + end - 1)
+def _lower_bound(DOC, n, target):
+    """First index i in [0, n] with DOC[i] >= target (DOC non-decreasing): a scalar binary search."""
+    lo = tl.full([], 0, tl.int32)
+    hi = lo + n  # a tensor even when n is specialized to a constant
+    while lo < hi:
+        mid = (lo + hi) // 2
+        below = tl.load(DOC + mid) < target
+        lo = tl.where(below, mid + 1, lo)
+        hi = tl.where(below, hi, mid)
+    return lo
 
 
 @triton.jit
-def _query_docs(Q_DOC, start_m, offs_m, seqlen_q, BLOCK_M: tl.constexpr, HAS_DOCS: tl.constexpr):
-    """Per-row documents of a query tile (-1 past the end) and the tile's range; zeros without docs."""
+def _doc_span(DOC, n, OTHER, start, end):
+    """Rows [lo, hi) of DOC (length n) whose documents overlap those of OTHER's rows [start, end),
+    start < end. Ids are non-decreasing, so OTHER's first and last rows bound its documents and the
+    overlapping rows are one contiguous range: tiles outside it share no document and are skipped."""
+    return _lower_bound(DOC, n, tl.load(OTHER + start)), _lower_bound(DOC, n, tl.load(OTHER + end - 1) + 1)
+
+
+@triton.jit
+def _query_docs(Q_DOC, K_DOC, start_m, offs_m, seqlen_q, seqlen_k, full_hi, hi,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """Per-row documents of a query tile (-1 past the end; 0 without docs) and its key loops narrowed
+    to the keys sharing a document with it: unmasked [lo, full_hi), masked [full_hi, hi)."""
+    lo = 0
     if HAS_DOCS:
         q_doc = tl.load(Q_DOC + offs_m, mask=offs_m < seqlen_q, other=-1)
-        q_doc_lo, q_doc_hi = _doc_range(Q_DOC, start_m * BLOCK_M, tl.minimum(start_m * BLOCK_M + BLOCK_M, seqlen_q))
+        k_lo, k_hi = _doc_span(K_DOC, seqlen_k, Q_DOC, start_m * BLOCK_M,
+                               tl.minimum(start_m * BLOCK_M + BLOCK_M, seqlen_q))
+        lo = k_lo // BLOCK_N * BLOCK_N
+        hi = tl.minimum(hi, k_hi)
+        # Unmasked tiles stay inside the original [0, full_hi) (in bounds, causally visible to every row).
+        full_hi = tl.maximum(lo, tl.minimum(full_hi, (hi + BLOCK_N - 1) // BLOCK_N * BLOCK_N))
     else:
         q_doc = 0
-        q_doc_lo = 0
-        q_doc_hi = 0
-    return q_doc, q_doc_lo, q_doc_hi
+    return q_doc, lo, full_hi, hi
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,43 +132,37 @@ def _query_docs(Q_DOC, start_m, offs_m, seqlen_q, BLOCK_M: tl.constexpr, HAS_DOC
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
-               offs_m, offs_d, lo, hi, seqlen_k, causal_shift, qk_scale, K_DOC, q_doc, q_doc_lo, q_doc_hi,
+               offs_m, offs_d, lo, hi, seqlen_k, causal_shift, qk_scale, K_DOC, q_doc,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
                HAS_DOCS: tl.constexpr):
     """Online softmax over key blocks [lo, hi). MASKED=False is the fast path for blocks every row of
     the query tile fully sees (no bounds or causal mask); MASKED=True handles the diagonal and tail.
-    HAS_DOCS: key tiles sharing no document with the query tile [q_doc_lo, q_doc_hi] are skipped, the
-    others masked per (query, key) document."""
+    HAS_DOCS: pairs whose documents (q_doc per row, K_DOC per key) differ are masked in both paths."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        visible = True
+        k = _load_rows(K + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, offs_n, seqlen_k,
+                       offs_d, HEAD_DIM, BLOCK_D, EVEN_N or not MASKED)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
+        if MASKED:
+            keep = offs_n[None, :] < seqlen_k
+            if IS_CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
+            s = tl.where(keep, s, float("-inf"))
         if HAS_DOCS:
-            k_doc_lo, k_doc_hi = _doc_range(K_DOC, start_n, tl.minimum(start_n + BLOCK_N, seqlen_k))
-            visible = (k_doc_lo <= q_doc_hi) & (k_doc_hi >= q_doc_lo)
-        if visible:
-            k = _load_rows(K + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, offs_n, seqlen_k,
-                           offs_d, HEAD_DIM, BLOCK_D, EVEN_N or not MASKED)
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
-            if MASKED:
-                keep = offs_n[None, :] < seqlen_k
-                if IS_CAUSAL:
-                    keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
-                s = tl.where(keep, s, float("-inf"))
-            if HAS_DOCS:
-                k_doc = tl.load(K_DOC + offs_n, mask=offs_n < seqlen_k, other=-2)
-                s = tl.where(q_doc[:, None] == k_doc[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # A row that has seen no key yet has m_new = -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.math.exp2(m_i - m_safe)
-            p = tl.math.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = _load_rows(V + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, offs_n, seqlen_k,
-                           offs_d, HEAD_DIM, BLOCK_D, EVEN_N or not MASKED)
-            acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
-            m_i = m_new
+            k_doc = tl.load(K_DOC + offs_n, mask=offs_n < seqlen_k, other=-2)
+            s = tl.where(q_doc[:, None] == k_doc[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # A row that has seen no key yet has m_new = -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_safe)
+        p = tl.math.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows(V + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, offs_n, seqlen_k,
+                       offs_d, HEAD_DIM, BLOCK_D, EVEN_N or not MASKED)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+        m_i = m_new
     return acc, l_i, m_i
 
 
@@ -183,6 +197,11 @@ def _flash_fwd_kernel(
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    causal_shift = q_offset - k_offset
+    full_hi, hi = _key_range(start_m, seqlen_k, causal_shift, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    # (Before the tile loads: the document search then holds no tile registers.)
+    q_doc, lo, full_hi, hi = _query_docs(Q_DOC, K_DOC, start_m, offs_m, seqlen_q, seqlen_k, full_hi, hi,
+                                         BLOCK_M, BLOCK_N, HAS_DOCS)
     q = _load_rows(Q + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, offs_m, seqlen_q,
                    offs_d, HEAD_DIM, BLOCK_D, EVEN_M)
     qk_scale = sm_scale * LOG2E
@@ -190,16 +209,13 @@ def _flash_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    causal_shift = q_offset - k_offset
-    full_hi, hi = _key_range(start_m, seqlen_k, causal_shift, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    q_doc, q_doc_lo, q_doc_hi = _query_docs(Q_DOC, start_m, offs_m, seqlen_q, BLOCK_M, HAS_DOCS)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
-                               offs_m, offs_d, 0, full_hi, seqlen_k, causal_shift, qk_scale,
-                               K_DOC, q_doc, q_doc_lo, q_doc_hi,
+                               offs_m, offs_d, lo, full_hi, seqlen_k, causal_shift, qk_scale,
+                               K_DOC, q_doc,
                                HEAD_DIM, BLOCK_N, BLOCK_D, False, IS_CAUSAL, EVEN_N, DOT_PREC, HAS_DOCS)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
                                offs_m, offs_d, full_hi, hi, seqlen_k, causal_shift, qk_scale,
-                               K_DOC, q_doc, q_doc_lo, q_doc_hi,
+                               K_DOC, q_doc,
                                HEAD_DIM, BLOCK_N, BLOCK_D, True, IS_CAUSAL, EVEN_N, DOT_PREC, HAS_DOCS)
 
     # Rows that saw no key: l = 0, acc = 0 -> out 0, lse -inf.
@@ -244,43 +260,39 @@ def _bwd_preprocess_kernel(
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, Delta, stride_qs, stride_qd, stride_dos, stride_dod, stride_ls,
                     offs_n, offs_d, lo, hi, seqlen_q, causal_shift, qk_scale, k_len,
-                    Q_DOC, k_doc, k_doc_lo, k_doc_hi,
+                    Q_DOC, K_DOC, seqlen_k,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                     MASKED: tl.constexpr, EVEN_M: tl.constexpr, DOT_PREC: tl.constexpr,
                     HAS_KLENS: tl.constexpr, HAS_DOCS: tl.constexpr = False):
     """Accumulate dK (unscaled) and dV of one key tile over query tiles [lo, hi). Works on the
-    transposed scores (keys x queries) so the key tile stays in registers. HAS_DOCS: query tiles
-    sharing no document with the key tile [k_doc_lo, k_doc_hi] are skipped."""
+    transposed scores (keys x queries) so the key tile stays in registers. HAS_DOCS: pairs whose
+    documents (Q_DOC per query, K_DOC per key) differ are masked."""
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        visible = True
-        if HAS_DOCS:
-            q_doc_lo, q_doc_hi = _doc_range(Q_DOC, start_m, tl.minimum(start_m + BLOCK_M, seqlen_q))
-            visible = (q_doc_lo <= k_doc_hi) & (q_doc_hi >= k_doc_lo)
-        if visible:
-            q = _load_rows(Q + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, offs_m, seqlen_q,
-                           offs_d, HEAD_DIM, BLOCK_D, EVEN_M)
-            do = _load_rows(DO + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod, offs_m, seqlen_q,
-                            offs_d, HEAD_DIM, BLOCK_D, EVEN_M).to(k.dtype)
-            lse2 = _load_lse2(LSE, offs_m, seqlen_q, stride_ls, EVEN_M)
-            # P^T from the saved (final, merged) LSE: no running max, no attention matrix in memory.
-            pT = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale - lse2[None, :])
-            if MASKED:
-                pT = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_shift, pT, 0.0)
-            if HAS_KLENS:  # the tile straddles this batch element's key length
-                pT = tl.where(offs_n[:, None] < k_len, pT, 0.0)
-            if HAS_DOCS:
-                q_doc = tl.load(Q_DOC + offs_m, mask=offs_m < seqlen_q, other=-1)
-                pT = tl.where(k_doc[:, None] == q_doc[None, :], pT, 0.0)
-            dv = tl.dot(pT.to(k.dtype), do, dv, input_precision=DOT_PREC)
-            if EVEN_M:
-                delta = tl.load(Delta + offs_m)
-            else:
-                delta = tl.load(Delta + offs_m, mask=offs_m < seqlen_q, other=0.0)
-            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-            dsT = pT * (dpT - delta[None, :])
-            dk = tl.dot(dsT.to(k.dtype), q, dk, input_precision=DOT_PREC)
+        q = _load_rows(Q + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, offs_m, seqlen_q,
+                       offs_d, HEAD_DIM, BLOCK_D, EVEN_M)
+        do = _load_rows(DO + offs_m[:, None] * stride_dos + offs_d[None, :] * stride_dod, offs_m, seqlen_q,
+                        offs_d, HEAD_DIM, BLOCK_D, EVEN_M).to(k.dtype)
+        lse2 = _load_lse2(LSE, offs_m, seqlen_q, stride_ls, EVEN_M)
+        # P^T from the saved (final, merged) LSE: no running max, no attention matrix in memory.
+        pT = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale - lse2[None, :])
+        if MASKED:
+            pT = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_shift, pT, 0.0)
+        if HAS_KLENS:  # the tile straddles this batch element's key length
+            pT = tl.where(offs_n[:, None] < k_len, pT, 0.0)
+        if HAS_DOCS:  # ids reloaded per tile (cached) rather than held: dK/dV own the registers
+            q_doc = tl.load(Q_DOC + offs_m, mask=offs_m < seqlen_q, other=-1)
+            k_doc = tl.load(K_DOC + offs_n, mask=offs_n < seqlen_k, other=-2)  # -2: the tail matches nothing
+            pT = tl.where(k_doc[:, None] == q_doc[None, :], pT, 0.0)
+        dv = tl.dot(pT.to(k.dtype), do, dv, input_precision=DOT_PREC)
+        if EVEN_M:
+            delta = tl.load(Delta + offs_m)
+        else:
+            delta = tl.load(Delta + offs_m, mask=offs_m < seqlen_q, other=0.0)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        dsT = pT * (dpT - delta[None, :])
+        dk = tl.dot(dsT.to(k.dtype), q, dk, input_precision=DOT_PREC)
     return dk, dv
 
 
@@ -310,6 +322,9 @@ def _flash_bwd_dkdv_kernel(
     kvh = bh % heads_kv
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    if HAS_DOCS:  # queries sharing a document with this key tile (searched before the tile loads)
+        m_lo, m_hi = _doc_span(Q_DOC, seqlen_q, K_DOC, start_n * BLOCK_N,
+                               tl.minimum(start_n * BLOCK_N + BLOCK_N, seqlen_k))
     k = _load_rows(K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
                    offs_n, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, EVEN_N)
     v = _load_rows(V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
@@ -336,13 +351,10 @@ def _flash_bwd_dkdv_kernel(
         q_hi = tl.where(start_n * BLOCK_N < k_len, seqlen_q, 0)
         lo = tl.minimum(lo, q_hi)
         full_lo = tl.minimum(full_lo, q_hi)
-    if HAS_DOCS:  # the key tile's documents (-2 past the end: matches no query, whose tail reads -1)
-        k_doc = tl.load(K_DOC + offs_n, mask=offs_n < seqlen_k, other=-2)
-        k_doc_lo, k_doc_hi = _doc_range(K_DOC, start_n * BLOCK_N, tl.minimum(start_n * BLOCK_N + BLOCK_N, seqlen_k))
-    else:
-        k_doc = 0
-        k_doc_lo = 0
-        k_doc_hi = 0
+    if HAS_DOCS:  # only query tiles sharing a document with this key tile are visited
+        q_hi = tl.minimum(q_hi, m_hi)
+        lo = tl.minimum(tl.maximum(lo, m_lo // BLOCK_M * BLOCK_M), q_hi)
+        full_lo = tl.minimum(tl.maximum(full_lo, lo), q_hi)
     # Out-of-range keys (tail tile) load as zeros and are never stored, so only the causal mask is needed.
     for g in range(0, group):
         h = kvh * group + g
@@ -352,11 +364,11 @@ def _flash_bwd_dkdv_kernel(
         Dh = Delta + (b * heads_q + h) * seqlen_q
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, Dh, stride_qs, stride_qd, stride_dos, stride_dod,
                                  stride_ls, offs_n, offs_d, lo, full_lo, seqlen_q, causal_shift, qk_scale, k_len,
-                                 Q_DOC, k_doc, k_doc_lo, k_doc_hi,
+                                 Q_DOC, K_DOC, seqlen_k,
                                  HEAD_DIM, BLOCK_M, BLOCK_D, True, EVEN_M, DOT_PREC, HAS_KLENS, HAS_DOCS)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, Dh, stride_qs, stride_qd, stride_dos, stride_dod,
                                  stride_ls, offs_n, offs_d, full_lo, q_hi, seqlen_q, causal_shift, qk_scale, k_len,
-                                 Q_DOC, k_doc, k_doc_lo, k_doc_hi,
+                                 Q_DOC, K_DOC, seqlen_k,
                                  HEAD_DIM, BLOCK_M, BLOCK_D, False, EVEN_M, DOT_PREC, HAS_KLENS, HAS_DOCS)
     _store_rows(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dks
                 + offs_d[None, :] * stride_dkd,
@@ -371,34 +383,29 @@ def _flash_bwd_dkdv_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
-                  offs_m, offs_d, lo, hi, seqlen_k, causal_shift, qk_scale, K_DOC, q_doc, q_doc_lo, q_doc_hi,
+                  offs_m, offs_d, lo, hi, seqlen_k, causal_shift, qk_scale, K_DOC, q_doc,
                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
                   HAS_DOCS: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        visible = True
-        if HAS_DOCS:  # as in the forward: skip key tiles sharing no document with the query tile
-            k_doc_lo, k_doc_hi = _doc_range(K_DOC, start_n, tl.minimum(start_n + BLOCK_N, seqlen_k))
-            visible = (k_doc_lo <= q_doc_hi) & (k_doc_hi >= q_doc_lo)
-        if visible:
-            k = _load_rows(K + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, offs_n, seqlen_k,
-                           offs_d, HEAD_DIM, BLOCK_D, EVEN_N or not MASKED)
-            v = _load_rows(V + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, offs_n, seqlen_k,
-                           offs_d, HEAD_DIM, BLOCK_D, EVEN_N or not MASKED)
-            p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale - lse2[:, None])
-            if MASKED:
-                keep = offs_n[None, :] < seqlen_k
-                if IS_CAUSAL:
-                    keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
-                p = tl.where(keep, p, 0.0)
-            if HAS_DOCS:
-                k_doc = tl.load(K_DOC + offs_n, mask=offs_n < seqlen_k, other=-2)
-                p = tl.where(q_doc[:, None] == k_doc[None, :], p, 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-            ds = p * (dp - delta[:, None])
-            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+        k = _load_rows(K + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd, offs_n, seqlen_k,
+                       offs_d, HEAD_DIM, BLOCK_D, EVEN_N or not MASKED)
+        v = _load_rows(V + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd, offs_n, seqlen_k,
+                       offs_d, HEAD_DIM, BLOCK_D, EVEN_N or not MASKED)
+        p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale - lse2[:, None])
+        if MASKED:
+            keep = offs_n[None, :] < seqlen_k
+            if IS_CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
+            p = tl.where(keep, p, 0.0)
+        if HAS_DOCS:
+            k_doc = tl.load(K_DOC + offs_n, mask=offs_n < seqlen_k, other=-2)
+            p = tl.where(q_doc[:, None] == k_doc[None, :], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
     return dq
 
 
@@ -444,12 +451,13 @@ def _flash_bwd_dq_kernel(
 
     causal_shift = q_offset - k_offset
     full_hi, hi = _key_range(start_m, seqlen_k, causal_shift, BLOCK_M, BLOCK_N, IS_CAUSAL)
-    q_doc, q_doc_lo, q_doc_hi = _query_docs(Q_DOC, start_m, offs_m, seqlen_q, BLOCK_M, HAS_DOCS)
+    q_doc, lo, full_hi, hi = _query_docs(Q_DOC, K_DOC, start_m, offs_m, seqlen_q, seqlen_k, full_hi, hi,
+                                         BLOCK_M, BLOCK_N, HAS_DOCS)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
-                       offs_m, offs_d, 0, full_hi, seqlen_k, causal_shift, qk_scale, K_DOC, q_doc, q_doc_lo, q_doc_hi,
+                       offs_m, offs_d, lo, full_hi, seqlen_k, causal_shift, qk_scale, K_DOC, q_doc,
                        HEAD_DIM, BLOCK_N, BLOCK_D, False, IS_CAUSAL, EVEN_N, DOT_PREC, HAS_DOCS)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
-                       offs_m, offs_d, full_hi, hi, seqlen_k, causal_shift, qk_scale, K_DOC, q_doc, q_doc_lo, q_doc_hi,
+                       offs_m, offs_d, full_hi, hi, seqlen_k, causal_shift, qk_scale, K_DOC, q_doc,
                        HEAD_DIM, BLOCK_N, BLOCK_D, True, IS_CAUSAL, EVEN_N, DOT_PREC, HAS_DOCS)
     _store_rows(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
                 dq * sm_scale, offs_m, seqlen_q, offs_d, HEAD_DIM, ACCUMULATE)

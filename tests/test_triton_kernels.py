@@ -451,6 +451,7 @@ DOC_CASES = [
     pytest.param((1, 4, 1, 32, [1] * 5 + [60], (0, 65), (0, 65)), id="mqa-leading-singletons"),
     pytest.param((1, 4, 2, 16, _random_lengths(100, 1), (40, 100), (0, 70)), id="offsets-random-docs"),
     pytest.param((1, 2, 2, 16, [33, 31, 1, 35], (0, 100), (0, 100)), id="one-doc-per-tile-ish"),
+    pytest.param((1, 2, 2, 16, [1, 1], (1, 2), (0, 2)), id="len1-query"),
 ]
 
 
