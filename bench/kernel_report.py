@@ -81,7 +81,7 @@ def kernel_spec(kind: str, arch: int, head_dim: int, dtype: torch.dtype, cfg: Op
     docs = kind.endswith("_docs")
     kind = kind[:-len("_docs")] if docs else kind
     if kind in ("fwd", "dkdv", "dq"):
-        cfg = cfg or fa.tile_config(kind, arch, head_dim, dtype)
+        cfg = cfg or fa.tile_config(kind, arch, head_dim, dtype, docs)
         ce = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=True,
                   EVEN_M=False, EVEN_N=False, DOT_PREC=prec, HAS_KLENS=False, HAS_DOCS=docs)
         ids = dict(K_LENS="*i32", Q_DOC="*i32", K_DOC="*i32")

@@ -503,6 +503,18 @@ _FP32_CONFIGS: Dict[str, Dict[int, Tuple[TileConfig, TileConfig]]] = {
              256: (T(16, 16, 4, 1), T(16, 32, 8, 2))},
     "dq": {bd: (T(32, 16, 8, 2),) * 2 for bd in HEAD_DIM_BUCKETS},
 }
+# Packed-document specializations (HAS_DOCS) use the tables above except where the document mask's extra
+# registers made the shipped config spill: (kind, arch, BLOCK_D, fp32) -> config (bench/kernel_report.py).
+_DOCS_CONFIGS: Dict[Tuple[str, int, int, bool], TileConfig] = {
+    ("fwd", 80, 128, False): T(128, 32, 8, 3),
+    ("dkdv", 80, 64, False): T(16, 128, 8, 3),
+    ("dkdv", 80, 128, False): T(16, 64, 8, 2),
+    ("dkdv", 80, 128, True): T(16, 32, 8, 2),
+    ("dkdv", 90, 128, True): T(16, 16, 4, 2),
+    ("dkdv", 90, 256, True): T(16, 32, 8, 1),
+    ("dq", 80, 64, True): T(32, 16, 8, 1),
+    ("dq", 90, 64, True): T(32, 16, 8, 1),
+}
 del T
 
 
@@ -526,16 +538,19 @@ def arch_key(capability: Tuple[int, int]) -> int:
     return 90 if capability[0] >= 9 else 80
 
 
-def tile_config(kind: str, arch: int, head_dim: int, dtype: torch.dtype) -> TileConfig:
-    """The shipped config of kernel ``kind`` ("fwd", "dkdv", "dq") for ``arch`` (80 or 90)."""
-    bd = block_d_for(head_dim)
-    return (_FP32_CONFIGS if dtype == torch.float32 else _CONFIGS)[kind][bd][ARCHS.index(arch)]
+def tile_config(kind: str, arch: int, head_dim: int, dtype: torch.dtype, docs: bool = False) -> TileConfig:
+    """The shipped config of kernel ``kind`` ("fwd", "dkdv", "dq") for ``arch`` (80 or 90); ``docs``: of
+    its packed-document specialization."""
+    bd, fp32 = block_d_for(head_dim), dtype == torch.float32
+    if docs and (kind, arch, bd, fp32) in _DOCS_CONFIGS:
+        return _DOCS_CONFIGS[(kind, arch, bd, fp32)]
+    return (_FP32_CONFIGS if fp32 else _CONFIGS)[kind][bd][ARCHS.index(arch)]
 
 
-def _config(kind: str, t: Tensor, head_dim: int) -> TileConfig:
+def _config(kind: str, t: Tensor, head_dim: int, docs: bool = False) -> TileConfig:
     if t.device.type != "cuda":  # CPU tensors only run under TRITON_INTERPRET=1
         return INTERPRET_CONFIG
-    return tile_config(kind, arch_key(torch.cuda.get_device_capability(t.device)), head_dim, t.dtype)
+    return tile_config(kind, arch_key(torch.cuda.get_device_capability(t.device)), head_dim, t.dtype, docs)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -627,7 +642,7 @@ def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale:
         return out, lse
     if Sk == 0:
         return out.zero_(), lse.fill_(float("-inf"))
-    cfg = config or _config("fwd", q, D)
+    cfg = config or _config("fwd", q, D, q_doc is not None)
     grid = (triton.cdiv(Sq, cfg.block_m), B * Hq)
     _flash_fwd_kernel[grid](
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
@@ -695,20 +710,21 @@ def flash_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
         return dq, dk, dv
     bd = block_d_for(D)
     delta = flash_attn_bwd_preprocess(out, dout)
-    cfg_kv, cfg_q = config or (_config("dkdv", q, D), _config("dq", q, D))
+    docs = q_doc is not None
+    cfg_kv, cfg_q = config or (_config("dkdv", q, D, docs), _config("dq", q, D, docs))
     common = dict(HEAD_DIM=D, BLOCK_D=bd, IS_CAUSAL=bool(causal), DOT_PREC=dot_precision(q.dtype),
                   HAS_KLENS=k_lens is not None, HAS_DOCS=q_doc is not None)
     lens_arg = delta if k_lens is None else k_lens  # any pointer when unused
-    docs = (delta, delta) if q_doc is None else (q_doc, k_doc)
+    doc_args = (delta, delta) if q_doc is None else (q_doc, k_doc)
     _flash_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg_kv.block_n), B * Hkv)](
         q, k, v, dout, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(),
-        *dk.stride(), *dv.stride(), Hq, Hkv, Hq // Hkv, Sq, Sk, int(q_offset), int(k_offset), scale, lens_arg, *docs,
+        *dk.stride(), *dv.stride(), Hq, Hkv, Hq // Hkv, Sq, Sk, int(q_offset), int(k_offset), scale, lens_arg, *doc_args,
         BLOCK_M=cfg_kv.block_m, BLOCK_N=cfg_kv.block_n, EVEN_M=Sq % cfg_kv.block_m == 0,
         EVEN_N=Sk % cfg_kv.block_n == 0, ACCUMULATE=acc_kv, num_warps=cfg_kv.num_warps,
         num_stages=cfg_kv.num_stages, **common)
     _flash_bwd_dq_kernel[(triton.cdiv(Sq, cfg_q.block_m), B * Hq)](
         q, k, v, dout, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(),
-        *dq.stride(), Hq, Hq // Hkv, Sq, Sk, int(q_offset), int(k_offset), scale, lens_arg, *docs,
+        *dq.stride(), Hq, Hq // Hkv, Sq, Sk, int(q_offset), int(k_offset), scale, lens_arg, *doc_args,
         BLOCK_M=cfg_q.block_m, BLOCK_N=cfg_q.block_n, EVEN_M=Sq % cfg_q.block_m == 0,
         EVEN_N=Sk % cfg_q.block_n == 0, ACCUMULATE=acc_q, num_warps=cfg_q.num_warps,
         num_stages=cfg_q.num_stages, **common)
