@@ -718,7 +718,8 @@ def flash_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     doc_args = (delta, delta) if q_doc is None else (q_doc, k_doc)
     _flash_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg_kv.block_n), B * Hkv)](
         q, k, v, dout, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(),
-        *dk.stride(), *dv.stride(), Hq, Hkv, Hq // Hkv, Sq, Sk, int(q_offset), int(k_offset), scale, lens_arg, *doc_args,
+        *dk.stride(), *dv.stride(), Hq, Hkv, Hq // Hkv, Sq, Sk, int(q_offset), int(k_offset), scale, lens_arg,
+        *doc_args,
         BLOCK_M=cfg_kv.block_m, BLOCK_N=cfg_kv.block_n, EVEN_M=Sq % cfg_kv.block_m == 0,
         EVEN_N=Sk % cfg_kv.block_n == 0, ACCUMULATE=acc_kv, num_warps=cfg_kv.num_warps,
         num_stages=cfg_kv.num_stages, **common)
