@@ -36,7 +36,8 @@ from kernels import flash_attn as fa, merge as mg  # noqa: E402
 
 import torch  # noqa: E402
 
-KINDS = ("fwd", "preprocess", "dkdv", "dq", "merge")
+KINDS = ("fwd", "preprocess", "dkdv", "dq", "merge", "fwd_docs", "dkdv_docs", "dq_docs")
+# *_docs: the packed-document specializations (HAS_DOCS, per-token document ids) at the same tile configs.
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 SMEM_LIMIT = {80: 166912, 90: 232448}  # max dynamic shared memory per block (bytes), A100 / H100
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -73,20 +74,23 @@ def _tname(dtype: torch.dtype) -> str:
 
 def kernel_spec(kind: str, arch: int, head_dim: int, dtype: torch.dtype, cfg: Optional[fa.TileConfig] = None):
     """(jit fn, signature, constexprs, attrs, options, config string) of one kernel config: the shipped
-    one unless ``cfg`` (fwd/dkdv/dq only) is given."""
+    one unless ``cfg`` (fwd/dkdv/dq and their *_docs only) is given."""
     t = "*" + _tname(dtype)
     bd = fa.block_d_for(head_dim)
     prec = fa.dot_precision(dtype)
+    docs = kind.endswith("_docs")
+    kind = kind[:-len("_docs")] if docs else kind
     if kind in ("fwd", "dkdv", "dq"):
-        cfg = cfg or fa.tile_config(kind, arch, head_dim, dtype)
+        cfg = cfg or fa.tile_config(kind, arch, head_dim, dtype, docs)
         ce = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=True,
-                  EVEN_M=False, EVEN_N=False, DOT_PREC=prec, HAS_KLENS=False)
+                  EVEN_M=False, EVEN_N=False, DOT_PREC=prec, HAS_KLENS=False, HAS_DOCS=docs)
+        ids = dict(K_LENS="*i32", Q_DOC="*i32", K_DOC="*i32")
         if kind == "fwd":
-            fn, ptrs = fa._flash_fwd_kernel, dict(Q=t, K=t, V=t, Out=t, LSE="*fp32", K_LENS="*i32")
+            fn, ptrs = fa._flash_fwd_kernel, dict(Q=t, K=t, V=t, Out=t, LSE="*fp32", **ids)
         else:
             ce["ACCUMULATE"] = True
             ptrs = dict(Q=t, K=t, V=t, DO=t, LSE="*fp32", Delta="*fp32", DK="*fp32", DV="*fp32", DQ="*fp32",
-                        K_LENS="*i32")
+                        **ids)
             fn = fa._flash_bwd_dkdv_kernel if kind == "dkdv" else fa._flash_bwd_dq_kernel
             ptrs = {k: v for k, v in ptrs.items() if k in fn.arg_names}
         opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -6,6 +6,10 @@ Layout: q (B, Sq, Hq, D), k/v (B, Sk, Hkv, D), any strides; query head h reads k
 ``k_offset + j <= q_offset + i``, so a ring can hand over blocks that come from different ranks.
 Optional per-batch key lengths ``k_lens`` (int32 (B,), a right-padded text mask): keys j >= k_lens[b]
 are masked inside the tile, whole key tiles past it are skipped, and their dK/dV are exactly 0.
+Optional packed documents ``q_doc`` (Sq,) / ``k_doc`` (Sk,) int32 ids, non-decreasing (documents are
+contiguous), shared by every batch element: query i sees key j only if ``q_doc[i] == k_doc[j]`` (and the
+causal rule). A tile's documents are [doc[first], doc[last]], so a (query tile, key tile) pair whose ranges
+do not overlap is skipped without loading K/V; inside a tile the ids are compared per pair.
 
 Inside the kernels scores are kept in base 2 (exp2 is one instruction); the LSE is converted to the
 natural log at the kernel boundary. Accumulation is fp32 for every input dtype.
@@ -83,16 +87,58 @@ def _key_range(start_m, seqlen_k, causal_shift, BLOCK_M: tl.constexpr, BLOCK_N: 
     return full_hi, hi
 
 
+@triton.jit
+def _lower_bound(DOC, n, target):
+    """First index i in [0, n] with DOC[i] >= target (DOC non-decreasing): a scalar binary search."""
+    lo = tl.full([], 0, tl.int32)
+    hi = lo + n  # a tensor even when n is specialized to a constant
+    while lo < hi:
+        mid = (lo + hi) // 2
+        below = tl.load(DOC + mid) < target
+        lo = tl.where(below, mid + 1, lo)
+        hi = tl.where(below, hi, mid)
+    return lo
+
+
+@triton.jit
+def _doc_span(DOC, n, OTHER, start, end):
+    """Rows [lo, hi) of DOC (length n) whose documents overlap those of OTHER's rows [start, end),
+    start < end. Ids are non-decreasing, so OTHER's first and last rows bound its documents and the
+    overlapping rows are one contiguous range: tiles outside it share no document and are skipped."""
+    return _lower_bound(DOC, n, tl.load(OTHER + start)), _lower_bound(DOC, n, tl.load(OTHER + end - 1) + 1)
+
+
+@triton.jit
+def _query_docs(Q_DOC, K_DOC, start_m, offs_m, seqlen_q, seqlen_k, full_hi, hi,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """Per-row documents of a query tile (-1 past the end; 0 without docs) and its key loops narrowed
+    to the keys sharing a document with it: unmasked [lo, full_hi), masked [full_hi, hi)."""
+    lo = 0
+    if HAS_DOCS:
+        q_doc = tl.load(Q_DOC + offs_m, mask=offs_m < seqlen_q, other=-1)
+        k_lo, k_hi = _doc_span(K_DOC, seqlen_k, Q_DOC, start_m * BLOCK_M,
+                               tl.minimum(start_m * BLOCK_M + BLOCK_M, seqlen_q))
+        lo = k_lo // BLOCK_N * BLOCK_N
+        hi = tl.minimum(hi, k_hi)
+        # Unmasked tiles stay inside the original [0, full_hi) (in bounds, causally visible to every row).
+        full_hi = tl.maximum(lo, tl.minimum(full_hi, (hi + BLOCK_N - 1) // BLOCK_N * BLOCK_N))
+    else:
+        q_doc = 0
+    return q_doc, lo, full_hi, hi
+
+
 # ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
-               offs_m, offs_d, lo, hi, seqlen_k, causal_shift, qk_scale,
+               offs_m, offs_d, lo, hi, seqlen_k, causal_shift, qk_scale, K_DOC, q_doc,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-               MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr):
+               MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
+               HAS_DOCS: tl.constexpr):
     """Online softmax over key blocks [lo, hi). MASKED=False is the fast path for blocks every row of
-    the query tile fully sees (no bounds or causal mask); MASKED=True handles the diagonal and tail."""
+    the query tile fully sees (no bounds or causal mask); MASKED=True handles the diagonal and tail.
+    HAS_DOCS: pairs whose documents (q_doc per row, K_DOC per key) differ are masked in both paths."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -104,6 +150,9 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_v
             if IS_CAUSAL:
                 keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
             s = tl.where(keep, s, float("-inf"))
+        if HAS_DOCS:
+            k_doc = tl.load(K_DOC + offs_n, mask=offs_n < seqlen_k, other=-2)
+            s = tl.where(q_doc[:, None] == k_doc[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         # A row that has seen no key yet has m_new = -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -125,10 +174,10 @@ def _flash_fwd_kernel(
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ob, stride_os, stride_oh, stride_od,
     stride_lb, stride_lh, stride_ls,
-    heads_q, group, seqlen_q, seqlen_k, q_offset, k_offset, sm_scale, K_LENS,
+    heads_q, group, seqlen_q, seqlen_k, q_offset, k_offset, sm_scale, K_LENS, Q_DOC, K_DOC,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
-    HAS_KLENS: tl.constexpr = False,
+    HAS_KLENS: tl.constexpr = False, HAS_DOCS: tl.constexpr = False,
 ):
     """Grid (cdiv(Sq, BLOCK_M), B * Hq): one query tile of one head, all its visible keys."""
     tl.static_assert(BLOCK_D >= HEAD_DIM, "BLOCK_D pads head_dim to a power of two")
@@ -148,6 +197,11 @@ def _flash_fwd_kernel(
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
+    causal_shift = q_offset - k_offset
+    full_hi, hi = _key_range(start_m, seqlen_k, causal_shift, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    # (Before the tile loads: the document search then holds no tile registers.)
+    q_doc, lo, full_hi, hi = _query_docs(Q_DOC, K_DOC, start_m, offs_m, seqlen_q, seqlen_k, full_hi, hi,
+                                         BLOCK_M, BLOCK_N, HAS_DOCS)
     q = _load_rows(Q + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, offs_m, seqlen_q,
                    offs_d, HEAD_DIM, BLOCK_D, EVEN_M)
     qk_scale = sm_scale * LOG2E
@@ -155,14 +209,14 @@ def _flash_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
-    causal_shift = q_offset - k_offset
-    full_hi, hi = _key_range(start_m, seqlen_k, causal_shift, BLOCK_M, BLOCK_N, IS_CAUSAL)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
-                               offs_m, offs_d, 0, full_hi, seqlen_k, causal_shift, qk_scale,
-                               HEAD_DIM, BLOCK_N, BLOCK_D, False, IS_CAUSAL, EVEN_N, DOT_PREC)
+                               offs_m, offs_d, lo, full_hi, seqlen_k, causal_shift, qk_scale,
+                               K_DOC, q_doc,
+                               HEAD_DIM, BLOCK_N, BLOCK_D, False, IS_CAUSAL, EVEN_N, DOT_PREC, HAS_DOCS)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
                                offs_m, offs_d, full_hi, hi, seqlen_k, causal_shift, qk_scale,
-                               HEAD_DIM, BLOCK_N, BLOCK_D, True, IS_CAUSAL, EVEN_N, DOT_PREC)
+                               K_DOC, q_doc,
+                               HEAD_DIM, BLOCK_N, BLOCK_D, True, IS_CAUSAL, EVEN_N, DOT_PREC, HAS_DOCS)
 
     # Rows that saw no key: l = 0, acc = 0 -> out 0, lse -inf.
     seen = l_i > 0.0
@@ -206,11 +260,13 @@ def _bwd_preprocess_kernel(
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, Delta, stride_qs, stride_qd, stride_dos, stride_dod, stride_ls,
                     offs_n, offs_d, lo, hi, seqlen_q, causal_shift, qk_scale, k_len,
+                    Q_DOC, K_DOC, seqlen_k,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                     MASKED: tl.constexpr, EVEN_M: tl.constexpr, DOT_PREC: tl.constexpr,
-                    HAS_KLENS: tl.constexpr):
+                    HAS_KLENS: tl.constexpr, HAS_DOCS: tl.constexpr = False):
     """Accumulate dK (unscaled) and dV of one key tile over query tiles [lo, hi). Works on the
-    transposed scores (keys x queries) so the key tile stays in registers."""
+    transposed scores (keys x queries) so the key tile stays in registers. HAS_DOCS: pairs whose
+    documents (Q_DOC per query, K_DOC per key) differ are masked."""
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -225,6 +281,10 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, Delta, stride_qs, stride_qd, strid
             pT = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_shift, pT, 0.0)
         if HAS_KLENS:  # the tile straddles this batch element's key length
             pT = tl.where(offs_n[:, None] < k_len, pT, 0.0)
+        if HAS_DOCS:  # ids reloaded per tile (cached) rather than held: dK/dV own the registers
+            q_doc = tl.load(Q_DOC + offs_m, mask=offs_m < seqlen_q, other=-1)
+            k_doc = tl.load(K_DOC + offs_n, mask=offs_n < seqlen_k, other=-2)  # -2: the tail matches nothing
+            pT = tl.where(k_doc[:, None] == q_doc[None, :], pT, 0.0)
         dv = tl.dot(pT.to(k.dtype), do, dv, input_precision=DOT_PREC)
         if EVEN_M:
             delta = tl.load(Delta + offs_m)
@@ -246,10 +306,10 @@ def _flash_bwd_dkdv_kernel(
     stride_lb, stride_lh, stride_ls,
     stride_dkb, stride_dks, stride_dkh, stride_dkd,
     stride_dvb, stride_dvs, stride_dvh, stride_dvd,
-    heads_q, heads_kv, group, seqlen_q, seqlen_k, q_offset, k_offset, sm_scale, K_LENS,
+    heads_q, heads_kv, group, seqlen_q, seqlen_k, q_offset, k_offset, sm_scale, K_LENS, Q_DOC, K_DOC,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, ACCUMULATE: tl.constexpr,
-    DOT_PREC: tl.constexpr, HAS_KLENS: tl.constexpr = False,
+    DOT_PREC: tl.constexpr, HAS_KLENS: tl.constexpr = False, HAS_DOCS: tl.constexpr = False,
 ):
     """Grid (cdiv(Sk, BLOCK_N), B * Hkv). GQA: the program loops over the query heads of its group and
     keeps dK/dV in registers, so each kv-head gradient is written once: no atomics, deterministic, and
@@ -262,6 +322,9 @@ def _flash_bwd_dkdv_kernel(
     kvh = bh % heads_kv
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
+    if HAS_DOCS:  # queries sharing a document with this key tile (searched before the tile loads)
+        m_lo, m_hi = _doc_span(Q_DOC, seqlen_q, K_DOC, start_n * BLOCK_N,
+                               tl.minimum(start_n * BLOCK_N + BLOCK_N, seqlen_k))
     k = _load_rows(K + b * stride_kb + kvh * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :] * stride_kd,
                    offs_n, seqlen_k, offs_d, HEAD_DIM, BLOCK_D, EVEN_N)
     v = _load_rows(V + b * stride_vb + kvh * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :] * stride_vd,
@@ -288,6 +351,10 @@ def _flash_bwd_dkdv_kernel(
         q_hi = tl.where(start_n * BLOCK_N < k_len, seqlen_q, 0)
         lo = tl.minimum(lo, q_hi)
         full_lo = tl.minimum(full_lo, q_hi)
+    if HAS_DOCS:  # only query tiles sharing a document with this key tile are visited
+        q_hi = tl.minimum(q_hi, m_hi)
+        lo = tl.minimum(tl.maximum(lo, m_lo // BLOCK_M * BLOCK_M), q_hi)
+        full_lo = tl.minimum(tl.maximum(full_lo, lo), q_hi)
     # Out-of-range keys (tail tile) load as zeros and are never stored, so only the causal mask is needed.
     for g in range(0, group):
         h = kvh * group + g
@@ -297,10 +364,12 @@ def _flash_bwd_dkdv_kernel(
         Dh = Delta + (b * heads_q + h) * seqlen_q
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, Dh, stride_qs, stride_qd, stride_dos, stride_dod,
                                  stride_ls, offs_n, offs_d, lo, full_lo, seqlen_q, causal_shift, qk_scale, k_len,
-                                 HEAD_DIM, BLOCK_M, BLOCK_D, True, EVEN_M, DOT_PREC, HAS_KLENS)
+                                 Q_DOC, K_DOC, seqlen_k,
+                                 HEAD_DIM, BLOCK_M, BLOCK_D, True, EVEN_M, DOT_PREC, HAS_KLENS, HAS_DOCS)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, Dh, stride_qs, stride_qd, stride_dos, stride_dod,
                                  stride_ls, offs_n, offs_d, full_lo, q_hi, seqlen_q, causal_shift, qk_scale, k_len,
-                                 HEAD_DIM, BLOCK_M, BLOCK_D, False, EVEN_M, DOT_PREC, HAS_KLENS)
+                                 Q_DOC, K_DOC, seqlen_k,
+                                 HEAD_DIM, BLOCK_M, BLOCK_D, False, EVEN_M, DOT_PREC, HAS_KLENS, HAS_DOCS)
     _store_rows(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dks
                 + offs_d[None, :] * stride_dkd,
                 dk * sm_scale, offs_n, seqlen_k, offs_d, HEAD_DIM, ACCUMULATE)
@@ -314,9 +383,10 @@ def _flash_bwd_dkdv_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
-                  offs_m, offs_d, lo, hi, seqlen_k, causal_shift, qk_scale,
+                  offs_m, offs_d, lo, hi, seqlen_k, causal_shift, qk_scale, K_DOC, q_doc,
                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                  MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr):
+                  MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
+                  HAS_DOCS: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -330,6 +400,9 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_ks, stride_kd, stride_vs,
             if IS_CAUSAL:
                 keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
             p = tl.where(keep, p, 0.0)
+        if HAS_DOCS:
+            k_doc = tl.load(K_DOC + offs_n, mask=offs_n < seqlen_k, other=-2)
+            p = tl.where(q_doc[:, None] == k_doc[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
@@ -345,10 +418,10 @@ def _flash_bwd_dq_kernel(
     stride_dob, stride_dos, stride_doh, stride_dod,
     stride_lb, stride_lh, stride_ls,
     stride_dqb, stride_dqs, stride_dqh, stride_dqd,
-    heads_q, group, seqlen_q, seqlen_k, q_offset, k_offset, sm_scale, K_LENS,
+    heads_q, group, seqlen_q, seqlen_k, q_offset, k_offset, sm_scale, K_LENS, Q_DOC, K_DOC,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, ACCUMULATE: tl.constexpr,
-    DOT_PREC: tl.constexpr, HAS_KLENS: tl.constexpr = False,
+    DOT_PREC: tl.constexpr, HAS_KLENS: tl.constexpr = False, HAS_DOCS: tl.constexpr = False,
 ):
     """Grid (cdiv(Sq, BLOCK_M), B * Hq). A separate kernel (rather than atomics from the dK/dV program)
     keeps dQ deterministic and lets both kernels hold their accumulator in registers."""
@@ -378,12 +451,14 @@ def _flash_bwd_dq_kernel(
 
     causal_shift = q_offset - k_offset
     full_hi, hi = _key_range(start_m, seqlen_k, causal_shift, BLOCK_M, BLOCK_N, IS_CAUSAL)
+    q_doc, lo, full_hi, hi = _query_docs(Q_DOC, K_DOC, start_m, offs_m, seqlen_q, seqlen_k, full_hi, hi,
+                                         BLOCK_M, BLOCK_N, HAS_DOCS)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
-                       offs_m, offs_d, 0, full_hi, seqlen_k, causal_shift, qk_scale,
-                       HEAD_DIM, BLOCK_N, BLOCK_D, False, IS_CAUSAL, EVEN_N, DOT_PREC)
+                       offs_m, offs_d, lo, full_hi, seqlen_k, causal_shift, qk_scale, K_DOC, q_doc,
+                       HEAD_DIM, BLOCK_N, BLOCK_D, False, IS_CAUSAL, EVEN_N, DOT_PREC, HAS_DOCS)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
-                       offs_m, offs_d, full_hi, hi, seqlen_k, causal_shift, qk_scale,
-                       HEAD_DIM, BLOCK_N, BLOCK_D, True, IS_CAUSAL, EVEN_N, DOT_PREC)
+                       offs_m, offs_d, full_hi, hi, seqlen_k, causal_shift, qk_scale, K_DOC, q_doc,
+                       HEAD_DIM, BLOCK_N, BLOCK_D, True, IS_CAUSAL, EVEN_N, DOT_PREC, HAS_DOCS)
     _store_rows(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
                 dq * sm_scale, offs_m, seqlen_q, offs_d, HEAD_DIM, ACCUMULATE)
 
@@ -428,6 +503,18 @@ _FP32_CONFIGS: Dict[str, Dict[int, Tuple[TileConfig, TileConfig]]] = {
              256: (T(16, 16, 4, 1), T(16, 32, 8, 2))},
     "dq": {bd: (T(32, 16, 8, 2),) * 2 for bd in HEAD_DIM_BUCKETS},
 }
+# Packed-document specializations (HAS_DOCS) use the tables above except where the document mask's extra
+# registers made the shipped config spill: (kind, arch, BLOCK_D, fp32) -> config (bench/kernel_report.py).
+_DOCS_CONFIGS: Dict[Tuple[str, int, int, bool], TileConfig] = {
+    ("fwd", 80, 128, False): T(128, 32, 8, 3),
+    ("dkdv", 80, 64, False): T(16, 128, 8, 3),
+    ("dkdv", 80, 128, False): T(16, 64, 8, 2),
+    ("dkdv", 80, 128, True): T(16, 32, 8, 2),
+    ("dkdv", 90, 128, True): T(16, 16, 4, 2),
+    ("dkdv", 90, 256, True): T(16, 32, 8, 1),
+    ("dq", 80, 64, True): T(32, 16, 8, 1),
+    ("dq", 90, 64, True): T(32, 16, 8, 1),
+}
 del T
 
 
@@ -451,16 +538,19 @@ def arch_key(capability: Tuple[int, int]) -> int:
     return 90 if capability[0] >= 9 else 80
 
 
-def tile_config(kind: str, arch: int, head_dim: int, dtype: torch.dtype) -> TileConfig:
-    """The shipped config of kernel ``kind`` ("fwd", "dkdv", "dq") for ``arch`` (80 or 90)."""
-    bd = block_d_for(head_dim)
-    return (_FP32_CONFIGS if dtype == torch.float32 else _CONFIGS)[kind][bd][ARCHS.index(arch)]
+def tile_config(kind: str, arch: int, head_dim: int, dtype: torch.dtype, docs: bool = False) -> TileConfig:
+    """The shipped config of kernel ``kind`` ("fwd", "dkdv", "dq") for ``arch`` (80 or 90); ``docs``: of
+    its packed-document specialization."""
+    bd, fp32 = block_d_for(head_dim), dtype == torch.float32
+    if docs and (kind, arch, bd, fp32) in _DOCS_CONFIGS:
+        return _DOCS_CONFIGS[(kind, arch, bd, fp32)]
+    return (_FP32_CONFIGS if fp32 else _CONFIGS)[kind][bd][ARCHS.index(arch)]
 
 
-def _config(kind: str, t: Tensor, head_dim: int) -> TileConfig:
+def _config(kind: str, t: Tensor, head_dim: int, docs: bool = False) -> TileConfig:
     if t.device.type != "cuda":  # CPU tensors only run under TRITON_INTERPRET=1
         return INTERPRET_CONFIG
-    return tile_config(kind, arch_key(torch.cuda.get_device_capability(t.device)), head_dim, t.dtype)
+    return tile_config(kind, arch_key(torch.cuda.get_device_capability(t.device)), head_dim, t.dtype, docs)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -511,18 +601,36 @@ def _check_k_lens(k_lens: Optional[Tensor], q: Tensor) -> Optional[Tensor]:
     return k_lens.to(torch.int32).contiguous()
 
 
+def _check_docs(q_doc: Optional[Tensor], k_doc: Optional[Tensor], q: Tensor,
+                k: Tensor) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """Optional per-token document ids -> contiguous int32 (Sq,), (Sk,) on q's device (both or neither).
+    Not checked for being non-decreasing (that would sync); the tile skip relies on it."""
+    if q_doc is None and k_doc is None:
+        return None, None
+    for name, d, n in (("q_doc", q_doc, q.shape[1]), ("k_doc", k_doc, k.shape[1])):
+        if d is None or d.shape != (n,) or d.dtype.is_floating_point or d.device != q.device:
+            raise ValueError(f"flash_attn: q_doc and k_doc must both be given as integer (seqlen,) tensors on "
+                             f"{q.device} (non-decreasing document ids per position); {name} is "
+                             f"{None if d is None else (tuple(d.shape), d.dtype, str(d.device))}, want ({n},)")
+    return q_doc.to(torch.int32).contiguous(), k_doc.to(torch.int32).contiguous()
+
+
 def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: Optional[float] = None,
                    q_offset: int = 0, k_offset: int = 0,
-                   config: Optional[TileConfig] = None, k_lens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                   config: Optional[TileConfig] = None, k_lens: Optional[Tensor] = None,
+                   q_doc: Optional[Tensor] = None, k_doc: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Attention forward with LSE.
 
     q: (B, Sq, Hq, D); k, v: (B, Sk, Hkv, D), Hq % Hkv == 0, any strides, fp16/bf16/fp32, D <= 256.
     causal: key j visible to query i iff ``k_offset + j <= q_offset + i`` (global positions).
     k_lens: optional int32 (B,): keys j >= k_lens[b] are invisible to batch element b.
+    q_doc (Sq,), k_doc (Sk,): optional non-decreasing int32 document ids shared by every batch element:
+    key j is visible to query i only if q_doc[i] == k_doc[j].
     Returns out (B, Sq, Hq, D) in q's dtype and lse (B, Hq, Sq) fp32 natural log (-inf: row saw no key).
     """
     _check(q, k, v)
     k_lens = _check_k_lens(k_lens, q)
+    q_doc, k_doc = _check_docs(q_doc, k_doc, q, k)
     _check_int32_offsets(q=q, k=k, v=v)
     _check_grid(q.shape[0], q.shape[2])
     B, Sq, Hq, D = q.shape
@@ -534,14 +642,16 @@ def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale:
         return out, lse
     if Sk == 0:
         return out.zero_(), lse.fill_(float("-inf"))
-    cfg = config or _config("fwd", q, D)
+    cfg = config or _config("fwd", q, D, q_doc is not None)
     grid = (triton.cdiv(Sq, cfg.block_m), B * Hq)
     _flash_fwd_kernel[grid](
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
         Hq, Hq // Hkv, Sq, Sk, int(q_offset), int(k_offset), scale, lse if k_lens is None else k_lens,
+        lse if q_doc is None else q_doc, lse if k_doc is None else k_doc,  # any pointer when unused
         HEAD_DIM=D, BLOCK_D=block_d_for(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=bool(causal),
         EVEN_M=Sq % cfg.block_m == 0, EVEN_N=Sk % cfg.block_n == 0, DOT_PREC=dot_precision(q.dtype),
-        HAS_KLENS=k_lens is not None, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        HAS_KLENS=k_lens is not None, HAS_DOCS=q_doc is not None, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages)
     return out, lse
 
 
@@ -563,17 +673,19 @@ def flash_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
                    causal: bool = False, scale: Optional[float] = None, q_offset: int = 0, k_offset: int = 0,
                    dq: Optional[Tensor] = None, dk: Optional[Tensor] = None, dv: Optional[Tensor] = None,
                    config: Optional[Tuple[TileConfig, TileConfig]] = None,
-                   k_lens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                   k_lens: Optional[Tensor] = None, q_doc: Optional[Tensor] = None,
+                   k_doc: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Attention backward of one (query block, key block) pair from the rows' final out and lse.
 
     dout, out: (B, Sq, Hq, D), any float dtype; lse: (B, Hq, Sq) fp32 natural log. q/k/v as in
     :func:`flash_attn_fwd`. If dq / dk, dv are given (any float dtype, any strides; fp32 in a ring) the
     block's gradients are added into them in place; otherwise new tensors in q/k/v's dtype are returned.
     ``config``: optional (dkdv, dq) tile configs. ``k_lens``: as in :func:`flash_attn_fwd`; keys past it get
-    dk = dv = 0 (added as nothing into accumulators).
+    dk = dv = 0 (added as nothing into accumulators). ``q_doc`` / ``k_doc``: as in :func:`flash_attn_fwd`.
     """
     _check(q, k, v)
     k_lens = _check_k_lens(k_lens, q)
+    q_doc, k_doc = _check_docs(q_doc, k_doc, q, k)
     B, Sq, Hq, D = q.shape
     Sk, Hkv = k.shape[1], k.shape[2]
     if out.shape != q.shape or dout.shape != q.shape or lse.shape != (B, Hq, Sq) or lse.dtype != torch.float32:
@@ -598,19 +710,22 @@ def flash_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
         return dq, dk, dv
     bd = block_d_for(D)
     delta = flash_attn_bwd_preprocess(out, dout)
-    cfg_kv, cfg_q = config or (_config("dkdv", q, D), _config("dq", q, D))
+    docs = q_doc is not None
+    cfg_kv, cfg_q = config or (_config("dkdv", q, D, docs), _config("dq", q, D, docs))
     common = dict(HEAD_DIM=D, BLOCK_D=bd, IS_CAUSAL=bool(causal), DOT_PREC=dot_precision(q.dtype),
-                  HAS_KLENS=k_lens is not None)
+                  HAS_KLENS=k_lens is not None, HAS_DOCS=q_doc is not None)
     lens_arg = delta if k_lens is None else k_lens  # any pointer when unused
+    doc_args = (delta, delta) if q_doc is None else (q_doc, k_doc)
     _flash_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg_kv.block_n), B * Hkv)](
         q, k, v, dout, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(),
         *dk.stride(), *dv.stride(), Hq, Hkv, Hq // Hkv, Sq, Sk, int(q_offset), int(k_offset), scale, lens_arg,
+        *doc_args,
         BLOCK_M=cfg_kv.block_m, BLOCK_N=cfg_kv.block_n, EVEN_M=Sq % cfg_kv.block_m == 0,
         EVEN_N=Sk % cfg_kv.block_n == 0, ACCUMULATE=acc_kv, num_warps=cfg_kv.num_warps,
         num_stages=cfg_kv.num_stages, **common)
     _flash_bwd_dq_kernel[(triton.cdiv(Sq, cfg_q.block_m), B * Hq)](
         q, k, v, dout, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(),
-        *dq.stride(), Hq, Hq // Hkv, Sq, Sk, int(q_offset), int(k_offset), scale, lens_arg,
+        *dq.stride(), Hq, Hq // Hkv, Sq, Sk, int(q_offset), int(k_offset), scale, lens_arg, *doc_args,
         BLOCK_M=cfg_q.block_m, BLOCK_N=cfg_q.block_n, EVEN_M=Sq % cfg_q.block_m == 0,
         EVEN_N=Sk % cfg_q.block_n == 0, ACCUMULATE=acc_q, num_warps=cfg_q.num_warps,
         num_stages=cfg_q.num_stages, **common)
@@ -621,9 +736,11 @@ def flash_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
 # plain-torch references (what the kernels are tested against)
 # ----------------------------------------------------------------------------------------------
 def _scores_ref(q: Tensor, k: Tensor, causal: bool, scale: float, q_offset: int, k_offset: int,
-                cd: torch.dtype, k_lens: Optional[Tensor] = None) -> Tensor:
+                cd: torch.dtype, k_lens: Optional[Tensor] = None, q_doc: Optional[Tensor] = None,
+                k_doc: Optional[Tensor] = None) -> Tensor:
     """Masked scaled scores (B, Hq, Sq, Sk) in dtype ``cd``; kv heads indexed h // group; keys
-    j >= k_lens[b] masked when k_lens (B,) is given."""
+    j >= k_lens[b] masked when k_lens (B,) is given; pairs with q_doc[i] != k_doc[j] masked when the
+    document ids (Sq,), (Sk,) are given."""
     group = q.shape[2] // k.shape[2]
     qf = q.to(cd).transpose(1, 2)
     kf = k.to(cd).repeat_interleave(group, dim=2).transpose(1, 2)
@@ -636,16 +753,18 @@ def _scores_ref(q: Tensor, k: Tensor, causal: bool, scale: float, q_offset: int,
         j = torch.arange(k.shape[1], device=q.device)
         s = s.masked_fill(j[None, None, None, :] >= k_lens.to(q.device, torch.int64)[:, None, None, None],
                           float("-inf"))
+    if q_doc is not None:
+        s = s.masked_fill(q_doc.to(q.device)[:, None] != k_doc.to(q.device)[None, :], float("-inf"))
     return s
 
 
 def flash_attn_fwd_ref(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: Optional[float] = None,
                        q_offset: int = 0, k_offset: int = 0,
-                       compute_dtype: torch.dtype = torch.float32,
-                       k_lens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                       compute_dtype: torch.dtype = torch.float32, k_lens: Optional[Tensor] = None,
+                       q_doc: Optional[Tensor] = None, k_doc: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Reference of :func:`flash_attn_fwd` (materializes the scores). Returns out in q's dtype, lse fp32."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = _scores_ref(q, k, causal, scale, q_offset, k_offset, compute_dtype, k_lens)
+    s = _scores_ref(q, k, causal, scale, q_offset, k_offset, compute_dtype, k_lens, q_doc, k_doc)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.nan_to_num(neginf=0.0).unsqueeze(-1))  # -inf rows: p = 0
     vf = v.to(compute_dtype).repeat_interleave(q.shape[2] // k.shape[2], dim=2).transpose(1, 2)
@@ -659,14 +778,15 @@ def flash_attn_bwd_preprocess_ref(out: Tensor, dout: Tensor) -> Tensor:
 
 def flash_attn_bwd_ref(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                        causal: bool = False, scale: Optional[float] = None, q_offset: int = 0, k_offset: int = 0,
-                       compute_dtype: torch.dtype = torch.float32,
-                       k_lens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                       compute_dtype: torch.dtype = torch.float32, k_lens: Optional[Tensor] = None,
+                       q_doc: Optional[Tensor] = None,
+                       k_doc: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Reference of :func:`flash_attn_bwd` from the given lse (not recomputed). Returns fp grads in
     ``compute_dtype``: dq (B, Sq, Hq, D), dk/dv (B, Sk, Hkv, D) summed over each query group."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     cd = compute_dtype
     hkv, group = k.shape[2], q.shape[2] // k.shape[2]
-    s = _scores_ref(q, k, causal, scale, q_offset, k_offset, cd, k_lens)
+    s = _scores_ref(q, k, causal, scale, q_offset, k_offset, cd, k_lens, q_doc, k_doc)
     lse_c = lse.to(cd).unsqueeze(-1)
     p = torch.exp(s - torch.where(torch.isinf(lse_c), torch.full_like(lse_c, math.inf), lse_c))
     do = dout.to(cd).transpose(1, 2)

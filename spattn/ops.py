@@ -51,18 +51,18 @@ def check_qkv(q: Tensor, k: Tensor, v: Tensor, where: str = "attention") -> None
 # attention_with_lse
 # ----------------------------------------------------------------------------------------------
 def block_forward(backend, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
-                  k_lens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                  k_lens: Optional[Tensor] = None, **docs: Tensor) -> Tuple[Tensor, Tensor]:
     """Backend forward that also handles an empty key block (out 0, lse -inf). ``k_lens``: optional
     int32 (batch,) valid key counts (keys >= k_lens[b] are invisible), passed only when given so
-    backends without key lengths keep working for unmasked calls."""
+    backends without key lengths keep working for unmasked calls. ``docs``: optional ``q_doc`` /
+    ``k_doc`` document ids, only for a backend with ``supports_docs``."""
     if k.shape[1] == 0:
         b, sq, hq, _ = q.shape
         return (q.new_zeros(q.shape[:3] + v.shape[3:]),
                 torch.full((b, hq, sq), float("-inf"), dtype=torch.float32, device=q.device))
     if k_lens is not None:
-        out, lse = backend.forward(q, k, v, causal, scale, k_lens=k_lens)
-    else:
-        out, lse = backend.forward(q, k, v, causal, scale)
+        docs["k_lens"] = k_lens
+    out, lse = backend.forward(q, k, v, causal, scale, **docs)
     if q.device.type == "cpu":
         out, lse = _poison_nan_rows(q, out, lse)
     return out, lse

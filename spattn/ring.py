@@ -10,6 +10,10 @@ list of segments of length L at known global starts (1 segment contiguous, 2 zig
 key) segment pair is either fully visible, the causal diagonal, or masked; the plan turns that into
 as few backend calls as possible and skips masked work entirely.
 
+Packed documents (``RingSetup.docs``): a backend that masks documents itself (``supports_docs``, the
+Triton kernels) gets one call per visible (query segment, key segment) pair with the pair's per-token
+document ids; any other backend gets one call per visible document sub-block (``_plan_docs``).
+
 Joint (text) tokens, replicated on every rank and already head-sliced: image queries see the joint
 K/V once (one local block, not a ring step), text queries see each rank's own image block plus, on ring rank
 0 only, the joint K/V; their partials are all-gathered over the ring and merged, so text work is done
@@ -67,10 +71,22 @@ class RingSetup:
         rows = [(a * L + self.valid(s), (a + 1) * L) for a, s in enumerate(self.starts[self.rank])]
         return [r for r in rows if r[0] < r[1]]
 
+    @property
+    def kernel_docs(self) -> bool:
+        """Packed documents masked inside the backend (it takes ``q_doc`` / ``k_doc``)."""
+        return self.docs is not None and bool(getattr(self.backend, "supports_docs", False))
+
+    def doc_ids(self, r: int, device: torch.device) -> Tensor:
+        """int32 (n_segments * L,): document of each local position of ring rank r (padding: the last
+        document; no call reaches it). Non-decreasing within a segment, which is all one call spans."""
+        pos = torch.tensor(self.starts[r], dtype=torch.int64)[:, None] + torch.arange(self.seg_len)
+        bounds = torch.tensor(self.docs[1:-1], dtype=torch.int64)
+        return torch.bucketize(pos.reshape(-1), bounds, right=True).to(device=device, dtype=torch.int32)
+
     def plan(self, src: int) -> List[Call]:
         """Backend calls for the local queries against ring rank ``src``'s key block."""
         if self.docs is not None:
-            return self._plan_docs(src)
+            return self._plan_doc_pairs(src) if self.kernel_docs else self._plan_docs(src)
         L, qs, ks = self.seg_len, self.starts[self.rank], self.starts[src]
 
         def vis(a: int, b: int) -> str:
@@ -101,6 +117,27 @@ class RingSetup:
                     calls.append((a * L, (a + 1) * L, b * L, b * L + self.valid(ks[b]), False))
                 elif grid[a][b] == "diag":
                     calls.append((a * L, (a + 1) * L, b * L, (b + 1) * L, True))
+        return calls
+
+    def _plan_doc_pairs(self, src: int) -> List[Call]:
+        """Packed documents masked by the backend: one call per (query segment, key segment) pair that
+        shares a document and is causally visible (keys of an earlier segment: full; the same segment:
+        top-left causal); the kernel masks and skips inside it by the document ids."""
+        L, qs, ks, docs = self.seg_len, self.starts[self.rank], self.starts[src], self.docs
+
+        def doc(p: int) -> int:
+            return bisect_right(docs, p) - 1
+
+        calls: List[Call] = []
+        for a, qa in enumerate(qs):
+            nq = self.valid(qa)
+            for b, ka in enumerate(ks):
+                nk = self.valid(ka)
+                if not nq or not nk or (self.causal and ka > qa):
+                    continue
+                if doc(ka) > doc(qa + nq - 1) or doc(ka + nk - 1) < doc(qa):
+                    continue  # no document in common
+                calls.append((a * L, a * L + nq, b * L, b * L + nk, self.causal and ka == qa))
         return calls
 
     def _plan_docs(self, src: int) -> List[Call]:
@@ -149,12 +186,19 @@ def visible_pairs(calls: Sequence[Call]) -> int:
     return n
 
 
-def _blocks_forward(be, q: Tensor, kv, calls: Sequence[Call], scale: float, acc: List) -> None:
+def _doc_kw(docs: Optional[Tuple[Tensor, Tensor]], q0: int, q1: int, k0: int, k1: int) -> dict:
+    """The call's document ids (``docs``: local query ids, the key block's ids), {} without them."""
+    return {} if docs is None else {"q_doc": docs[0][q0:q1], "k_doc": docs[1][k0:k1]}
+
+
+def _blocks_forward(be, q: Tensor, kv, calls: Sequence[Call], scale: float, acc: List,
+                    docs: Optional[Tuple[Tensor, Tensor]] = None) -> None:
     """Fold the calls' results into the running ``acc = [out, lse]``. While nothing is folded in
     (``acc == [None, None]``) a block covering every row becomes the accumulator itself: no zero
-    fill, no copy, no merge."""
+    fill, no copy, no merge. ``docs``: (query, key) document ids for a backend that masks them."""
     for q0, q1, k0, k1, causal in calls:
-        o, l = block_forward(be, q[:, q0:q1], kv[0][:, k0:k1], kv[1][:, k0:k1], causal, scale)
+        o, l = block_forward(be, q[:, q0:q1], kv[0][:, k0:k1], kv[1][:, k0:k1], causal, scale,
+                             **_doc_kw(docs, q0, q1, k0, k1))
         if acc[0] is None:
             if q0 == 0 and q1 == q.shape[1]:
                 acc[:] = [o.float().contiguous(), l.contiguous()]
@@ -163,10 +207,19 @@ def _blocks_forward(be, q: Tensor, kv, calls: Sequence[Call], scale: float, acc:
         merge_(acc[0][:, q0:q1], acc[1][:, :, q0:q1], o, l)
 
 
-def _blocks_backward(be, dout, q, kv, out, lse, calls, scale, dq, dkv) -> None:
+def _blocks_backward(be, dout, q, kv, out, lse, calls, scale, dq, dkv, docs=None) -> None:
     for q0, q1, k0, k1, causal in calls:
         be.backward(dout[:, q0:q1], q[:, q0:q1], kv[0][:, k0:k1], kv[1][:, k0:k1], out[:, q0:q1],
-                    lse[:, :, q0:q1], causal, scale, dq=dq[:, q0:q1], dk=dkv[0][:, k0:k1], dv=dkv[1][:, k0:k1])
+                    lse[:, :, q0:q1], causal, scale, dq=dq[:, q0:q1], dk=dkv[0][:, k0:k1], dv=dkv[1][:, k0:k1],
+                    **_doc_kw(docs, q0, q1, k0, k1))
+
+
+def _docs_for(st: RingSetup, device: torch.device):
+    """src -> (local query ids, src's key ids), or src -> None when the backend does not mask documents."""
+    if not st.kernel_docs:
+        return lambda src: None
+    ids = [st.doc_ids(r, device) for r in range(st.size)]
+    return lambda src: (ids[st.rank], ids[src])
 
 
 def _running(q: Tensor, heads: int) -> Tuple[Tensor, Tensor]:
@@ -196,11 +249,11 @@ def ring_forward(st: RingSetup, q: Tensor, k: Tensor, v: Tensor, jq: Optional[Te
     else:
         kv = torch.stack([k, v]) if R > 1 else (k, v)  # K and V travel as one message
         comm = make_ring_comm(st.group, kv, st.engine, st.comm_cache, "kv") if R > 1 else None
-        cur, acc = kv, [None, None]
+        cur, acc, docs = kv, [None, None], _docs_for(st, q.device)
         for j in range(R):
             if j + 1 < R:
                 comm.start(cur)
-            _blocks_forward(be, q, cur, st.plan((i - j) % R), st.scale, acc)
+            _blocks_forward(be, q, cur, st.plan((i - j) % R), st.scale, acc, docs((i - j) % R))
             if j + 1 < R:
                 cur = comm.wait()
         out, lse = acc if acc[0] is not None else _running(q, q.shape[2])
@@ -241,11 +294,12 @@ def ring_backward(st: RingSetup, saved: Saved, dout: Tensor, dt_out: Optional[Te
     dout = dout.contiguous()
     if st.impl == "allgather" and R > 1:
         return _allgather_backward(st, saved, dout, dt_out)
-    calls = st.plan(i)
+    calls, docs = st.plan(i), _docs_for(st, q.device)
     sl = q.shape[1]
     if R == 1 and not joint and len(calls) == 1 and calls[0][:4] == (0, sl, 0, sl):
         # One block covering everything (Ulysses, or a mesh of one): no accumulators needed.
-        return be.backward(dout, q, k, v, out, lse, calls[0][4], st.scale) + (None,) * 3
+        return be.backward(dout, q, k, v, out, lse, calls[0][4], st.scale,
+                           **_doc_kw(docs(i), 0, sl, 0, sl)) + (None,) * 3
     dq = torch.zeros_like(q, dtype=torch.float32)
     kv = torch.stack([k, v]) if R > 1 else (k, v)
     # Block (dk, dv) accumulate in fp32: scratch[0] for step 0 (it is sent away), scratch[1] after.
@@ -262,7 +316,7 @@ def ring_backward(st: RingSetup, saved: Saved, dout: Tensor, dt_out: Optional[Te
         acc = scratch[min(j, 1)]
         if j > 1:
             acc.zero_()
-        _blocks_backward(be, dout, q, cur, out, lse, st.plan((i - j) % R), st.scale, dq, acc)
+        _blocks_backward(be, dout, q, cur, out, lse, st.plan((i - j) % R), st.scale, dq, acc, docs((i - j) % R))
         if joint and j == 0:
             _joint_backward(st, saved, dout, dt_out, dq, (djq, djk, djv), acc)
         if j == 0:
@@ -355,7 +409,7 @@ def _start_gather(st: RingSetup, k: Tensor, v: Tensor, kh: Tuple[int, int]):
 def _allgather_forward(st: RingSetup, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
     """out (B, Sl, Hq, D) fp32, lse (B, Hq, Sl) of the local queries against every ring rank's K/V."""
     chunks = allgather_head_chunks(st, q, k)
-    plans = [st.plan(src) for src in range(st.size)]
+    plans, docs = [st.plan(src) for src in range(st.size)], _docs_for(st, q.device)
     order = [(st.rank - j) % st.size for j in range(st.size)]  # the P2P ring's merge order
     res = None if len(chunks) == 1 else _running(q, q.shape[2])
     work = _start_gather(st, k, v, chunks[0][1])
@@ -366,7 +420,7 @@ def _allgather_forward(st: RingSetup, q: Tensor, k: Tensor, v: Tensor) -> Tuple[
             work = _start_gather(st, k, v, chunks[c + 1][1])
         qc, acc = q[:, :, q0:q1], [None, None]
         for src in order:
-            _blocks_forward(st.backend, qc, parts[src], plans[src], st.scale, acc)
+            _blocks_forward(st.backend, qc, parts[src], plans[src], st.scale, acc, docs(src))
         if acc[0] is None:
             acc = list(_running(qc, q1 - q0))
         if res is None:
@@ -379,7 +433,7 @@ def _allgather_forward(st: RingSetup, q: Tensor, k: Tensor, v: Tensor) -> Tuple[
 def _allgather_backward(st: RingSetup, saved: Saved, dout: Tensor, dt_out: Optional[Tensor]):
     q, k, v, out, lse, jq, jk, jv, t_out, t_lse = saved
     chunks = allgather_head_chunks(st, q, k)
-    plans = [st.plan(src) for src in range(st.size)]
+    plans, docs = [st.plan(src) for src in range(st.size)], _docs_for(st, q.device)
     dq = torch.zeros_like(q, dtype=torch.float32)
     dkv = k.new_zeros((2,) + k.shape, dtype=torch.float32)  # this rank's own (dk, dv)
     pending = []
@@ -394,7 +448,7 @@ def _allgather_backward(st: RingSetup, saved: Saved, dout: Tensor, dt_out: Optio
         for src in range(st.size):
             if plans[src]:
                 _blocks_backward(st.backend, dout[:, :, qs], q[:, :, qs], parts[src], out[:, :, qs],
-                                 lse[:, qs], plans[src], st.scale, dq[:, :, qs], grads[src])
+                                 lse[:, qs], plans[src], st.scale, dq[:, :, qs], grads[src], docs(src))
         mine = torch.empty_like(grads[0])
         count_bytes("reduce_scatter", (st.size - 1) * mine.numel() * mine.element_size())
         pending.append((dist.reduce_scatter(mine, grads, group=st.group, async_op=True), mine, (h0, h1)))

@@ -52,7 +52,8 @@ def test_every_shipped_config_is_reported(rows):
     from spattn.kernels import flash_attn as fa  # only its tables are used here
 
     got = {(r["kernel"], r["arch"], r["head_dim"], r["dtype"]) for r in rows}
-    want = {(k, f"sm_{a}", d, t) for k in ("fwd", "preprocess", "dkdv", "dq", "merge") for a in fa.ARCHS
+    kinds = ("fwd", "preprocess", "dkdv", "dq", "merge", "fwd_docs", "dkdv_docs", "dq_docs")  # *_docs: HAS_DOCS
+    want = {(k, f"sm_{a}", d, t) for k in kinds for a in fa.ARCHS
             for d in fa.HEAD_DIM_BUCKETS for t in ("fp16", "bf16", "fp32")}
     assert want <= got, f"missing: {sorted(want - got)[:10]}"
 

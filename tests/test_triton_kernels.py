@@ -423,3 +423,152 @@ def test_attention_with_lse_autograd_through_triton_backend(tb):
     _assert_lse(lse, ref_lse)
     for t, x in zip((q, k, v), xs):
         torch.testing.assert_close(t.grad.double(), x.grad, atol=1e-4, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# packed documents: per-token document ids (q_doc, k_doc)
+# ----------------------------------------------------------------------------------------------
+def _ids(lengths):
+    """int32 document ids of consecutive documents with the given lengths."""
+    return torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32), torch.tensor(lengths)).to(DEVICE)
+
+
+def _random_lengths(total, seed):
+    """Random document lengths summing to ``total``, with several one-token documents."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    while sum(out) < total:
+        n = 1 if torch.rand(1, generator=g).item() < 0.35 else int(torch.randint(2, 40, (1,), generator=g))
+        out.append(min(n, total - sum(out)))
+    return out
+
+
+# (B, Hq, Hkv, D, global document lengths, (q_lo, q_hi), (k_lo, k_hi)): queries and keys are the global
+# positions [q_lo, q_hi) and [k_lo, k_hi) (offsets = their starts), as a ring hands blocks over.
+DOC_CASES = [
+    pytest.param((1, 4, 2, 16, [1, 40, 1, 28], (0, 70), (0, 70)), id="one-token-docs-gqa2"),
+    pytest.param((2, 2, 2, 40, _random_lengths(100, 0), (0, 100), (0, 100)), id="random-docs-b2-d40"),
+    pytest.param((1, 4, 1, 32, [1] * 5 + [60], (0, 65), (0, 65)), id="mqa-leading-singletons"),
+    pytest.param((1, 4, 2, 16, _random_lengths(100, 1), (40, 100), (0, 70)), id="offsets-random-docs"),
+    pytest.param((1, 2, 2, 16, [33, 31, 1, 35], (0, 100), (0, 100)), id="one-doc-per-tile-ish"),
+    pytest.param((1, 2, 2, 16, [1, 1], (1, 2), (0, 2)), id="len1-query"),
+]
+
+
+def _doc_setup(case, dtype):
+    b, hq, hkv, d, lengths, (q0, q1), (k0, k1) = case
+    ids = _ids(lengths)
+    q, k, v = _qkv((b, q1 - q0, k1 - k0, hq, hkv, d, q0, k0), dtype)
+    return q, k, v, ids[q0:q1], ids[k0:k1], q0, k0
+
+
+def _doc_visible(q_doc, k_doc, causal, q_off, k_off):
+    """bool (Sq, Sk): same document (and the causal rule on global positions)."""
+    m = q_doc[:, None] == k_doc[None, :]
+    return m & _mask(len(q_doc), len(k_doc), q_off, k_off) if causal else m
+
+
+def _sdpa_docs(q, k, v, vis, scale):
+    """SDPA with the document mask; rows that see no key get an all-visible row (then zeroed by the
+    caller) so SDPA produces no NaN that would poison its gradients."""
+    dead = ~vis.any(1)
+    group = q.shape[2] // k.shape[2]
+    qt, kt, vt = q.transpose(1, 2), *(t.repeat_interleave(group, dim=2).transpose(1, 2) for t in (k, v))
+    o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=vis | dead[:, None], scale=scale).transpose(1, 2)
+    return o * (~dead).to(o.dtype)[None, :, None, None]
+
+
+@pytest.mark.parametrize("case", DOC_CASES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype_tol", DTYPES[:2])
+def test_docs_forward_backward_match_reference_and_sdpa(case, causal, dtype_tol):
+    dtype, atol, rtol = dtype_tol
+    q, k, v, qd, kd, q_off, k_off = _doc_setup(case, dtype)
+    scale = q.shape[-1] ** -0.5
+    vis = _doc_visible(qd, kd, causal, q_off, k_off)
+    dead = ~vis.any(1)
+    out, lse = fa.flash_attn_fwd(q, k, v, causal, scale, q_off, k_off, q_doc=qd, k_doc=kd)
+    ref_out, ref_lse = fa.flash_attn_fwd_ref(q.double(), k.double(), v.double(), causal, scale, q_off, k_off,
+                                             compute_dtype=torch.float64, q_doc=qd, k_doc=kd)
+    # The reference is SDPA with the block-diagonal document mask (fp64).
+    sdpa64 = _sdpa_docs(q.double(), k.double(), v.double(), vis, scale)
+    torch.testing.assert_close(ref_out, sdpa64, atol=1e-10, rtol=1e-10)
+    _assert_within(out, ref_out, _sdpa_docs(q, k, v, vis, scale), atol, rtol, "out")
+    _assert_lse(lse, ref_lse)
+    assert torch.equal(torch.isneginf(lse[0, 0]), dead), "exactly the rows that see no key have lse -inf"
+    assert (out[:, dead] == 0).all()
+
+    dout = _rand(*out.shape, dtype=dtype, seed=7)
+    dq, dk, dv = fa.flash_attn_bwd(dout, q, k, v, out, lse, causal, scale, q_off, k_off, q_doc=qd, k_doc=kd)
+
+    def grads(fn, cast):
+        xs = [t.detach().to(cast).requires_grad_() for t in (q, k, v)]
+        fn(*xs).backward(dout.to(cast))
+        return [x.grad for x in xs]
+
+    ref = grads(lambda a, b, c: fa.flash_attn_fwd_ref(a, b, c, causal, scale, q_off, k_off, torch.float64,
+                                                      q_doc=qd, k_doc=kd)[0], torch.float64)
+    torch_g = grads(lambda a, b, c: _sdpa_docs(a, b, c, vis, scale), dtype)
+    ref_bwd = fa.flash_attn_bwd_ref(dout, q, k, v, out, lse, causal, scale, q_off, k_off, torch.float64,
+                                    q_doc=qd, k_doc=kd)
+    if dtype == torch.float32:
+        for a, r in zip(ref_bwd, ref):
+            torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-4)
+    for name, g, r, t in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, torch_g):
+        _assert_within(g, r, t, atol * max(1.0, r.abs().max().item()), rtol, name)
+    assert (dq[:, dead] == 0).all()
+    unseen = ~vis.any(0)  # keys no query sees: zero gradients
+    assert (dk[:, unseen] == 0).all() and (dv[:, unseen] == 0).all()
+
+
+def test_docs_skip_whole_tiles_without_loading_them():
+    """Key tile 1 (document 1, which no query belongs to) holds NaN K/V: a kernel that loaded it would
+    produce NaN (0 * NaN in the dots), so finite results show the tile was skipped, in all three kernels."""
+    bm = fa.INTERPRET_CONFIG.block_m
+    assert bm == fa.INTERPRET_CONFIG.block_n
+    q, k, v = _qkv((1, 2 * bm, 3 * bm, 2, 1, 16, 0, 0), torch.float32)
+    qd, kd = _ids([bm, 0, bm]), _ids([bm, bm, bm])
+    k[:, bm:2 * bm] = float("nan")
+    v[:, bm:2 * bm] = float("nan")
+    out, lse = fa.flash_attn_fwd(q, k, v, False, None, q_doc=qd, k_doc=kd)
+    keep = torch.cat([torch.arange(bm), torch.arange(2 * bm, 3 * bm)])
+    ref_out, ref_lse = fa.flash_attn_fwd_ref(q.double(), k[:, keep].double(), v[:, keep].double(),
+                                             compute_dtype=torch.float64, q_doc=qd, k_doc=kd[keep])
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=1e-5)
+    _assert_lse(lse, ref_lse)
+    dout = _rand(*out.shape, dtype=torch.float32, seed=7)
+    dq, dk, dv = fa.flash_attn_bwd(dout, q, k, v, out, lse, False, None, q_doc=qd, k_doc=kd)
+    rq, rk, rv = fa.flash_attn_bwd_ref(dout, q, k[:, keep], v[:, keep], out, lse, q_doc=qd, k_doc=kd[keep])
+    torch.testing.assert_close(dq, rq, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dk[:, keep], rk, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dv[:, keep], rv, atol=1e-4, rtol=1e-4)
+    assert (dk[:, bm:2 * bm] == 0).all() and (dv[:, bm:2 * bm] == 0).all()
+
+
+def test_docs_reject_bad_ids():
+    q, k, v = _qkv((1, 8, 10, 2, 2, 16, 0, 0), torch.float32)
+    with pytest.raises(ValueError, match="q_doc and k_doc must both be given"):
+        fa.flash_attn_fwd(q, k, v, q_doc=_ids([8]))
+    with pytest.raises(ValueError, match=r"k_doc is .*want \(10,\)"):
+        fa.flash_attn_fwd(q, k, v, q_doc=_ids([8]), k_doc=_ids([8]))
+
+
+def test_triton_backend_takes_docs(tb):
+    be = tb.TritonBackend()
+    assert be.supports_docs
+    q, k, v = _qkv((1, 30, 30, 4, 2, 16, 0, 0), torch.float32)
+    d = _ids([1, 12, 17])
+    out, lse = be.forward(q, k, v, True, 0.2, q_doc=d, k_doc=d)
+    ref_out, ref_lse = fa.flash_attn_fwd_ref(q, k, v, True, 0.2, q_doc=d, k_doc=d, compute_dtype=torch.float64)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=1e-5)
+    _assert_lse(lse, ref_lse)
+    dout = torch.randn_like(out)
+    fresh = be.backward(dout, q, k, v, out, lse, True, 0.2, q_doc=d, k_doc=d)
+    accs = [torch.ones(t.shape, dtype=torch.float32, device=DEVICE) for t in (q, k, v)]
+    res = be.backward(dout, q, k, v, out, lse, True, 0.2, *accs, q_doc=d, k_doc=d)
+    want = fa.flash_attn_bwd_ref(dout, q, k, v, out, lse, True, 0.2, q_doc=d, k_doc=d)
+    for f, r, w in zip(fresh, res, want):
+        torch.testing.assert_close(f, w, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(r, 1 + w, atol=1e-4, rtol=1e-4)
+    torch.library.opcheck(torch.ops.spattn.flash_fwd.default, (q, k, v, True, 0.25, 0, 0, None, d, d))
+    torch.library.opcheck(torch.ops.spattn.flash_bwd.default, (dout, q, k, v, out, lse, True, 0.25, 0, 0, None, d, d))

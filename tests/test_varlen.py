@@ -42,6 +42,7 @@ class VCase:
     layout: str = "zigzag"
     impl: str = "p2p"
     seed: int = 0
+    backend: Optional[str] = None  # None: spattn's default
 
     @property
     def seq(self) -> int:
@@ -87,7 +88,8 @@ def varlen_case(c: VCase):
     dout = torch.randn(1, c.seq, c.heads, c.head_dim, generator=g).to(dt)
     kw = dict(seq_len=c.seq, layout=c.layout, cu_seqlens=c.cu())
     ql, kl, vl = (spattn.shard(t, mesh, **kw).requires_grad_() for t in (q, k, v))
-    out, lse = spattn.attention(ql, kl, vl, mesh, causal=c.causal, return_lse=True, ring_impl=c.impl, **kw)
+    be = {} if c.backend is None else {"backend": c.backend}
+    out, lse = spattn.attention(ql, kl, vl, mesh, causal=c.causal, return_lse=True, ring_impl=c.impl, **kw, **be)
     (out * spattn.shard(dout, mesh, **kw)).sum().backward()
     pad = spattn.local_seq_len(c.seq, mesh, c.layout) * mesh.world_size - c.seq
     kw = dict(seq_len=c.seq, layout=c.layout, cu_seqlens=c.cu())
@@ -123,9 +125,16 @@ def vcheck(c: VCase) -> None:
 
 
 # -- the plan, exactly: every visible pair once, no invisible pair, no masked work ----------------
-def _plan_coverage(R: int, U: int, docs, causal: bool, layout: str):
+class _DocsBackend:
+    """Stands for a backend that masks documents itself (only the plan reads it)."""
+    supports_docs = True
+
+
+def _plan_coverage(R: int, U: int, docs, causal: bool, layout: str, kernel_docs: bool = False):
     """Count matrix (S_pad, S_pad) of how often each (query, key) pair is computed by the plans of
-    every ring rank (positions in global order), using RingSetup exactly as attention() builds it."""
+    every ring rank (positions in global order), using RingSetup exactly as attention() builds it.
+    ``kernel_docs``: the plan for a backend with ``supports_docs``; its calls count only the pairs
+    the document ids leave visible."""
     seq = sum(docs)
     b = tuple(int(x) for x in torch.tensor([0] + list(docs)).cumsum(0))
     geo = Geometry(seq, U * R, layout, U, b)
@@ -135,7 +144,8 @@ def _plan_coverage(R: int, U: int, docs, causal: bool, layout: str):
     cnt = torch.zeros(P, P, dtype=torch.int32)
     calls_total = 0
     for i in range(R):
-        st_ = RingSetup(None, R, i, L, starts, seq, causal, 1.0, None, docs=b)
+        st_ = RingSetup(None, R, i, L, starts, seq, causal, 1.0, _DocsBackend() if kernel_docs else None, docs=b)
+        assert st_.kernel_docs == kernel_docs
 
         def glob(local, r):
             return starts[r][local // L] + local % L
@@ -148,6 +158,8 @@ def _plan_coverage(R: int, U: int, docs, causal: bool, layout: str):
                 blk = torch.ones(q1 - q0, k1 - k0, dtype=torch.int32)
                 if cz:
                     blk = blk.tril()
+                if kernel_docs:  # the kernel masks by the ids the ring hands it for this call
+                    blk *= st_.doc_ids(i, "cpu")[q0:q1, None] == st_.doc_ids(src, "cpu")[None, k0:k1]
                 cnt[qi[:, None], ki[None, :]] += blk
     return cnt, calls_total
 
@@ -162,6 +174,28 @@ def test_plan_covers_exactly_the_document_mask(docs, R, U, causal, layout):
     want = doc_mask(VCase(U, R, tuple(docs), causal=causal)).to(torch.int32)
     assert torch.equal(cnt[:seq, :seq], want), "plan does not cover the document mask exactly once"
     assert cnt[seq:].sum() == 0 and cnt[:, seq:].sum() == 0, "plan computes padded positions"
+
+
+@settings(max_examples=25, derandomize=True, deadline=None)
+@given(docs=st.lists(st.integers(1, 23), min_size=1, max_size=9), R=st.sampled_from([1, 2, 3, 4]),
+       U=st.sampled_from([1, 2]), causal=st.booleans(),
+       layout=st.sampled_from(["contiguous", "zigzag", "balanced"]))
+def test_kernel_docs_plan_covers_exactly_the_document_mask(docs, R, U, causal, layout):
+    """Backends that mask documents get one call per visible segment pair; with the ids they are
+    handed, every visible pair is computed once, nothing else."""
+    cnt, calls = _plan_coverage(R, U, docs, causal, layout, kernel_docs=True)
+    seq = sum(docs)
+    want = doc_mask(VCase(U, R, tuple(docs), causal=causal)).to(torch.int32)
+    assert torch.equal(cnt[:seq, :seq], want), "plan does not cover the document mask exactly once"
+    assert cnt[seq:].sum() == 0 and cnt[:, seq:].sum() == 0, "plan computes padded positions"
+    _, per_doc = _plan_coverage(R, U, docs, causal, layout)
+    assert calls <= per_doc  # never more calls than the per-document plan
+
+
+def test_kernel_docs_plan_skips_segment_pairs_without_a_common_document():
+    cnt, calls = _plan_coverage(4, 1, [8] * 8, False, "contiguous", kernel_docs=True)
+    assert calls == 4  # each rank's own segment only: the 12 cross-rank pairs share no document
+    assert cnt.sum() == 8 * 64
 
 
 def test_plan_one_document_is_the_plain_plan():
@@ -230,6 +264,22 @@ def test_varlen_low_precision(dtype, impl):
 def test_varlen_random_documents(docs, mesh, causal, layout, impl):
     u, r = mesh
     vcheck(VCase(u, r, tuple(docs), heads=2, head_dim=8, causal=causal, layout=layout, impl=impl))
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(dict(u=1, r=2, causal=True, layout="zigzag"), id="ring-causal-zigzag"),
+    pytest.param(dict(u=1, r=2, causal=False, layout="contiguous"), id="ring-full-contiguous"),
+    pytest.param(dict(u=1, r=2, causal=True, layout="balanced", impl="allgather"), id="ring-allgather-balanced"),
+    pytest.param(dict(u=1, r=2, causal=True, layout="zigzag", dtype="fp16"), id="ring-fp16"),
+    pytest.param(dict(u=2, r=1, causal=True, layout="zigzag"), id="ulysses-causal"),
+    pytest.param(dict(u=2, r=1, causal=False, layout="balanced"), id="ulysses-full-balanced"),
+])
+def test_varlen_triton_backend(case):
+    """Document ids reach the Triton kernels (one call per segment pair), fwd + bwd vs SDPA / fp64."""
+    kw = dict(case)
+    u, r = kw.pop("u"), kw.pop("r")
+    vcheck(VCase(u, r, DOCS["mixed"], heads=4, kv_heads=2, backend="triton", **kw))
+    vcheck(VCase(u, r, DOCS["padded"], heads=2, backend="triton", **kw))
 
 
 # -- the all-gather ring: the varlen cases, and the main SP cases, on both implementations ---------

@@ -4,12 +4,15 @@ The kernels live in ``spattn.kernels`` (leaf code). Here they are wrapped as ``t
 custom ops so they trace under ``torch.compile`` (the fake implementations give output shapes
 without running anything):
 
-* ``spattn::flash_fwd(q, k, v, causal, scale, q_offset, k_offset, k_lens) -> (out, lse)``
-* ``spattn::flash_bwd(dout, q, k, v, out, lse, causal, scale, q_offset, k_offset, k_lens) -> (dq, dk, dv)``
-* ``spattn::flash_bwd_acc_(dout, q, k, v, out, lse, dq, dk, dv, causal, scale, q_offset, k_offset, k_lens)``
-  adds the block's gradients into dq/dk/dv in place (ring accumulators).
+* ``spattn::flash_fwd(q, k, v, causal, scale, q_offset, k_offset, k_lens, q_doc, k_doc) -> (out, lse)``
+* ``spattn::flash_bwd(dout, q, k, v, out, lse, causal, scale, q_offset, k_offset, k_lens, q_doc, k_doc)
+  -> (dq, dk, dv)``
+* ``spattn::flash_bwd_acc_(dout, q, k, v, out, lse, dq, dk, dv, causal, scale, q_offset, k_offset, k_lens,
+  q_doc, k_doc)`` adds the block's gradients into dq/dk/dv in place (ring accumulators).
 
-``k_lens`` is an optional int32 (B,) tensor of valid key counts (the joint text mask).
+``k_lens`` is an optional int32 (B,) tensor of valid key counts (the joint text mask); ``q_doc`` (Sq,) /
+``k_doc`` (Sk,) optional non-decreasing int32 document ids (packed documents: query i sees key j only if
+``q_doc[i] == k_doc[j]``).
 * ``spattn::merge_(out, lse, blk_out, blk_lse)`` folds a block result into (out, lse) in place.
 
 Importing this module registers the fused merge with :func:`spattn.backends.register_merge` for CUDA tensors.
@@ -33,37 +36,42 @@ Tensor = torch.Tensor
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("spattn::flash_fwd", mutates_args=())
 def flash_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float, q_offset: int,
-              k_offset: int, k_lens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-    return _fa.flash_attn_fwd(q, k, v, causal, scale, q_offset, k_offset, k_lens=k_lens)
+              k_offset: int, k_lens: Optional[Tensor] = None, q_doc: Optional[Tensor] = None,
+              k_doc: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    return _fa.flash_attn_fwd(q, k, v, causal, scale, q_offset, k_offset, k_lens=k_lens, q_doc=q_doc, k_doc=k_doc)
 
 
 @flash_fwd.register_fake
-def _(q, k, v, causal, scale, q_offset, k_offset, k_lens=None):
+def _(q, k, v, causal, scale, q_offset, k_offset, k_lens=None, q_doc=None, k_doc=None):
     b, sq, hq, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((b, hq, sq), dtype=torch.float32)
 
 
 @torch.library.custom_op("spattn::flash_bwd", mutates_args=())
 def flash_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
-              scale: float, q_offset: int, k_offset: int, k_lens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    return _fa.flash_attn_bwd(dout, q, k, v, out, lse, causal, scale, q_offset, k_offset, k_lens=k_lens)
+              scale: float, q_offset: int, k_offset: int, k_lens: Optional[Tensor] = None,
+              q_doc: Optional[Tensor] = None, k_doc: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    return _fa.flash_attn_bwd(dout, q, k, v, out, lse, causal, scale, q_offset, k_offset, k_lens=k_lens,
+                              q_doc=q_doc, k_doc=k_doc)
 
 
 @flash_bwd.register_fake
-def _(dout, q, k, v, out, lse, causal, scale, q_offset, k_offset, k_lens=None):
+def _(dout, q, k, v, out, lse, causal, scale, q_offset, k_offset, k_lens=None, q_doc=None, k_doc=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 @torch.library.custom_op("spattn::flash_bwd_acc_", mutates_args=("dq", "dk", "dv"))
 def flash_bwd_acc_(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, dq: Tensor,
                    dk: Tensor, dv: Tensor, causal: bool, scale: float, q_offset: int, k_offset: int,
-                   k_lens: Optional[Tensor] = None) -> None:
+                   k_lens: Optional[Tensor] = None, q_doc: Optional[Tensor] = None,
+                   k_doc: Optional[Tensor] = None) -> None:
     _fa.flash_attn_bwd(dout, q, k, v, out, lse, causal, scale, q_offset, k_offset, dq=dq, dk=dk, dv=dv,
-                       k_lens=k_lens)
+                       k_lens=k_lens, q_doc=q_doc, k_doc=k_doc)
 
 
 @flash_bwd_acc_.register_fake
-def _(dout, q, k, v, out, lse, dq, dk, dv, causal, scale, q_offset, k_offset, k_lens=None):
+def _(dout, q, k, v, out, lse, dq, dk, dv, causal, scale, q_offset, k_offset, k_lens=None, q_doc=None,
+      k_doc=None):
     return None
 
 
@@ -94,9 +102,12 @@ class TritonBackend:
     ``q_offset`` / ``k_offset`` (global positions of element 0 of q and k) are an extension beyond the
     contract: with them a causal block whose queries and keys come from different ranks is masked
     correctly (key j visible to query i iff ``k_offset + j <= q_offset + i``).
+    ``q_doc`` / ``k_doc`` (packed documents, int32 (Sq,) / (Sk,) non-decreasing ids, shared by the batch)
+    are another: query i sees key j only if ``q_doc[i] == k_doc[j]``; ``supports_docs`` tells the ring so.
     """
 
     name = "triton"
+    supports_docs = True
 
     def available(self, device: torch.device) -> bool:
         device = torch.device(device)
@@ -106,18 +117,21 @@ class TritonBackend:
         return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale: float,
-                q_offset: int = 0, k_offset: int = 0, k_lens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                q_offset: int = 0, k_offset: int = 0, k_lens: Optional[Tensor] = None,
+                q_doc: Optional[Tensor] = None, k_doc: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """q: (B, Sq, Hq, D), k/v: (B, Sk, Hkv, D) -> out (B, Sq, Hq, D), lse (B, Hq, Sq) fp32.
-        k_lens: optional int32 (B,) valid keys per batch element (the kernel skips the rest)."""
+        k_lens: optional int32 (B,) valid keys per batch element (the kernel skips the rest).
+        q_doc (Sq,), k_doc (Sk,): optional document ids (tiles sharing no document are skipped)."""
         return torch.ops.spattn.flash_fwd(q, k, v, bool(causal), float(scale), int(q_offset), int(k_offset),
-                                          k_lens)
+                                          k_lens, q_doc, k_doc)
 
     def backward(self, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, causal: bool,
                  scale: float, dq: Optional[Tensor] = None, dk: Optional[Tensor] = None,
                  dv: Optional[Tensor] = None, q_offset: int = 0,
-                 k_offset: int = 0, k_lens: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                 k_offset: int = 0, k_lens: Optional[Tensor] = None, q_doc: Optional[Tensor] = None,
+                 k_doc: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
         """Block gradients from the rows' final (out, lse); added into dq/dk/dv in place when given."""
-        args = (bool(causal), float(scale), int(q_offset), int(k_offset), k_lens)
+        args = (bool(causal), float(scale), int(q_offset), int(k_offset), k_lens, q_doc, k_doc)
         if dq is None and dk is None and dv is None:
             return torch.ops.spattn.flash_bwd(dout, q, k, v, out, lse, *args)
         # Missing accumulators start at zero in the input dtype: adding into zero is a plain store.
