@@ -39,18 +39,14 @@ import socket
 import statistics
 import time
 from datetime import timedelta
-from typing import Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
 
+from spattn.demo import _timeit as _timeit_all, factorizations  # shared with bench_sp
+
 
 VARIANTS = {"none": [False], "text": [True], "both": [False, True]}   # --mask -> with a text mask?
-
-
-def factorizations(p: int) -> List[Tuple[int, int]]:
-    pairs = [(p, 1), (1, p)] + [(u, p // u) for u in range(2, p) if p % u == 0]
-    return list(dict.fromkeys(pairs))
 
 
 def build(args) -> torch.nn.Module:
@@ -78,17 +74,8 @@ def inputs(args, masked: bool) -> dict:
 
 
 def _timeit(fn, iters: int, warmup: int, sync=None) -> float:
-    times = []
-    for i in range(warmup + iters):
-        if sync:
-            sync()
-        t0 = time.perf_counter()
-        fn()
-        if sync:
-            sync()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of ``iters`` timed calls after ``warmup``."""
+    return statistics.median(_timeit_all(fn, iters, warmup, sync))
 
 
 # ---- diffusers' context parallelism on CPU: the two patches of the docstring ---------------------------

@@ -24,7 +24,7 @@ from dist_harness import run_on_ranks
 from sp_cases import DTYPES, Case, get_mesh, run_case
 from spattn.layout import Geometry
 from spattn.ring import RingSetup, visible_pairs
-from test_sp import FLOOR
+from test_sp import assert_within_tolerance
 
 FACTORS = {2: [(2, 1), (1, 2)], 4: [(4, 1), (2, 2), (1, 4)], 8: [(8, 1), (4, 2), (2, 4), (1, 8)]}
 
@@ -114,14 +114,7 @@ def varlen_case(c: VCase):
 
 
 def vcheck(c: VCase) -> None:
-    res = run_on_ranks(c.u * c.r, varlen_case, c)
-    bad = []
-    for name, (err, base, scale) in res.items():
-        floor = FLOOR[c.dtype] * max(scale, 1.0) + 1e-6
-        tol = (2 * base + floor) if name != "lse" else (2e-5 if c.dtype == "fp32" else 2e-2) * max(scale, 1.0)
-        if not err <= tol:
-            bad.append(f"{name}: err {err:.3g} > tol {tol:.3g} (sdpa err {base:.3g}, |ref| {scale:.3g})")
-    assert not bad, f"{c}:\n" + "\n".join(bad)
+    assert_within_tolerance(run_on_ranks(c.u * c.r, varlen_case, c), c.dtype, c)
 
 
 # -- the plan, exactly: every visible pair once, no invisible pair, no masked work ----------------
@@ -310,14 +303,7 @@ def run_case_impl(c: Case, impl: str, budget: Optional[int] = None):
 
 
 def check_impl(c: Case, impl: str, budget: Optional[int] = None) -> None:
-    res = run_on_ranks(c.u * c.r, run_case_impl, c, impl, budget)
-    bad = []
-    for name, (err, base, scale) in res.items():
-        floor = FLOOR[c.dtype] * max(scale, 1.0) + 1e-6
-        tol = (2 * base + floor) if name != "lse" else (2e-5 if c.dtype == "fp32" else 2e-2) * max(scale, 1.0)
-        if not err <= tol:
-            bad.append(f"{name}: err {err:.3g} > tol {tol:.3g}")
-    assert not bad, f"{c} ({impl}):\n" + "\n".join(bad)
+    assert_within_tolerance(run_on_ranks(c.u * c.r, run_case_impl, c, impl, budget), c.dtype, f"{c} ({impl})")
 
 
 SP_CASES = {
