@@ -134,6 +134,20 @@ def _full_reference(c: Case, q, k, v, dout, joint, dtype, impl: str):
     return res
 
 
+def gather_checked(mesh, seq: int, kw: dict, out, lse, dq, dk, dv) -> Dict[str, torch.Tensor]:
+    """Assert this rank's padded positions are zero output, -inf lse and zero gradient, then gather
+    out, dq, dk, dv and lse (sharded with ``kw``: seq_len, layout, ...) to full tensors."""
+    named = (("out", out), ("dq", dq), ("dk", dk), ("dv", dv))
+    if spattn.local_seq_len(seq, mesh, kw.get("layout", "contiguous")) * mesh.world_size > seq:
+        mask = spattn.shard(torch.ones(1, seq), mesh, **kw)[0] == 0
+        for name, t in named:
+            assert (t[:, mask] == 0).all(), f"padded rows of {name} are not zero"
+        assert torch.isneginf(lse[:, :, mask]).all(), "padded rows of lse are not -inf"
+    got = {n: spattn.gather(t.detach(), mesh, **kw) for n, t in named}
+    got["lse"] = spattn.gather(lse, mesh, dim=2, **kw)
+    return got
+
+
 def run_case(c: Case) -> Optional[dict]:
     """Run on every rank. Returns, on rank 0, {name: (err, sdpa_err, ref_max)}."""
     old = os.environ.get("SPATTN_ULYSSES_CHUNKS")
@@ -168,16 +182,7 @@ def _run_case(c: Case) -> Optional[dict]:
         out, lse = res
         loss = (out * dl).sum()
     loss.backward()
-    # Padded positions: zero output, -inf lse, zero gradient (checked on every rank).
-    pad = spattn.local_seq_len(c.seq, mesh, c.layout) * mesh.world_size - c.seq
-    if pad:
-        mask = spattn.shard(torch.ones(1, c.seq), mesh, **kw)[0] == 0
-        for name, t in (("out", out), ("dq", ql.grad), ("dk", kl.grad), ("dv", vl.grad)):
-            assert (t[:, mask] == 0).all(), f"padded rows of {name} are not zero"
-        assert torch.isneginf(lse[:, :, mask]).all(), "padded rows of lse are not -inf"
-    got = {n: spattn.gather(t.detach(), mesh, **kw) for n, t in
-           (("out", out), ("dq", ql.grad), ("dk", kl.grad), ("dv", vl.grad))}
-    got["lse"] = spattn.gather(lse, mesh, dim=2, **kw)
+    got = gather_checked(mesh, c.seq, kw, out, lse, ql.grad, kl.grad, vl.grad)
     if joint:
         got.update(jout=jout.detach(), djq=jts[0].grad, djk=jts[1].grad, djv=jts[2].grad)
         if c.mask:  # masked text keys: exactly zero gradient, on every rank

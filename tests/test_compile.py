@@ -33,6 +33,21 @@ class TinyAttention(nn.Module):
         return self.o(out.reshape(b, s, h * d))
 
 
+def _compile_counting(model):
+    """``torch.compile(model, fullgraph=True)`` on aot_eager, plus the list of graphs it produces
+    (filled as dynamo compiles), so a test can assert one graph and no recompiles."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    torch._dynamo.reset()
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    return torch.compile(model, fullgraph=True, backend=counting_backend), graphs
+
+
 def compiled_vs_eager(u: int, r: int, causal: bool, seq_len: int, layout: str):
     """Max abs differences (output, input grad, parameter grads) between eager and compiled runs,
     and the number of graphs dynamo made (1 = no graph break)."""
@@ -54,15 +69,7 @@ def compiled_vs_eager(u: int, r: int, causal: bool, seq_len: int, layout: str):
         return y.detach(), xi.grad, [p.grad.clone() for p in model.parameters()]
 
     y0, gx0, gp0 = run(model)
-    torch._dynamo.reset()
-    graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
-        from torch._dynamo.backends.debugging import aot_eager
-        return aot_eager(gm, example_inputs)
-
-    compiled = torch.compile(model, fullgraph=True, backend=counting_backend)
+    compiled, graphs = _compile_counting(model)
     y1, gx1, gp1 = run(compiled)
     y2, _, _ = run(compiled)  # second call: cached graph, same numbers
     diff = lambda a, b: float((a - b).abs().max())  # noqa: E731
@@ -206,9 +213,6 @@ def compiled_masked_joint_vs_eager(u: int, r: int, seq_len: int, mask_rows):
     """joint_mask under torch.compile(fullgraph=True) vs eager: max abs difference over the image and
     text outputs (two masks) and the gradients of both inputs and every parameter, the rerun
     difference, and the number of graphs (1 = no graph break, no recompile for the second mask)."""
-    import torch._dynamo
-    from torch._dynamo.backends.debugging import aot_eager
-
     import spattn
 
     mesh = spattn.init_mesh(ulysses_degree=u, ring_degree=r)
@@ -231,14 +235,7 @@ def compiled_masked_joint_vs_eager(u: int, r: int, seq_len: int, mask_rows):
             [p.grad.clone() for p in model.parameters()]
 
     ref = run(model)
-    torch._dynamo.reset()
-    graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
-        return aot_eager(gm, example_inputs)
-
-    compiled = torch.compile(model, fullgraph=True, backend=counting_backend)
+    compiled, graphs = _compile_counting(model)
     got = run(compiled)
     again = run(compiled)
     n_graphs = len(graphs) if all("spattn.attention_fwd" in str(gm.graph) for gm in graphs) else -1
