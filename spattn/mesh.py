@@ -1,7 +1,10 @@
-"""The 2-D sequence-parallel mesh: Ulysses groups (inner, contiguous ranks) x ring groups (outer).
+"""The sequence-parallel mesh: Ulysses groups (inner, contiguous ranks) x ring groups (outer), and
+optionally CFG halves around them (outermost: world = cfg x ulysses x ring).
 
 Global sequence position of a rank: ``sp_rank = ring_rank * ulysses_degree + ulysses_rank``. With the
-contiguous layout, sp_rank r holds the r-th of ``world_size`` equal chunks of the sequence.
+contiguous layout, sp_rank r holds the r-th of ``world_size`` equal chunks of the sequence. With
+``cfg_degree > 1`` each CFG part is a contiguous block of ``ulysses x ring`` ranks running one branch
+of classifier-free guidance; ``cfg_group`` joins the ranks of equal ``sp_rank`` across the parts.
 """
 from __future__ import annotations
 
@@ -49,13 +52,15 @@ class SPMesh:
     """
 
     def __init__(self, ulysses_group: Optional[ProcessGroup] = None, ring_group: Optional[ProcessGroup] = None,
-                 *, check_group: Optional[ProcessGroup] = None):
-        for name, g in (("ulysses_group", ulysses_group), ("ring_group", ring_group)):
+                 *, check_group: Optional[ProcessGroup] = None, cfg_group: Optional[ProcessGroup] = None):
+        for name, g in (("ulysses_group", ulysses_group), ("ring_group", ring_group), ("cfg_group", cfg_group)):
             if g is not None and not dist.is_initialized():
                 raise RuntimeError(f"spattn.SPMesh: {name} given but torch.distributed is not initialized; "
                                    f"call torch.distributed.init_process_group first")
         for name, g in (("ulysses_group", ulysses_group), ("ring_group", ring_group)):
             _check_member(g, f"spattn.SPMesh: {name}")
+        if cfg_group is not None and _group_size(cfg_group) == 1:
+            cfg_group = None
         if ulysses_group is not None and _group_size(ulysses_group) == 1:
             ulysses_group = None  # a group of one exchanges nothing
         if ring_group is not None and _group_size(ring_group) == 1:
@@ -68,6 +73,10 @@ class SPMesh:
         self.ulysses_rank = _group_rank(ulysses_group)
         self.ring_rank = _group_rank(ring_group)
         self.sp_rank = self.ring_rank * self.ulysses_degree + self.ulysses_rank
+        # CFG parallel: not part of the attention's groups (attention never communicates over it).
+        self.cfg_group = cfg_group
+        self.cfg_degree = _group_size(cfg_group)
+        self.cfg_rank = _group_rank(cfg_group)
         backends = {dist.get_backend(g) for g in (ulysses_group, ring_group) if g is not None}
         self.comm_backend: Optional[str] = backends.pop() if len(backends) == 1 else (
             None if not backends else "mixed")
@@ -81,35 +90,46 @@ class SPMesh:
         return [g for g in (self.ulysses_group, self.ring_group) if g is not None]
 
     def __repr__(self) -> str:
-        return (f"SPMesh(ulysses_degree={self.ulysses_degree}, ring_degree={self.ring_degree}, "
+        cfg = f"cfg_degree={self.cfg_degree}, cfg_rank={self.cfg_rank}, " if self.cfg_degree > 1 else ""
+        return (f"SPMesh({cfg}ulysses_degree={self.ulysses_degree}, ring_degree={self.ring_degree}, "
                 f"sp_rank={self.sp_rank}/{self.world_size})")
 
 
-def init_mesh(ulysses_degree: int = 1, ring_degree: int = 1, group: Optional[ProcessGroup] = None) -> SPMesh:
-    """Build the ``ulysses_degree x ring_degree`` mesh over ``group`` (default: the whole world).
+def init_mesh(ulysses_degree: int = 1, ring_degree: int = 1, group: Optional[ProcessGroup] = None,
+              cfg_degree: int = 1) -> SPMesh:
+    """Build the ``cfg_degree x ulysses_degree x ring_degree`` mesh over ``group`` (default: the world).
 
     Ulysses groups are contiguous ranks (they exchange the most data: give them the fastest links);
-    ring groups are strided by ``ulysses_degree``. Must be called by every rank of ``group``.
+    ring groups are strided by ``ulysses_degree``. With ``cfg_degree > 1`` the group is cut into
+    ``cfg_degree`` contiguous parts, each its own ``ulysses x ring`` mesh (one CFG branch each), and
+    ``mesh.cfg_group`` joins the ranks holding the same sequence shard in every part (they exchange
+    only the branches' outputs, the least data: the outermost, slowest links). Must be called by
+    every rank of ``group``.
     """
-    for name, d in (("ulysses_degree", ulysses_degree), ("ring_degree", ring_degree)):
+    for name, d in (("ulysses_degree", ulysses_degree), ("ring_degree", ring_degree), ("cfg_degree", cfg_degree)):
         if not isinstance(d, int) or isinstance(d, bool) or d < 1:
             raise ValueError(f"spattn.init_mesh: {name} must be a positive int, got {d!r}")
-    if ulysses_degree * ring_degree == 1 and not dist.is_initialized():
+    sp = ulysses_degree * ring_degree
+    if sp * cfg_degree == 1 and not dist.is_initialized():
         return SPMesh()
     if not dist.is_initialized():
         raise RuntimeError("spattn.init_mesh: torch.distributed is not initialized; call "
                            "torch.distributed.init_process_group(backend=...) first")
     _check_member(group, "spattn.init_mesh: group")
     size = dist.get_world_size(group)
-    if ulysses_degree * ring_degree != size:
+    if sp * cfg_degree != size:
+        cfg = f"cfg_degree ({cfg_degree}) x " if cfg_degree > 1 else ""
         raise ValueError(
-            f"spattn.init_mesh: ulysses_degree ({ulysses_degree}) x ring_degree ({ring_degree}) = "
-            f"{ulysses_degree * ring_degree} must equal the group size ({size}); e.g. "
-            f"init_mesh(ulysses_degree={size}) or init_mesh(ring_degree={size})")
+            f"spattn.init_mesh: {cfg}ulysses_degree ({ulysses_degree}) x ring_degree ({ring_degree}) = "
+            f"{sp * cfg_degree} must equal the group size ({size}); e.g. "
+            f"init_mesh(ulysses_degree={size // cfg_degree if size % cfg_degree == 0 else size}"
+            f"{f', cfg_degree={cfg_degree}' if cfg_degree > 1 and size % cfg_degree == 0 else ''})")
     ranks: Sequence[int] = dist.get_process_group_ranks(group) if group is not None else range(size)
     ranks = list(ranks)
-    ulysses_sets = [ranks[i * ulysses_degree:(i + 1) * ulysses_degree] for i in range(ring_degree)]
-    ring_sets = [ranks[u::ulysses_degree] for u in range(ulysses_degree)]
+    parts = [ranks[c * sp:(c + 1) * sp] for c in range(cfg_degree)]  # one SP mesh per CFG branch
+    ulysses_sets = [p[i * ulysses_degree:(i + 1) * ulysses_degree] for p in parts for i in range(ring_degree)]
+    ring_sets = [p[u::ulysses_degree] for p in parts for u in range(ulysses_degree)]
+    cfg_sets = [ranks[i::sp] for i in range(sp)]
     me = dist.get_rank()
     # With the default group every rank creates every group in the same order (the portable way).
     # For a subgroup only its members call us, so each creates just the groups it belongs to.
@@ -130,7 +150,15 @@ def init_mesh(ulysses_degree: int = 1, ring_degree: int = 1, group: Optional[Pro
         return mine
 
     ug, rg = build(ulysses_sets, ulysses_degree), build(ring_sets, ring_degree)
-    # The check's host-side twin of the whole mesh, created here where every rank is known to call
-    # (group creation is itself collective); skipped when the check is off.
-    side = new_side_group(ranks, local) if check_mode() and size > 1 else None
-    return SPMesh(ulysses_group=ug, ring_group=rg, check_group=side)
+    cg = build(cfg_sets, cfg_degree)
+    # The check's host-side twin of this rank's SP mesh, created here where every rank is known to
+    # call (group creation is itself collective); skipped when the check is off.
+    side = None
+    if check_mode() and sp > 1:
+        for p in parts:
+            if local and me not in p:
+                continue
+            g = new_side_group(p, local)
+            if me in p:
+                side = g
+    return SPMesh(ulysses_group=ug, ring_group=rg, check_group=side, cfg_group=cg)

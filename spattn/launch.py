@@ -1,0 +1,189 @@
+"""Local ranks: free ports, N spawned processes, and a teardown that leaves none behind.
+
+The one launcher for everything that starts ranks on this machine (the CLI, the engine, benchmarks,
+tests), so ports, environment, failure reports and clean-up are written once:
+
+    with LocalRanks(rank_main, world=4, args=(cfg,)) as ranks:   # rank_main(rank, world, init_method, cfg)
+        ranks.wait()                                             # raises RankFailed naming the rank
+
+Children never outlive the launcher: each asks the kernel to kill it when its parent dies
+(``PR_SET_PDEATHSIG`` on Linux), ignores SIGINT (Ctrl-C to the terminal's process group reaches the
+launcher alone, which tears the ranks down once instead of printing N tracebacks), and ``close()``
+(also on ``__exit__``) sends SIGTERM, then SIGKILL after a grace period.
+"""
+from __future__ import annotations
+
+import ctypes
+import multiprocessing as mp
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
+
+__all__ = ["free_port", "local_init_method", "LocalRanks", "RankFailed", "init_rank", "signals_as_exit"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (for a rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_init_method() -> str:
+    """A ``tcp://127.0.0.1:PORT`` init method for ``torch.distributed.init_process_group``."""
+    return f"tcp://127.0.0.1:{free_port()}"
+
+
+def init_rank(rank: int, world: int, init_method: Optional[str], *, backend: Optional[str] = None,
+              timeout_s: float = 600.0, threads: Optional[int] = None):
+    """Initialize ``torch.distributed`` for one local rank; returns its device.
+
+    NCCL with one GPU per rank when there are enough GPUs, else gloo on CPU with the cores shared
+    (``threads`` per rank, default cores // world). ``init_method=None`` reads torchrun's environment.
+    """
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    use_cuda = backend != "gloo" and torch.cuda.is_available() and torch.cuda.device_count() >= world
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world))
+    kw = {} if init_method is None else {"init_method": init_method, "rank": rank, "world_size": world}
+    dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"), timeout=timedelta(seconds=timeout_s), **kw)
+    return device
+
+
+class RankFailed(RuntimeError):
+    """A local rank raised or died; ``rank`` names it, the message holds its traceback."""
+
+    def __init__(self, rank: int, message: str):
+        super().__init__(message)
+        self.rank = rank
+
+
+def _die_with_parent(parent: int) -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        except OSError:  # best effort: close() still kills the ranks
+            pass
+    if os.getppid() != parent:  # the launcher died while we were starting, before prctl could see it
+        os._exit(1)
+
+
+def _child(fn: Callable, rank: int, world: int, init_method: str, args: tuple, errors, parent: int) -> None:
+    _die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher owns Ctrl-C
+    try:
+        fn(rank, world, init_method, *args)
+    except BaseException:
+        errors.put((rank, traceback.format_exc()))
+        raise SystemExit(1)
+
+
+class LocalRanks:
+    """``world`` processes (spawn context) each running ``fn(rank, world, init_method, *args)``.
+
+    ``fn`` and ``args`` must be picklable (module-level). ``env`` entries are set for the children
+    only (they are read at the children's imports, before ``fn`` runs).
+    """
+
+    def __init__(self, fn: Callable, world: int, args: Sequence = (), *, env: Optional[Dict[str, str]] = None,
+                 init_method: Optional[str] = None):
+        ctx = mp.get_context("spawn")
+        self.world = world
+        self.init_method = init_method or local_init_method()
+        self._errors = ctx.SimpleQueue()
+        self.procs: List[mp.Process] = [
+            ctx.Process(target=_child, args=(fn, r, world, self.init_method, tuple(args), self._errors, os.getpid()),
+                        daemon=True)
+            for r in range(world)]
+        saved = {k: os.environ.get(k) for k in (env or {})}
+        try:
+            os.environ.update(env or {})
+            for p in self.procs:
+                p.start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+
+    @property
+    def pids(self) -> List[int]:
+        return [p.pid for p in self.procs]
+
+    def dead(self) -> List[int]:
+        """Ranks that have exited (cleanly or not)."""
+        return [r for r, p in enumerate(self.procs) if not p.is_alive()]
+
+    def failure(self) -> Optional[RankFailed]:
+        """The first failure so far (a raised exception, or an exit that was not clean), else None."""
+        if not self._errors.empty():
+            rank, tb = self._errors.get()
+            return RankFailed(rank, f"rank {rank} failed:\n{tb}")
+        for r, p in enumerate(self.procs):
+            if p.exitcode not in (None, 0):
+                how = f"signal {-p.exitcode}" if p.exitcode < 0 else f"exit code {p.exitcode}"
+                return RankFailed(r, f"rank {r} (pid {p.pid}) died ({how})")
+        return None
+
+    def wait(self, timeout: Optional[float] = None, poll_s: float = 0.05) -> None:
+        """Until every rank exits; raises ``RankFailed`` as soon as one fails (the others are then
+        torn down) and ``TimeoutError`` past ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            err = self.failure()
+            if err is not None:
+                self.close()
+                raise err
+            if all(p.exitcode is not None for p in self.procs):
+                return
+            if deadline is not None and time.monotonic() > deadline:
+                self.close()
+                raise TimeoutError(f"{self.world} local ranks did not finish within {timeout:.0f}s")
+            time.sleep(poll_s)
+
+    def close(self, grace_s: float = 2.0) -> None:
+        """SIGTERM every live rank, SIGKILL what is left after ``grace_s``; idempotent."""
+        for p in self.procs:
+            if p.is_alive():
+                p.terminate()
+        deadline = time.monotonic() + grace_s
+        for p in self.procs:
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=1.0)
+
+    def __enter__(self) -> "LocalRanks":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@contextmanager
+def signals_as_exit() -> Iterator[None]:
+    """Within the block, SIGTERM raises ``KeyboardInterrupt`` like SIGINT does, so one ``except
+    KeyboardInterrupt`` (and the ``with LocalRanks`` around it) handles both."""
+    def _raise(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    old = signal.signal(signal.SIGTERM, _raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)

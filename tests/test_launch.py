@@ -1,0 +1,78 @@
+"""spattn.launch: the one local-rank launcher (ports, spawn, failures named, nothing left behind)."""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from spattn.launch import LocalRanks, RankFailed, free_port
+
+
+def _ok(rank, world, init_method, path):
+    with open(f"{path}.{rank}", "w") as f:
+        f.write(f"{rank}/{world} {init_method}")
+
+
+def _raise_on_1(rank, world, init_method):
+    if rank == 1:
+        raise ValueError("boom on one")
+    time.sleep(60)
+
+
+def _sleep(rank, world, init_method):
+    time.sleep(60)
+
+
+def test_free_port_is_bindable():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", free_port()))
+
+
+def test_ranks_run_and_exit_cleanly(tmp_path):
+    with LocalRanks(_ok, 3, args=(str(tmp_path / "r"),)) as ranks:
+        ranks.wait(timeout=60)
+    got = sorted(p.read_text().split()[0] for p in tmp_path.iterdir())
+    assert got == ["0/3", "1/3", "2/3"]
+
+
+def test_failure_names_the_rank_and_tears_down_the_others():
+    ranks = LocalRanks(_raise_on_1, 3)
+    with pytest.raises(RankFailed, match="boom on one") as e:
+        ranks.wait(timeout=60)
+    assert e.value.rank == 1
+    assert not any(p.is_alive() for p in ranks.procs)
+
+
+def test_children_die_with_the_launcher():
+    # A launcher killed with SIGKILL cannot clean up: the kernel must take its ranks with it.
+    code = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from spattn.launch import LocalRanks
+        from test_launch import _sleep
+        r = LocalRanks(_sleep, 2)
+        print(*r.pids, flush=True)
+        time.sleep(60)
+    """)
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    pids = [int(x) for x in p.stdout.readline().split()]
+    assert len(pids) == 2
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
