@@ -135,9 +135,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
         text_len) if ``return_lse``. LSEs carry no gradient.
     """
     opts = op.options_id(causal=causal, softmax_scale=softmax_scale, return_lse=return_lse, backend=backend,
-                         seq_len=seq_len, layout=layout, joint_strategy=joint_strategy, ring_engine=ring_engine,
+                         layout=layout, joint_strategy=joint_strategy, ring_engine=ring_engine,
                          ring_impl=ring_impl, ulysses_chunks=ulysses_chunks, allgather_bytes=allgather_bytes,
                          check=check)  # (1) a new option is passed here
+    if seq_len is not None and (not isinstance(seq_len, (int, torch.SymInt)) or isinstance(seq_len, bool) or seq_len < 1):
+        raise ValueError(f"spattn.attention: seq_len must be a positive int, got {seq_len!r}")
     joint = (joint_q, joint_k, joint_v)
     jlens = None
     if any(t is not None for t in joint):
@@ -151,6 +153,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
             joint_k, joint_v, jlens = _compact_joint(joint_mask, joint_k, joint_v)
     else:
         check_joint_mask(joint_mask, False, q, 0)
-    res = op.run(Inputs(q, k, v, joint_q, joint_k, joint_v, jlens, cu_seqlens), mesh, opts)
+    res = op.run(Inputs(q, k, v, joint_q, joint_k, joint_v, jlens, cu_seqlens), mesh, opts, seq_len)
     n = (2 if joint_q is not None else 1) * (2 if return_lse else 1)
     return res[0] if n == 1 else tuple(res[:n])

@@ -167,20 +167,25 @@ def test_compiled_attention_changing_lengths():
 
 
 def test_traced_attention_takes_every_argument_of_attention():
-    """The compile path must see every option of spattn.attention: a new keyword added to attention()
-    without being passed at its dispatch to traced_attention would be silently dropped under compile."""
+    """The compile path must see every option of spattn.attention: eager and compiled calls share one
+    op, so every keyword of attention() must reach it (as an option or an op input), or it would be
+    silently dropped in both."""
     import inspect
 
     import spattn
-    from spattn.compile import traced_attention
+    from spattn.call import Inputs, Options
 
-    want = set(inspect.signature(spattn.attention).parameters)
-    have = set(inspect.signature(traced_attention).parameters) - {"newer"}
-    assert want == have, f"spattn.compile.traced_attention is missing {want - have} (pass them at the dispatch)"
+    want = set(inspect.signature(spattn.attention).parameters) - {"q", "k", "v", "mesh"}
+    tensors = {"joint_q", "joint_k", "joint_v", "joint_mask", "cu_seqlens"}
+    assert want - tensors == {f.name for f in __import__("dataclasses").fields(Options)}, \
+        "spattn.call.Options must have a field for every keyword option of attention()"
     src = inspect.getsource(spattn.attention)
-    call = src[src.index("traced_attention("):src.index(")", src.index("traced_attention("))]
-    missing = [p for p in want - {"q", "k", "v", "mesh"} if f"{p}={p}" not in call]
-    assert not missing, f"attention() does not pass {missing} to traced_attention"
+    call = src[src.index("options_id("):src.index(")", src.index("options_id("))]
+    missing = [p for p in want - tensors - {"seq_len"} if f"{p}={p}" not in call]
+    assert not missing, f"attention() does not pass {missing} to the op's options"
+    # seq_len travels as an op argument of its own (it may be a dynamic int under torch.compile)
+    assert "Inputs(q, k, v, joint_q, joint_k, joint_v, jlens, cu_seqlens), mesh, opts, seq_len)" in src
+    assert len(Inputs._fields) == 8
 
 
 class TinyJoint(nn.Module):

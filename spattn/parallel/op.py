@@ -1,9 +1,9 @@
 """The one op: ``spattn::attention`` (+ its backward op), a ``torch.library.custom_op`` with its fake
 and its autograd, called by eager ``spattn.attention`` and by compiled graphs alike (flash-attn's model).
 
-    spattn::attention(q, k, v, joint=[jq, jk, jv] or [], jlens?, cu_seqlens?, ids=[mesh, options, grads])
+    spattn::attention_fwd(q, k, v, joint=[jq, jk, jv] or [], jlens?, cu_seqlens?, ids=[mesh, options, grads, seq_len])
         -> [out, (joint_out), (lse, (joint_lse)), *saved]
-    spattn::attention_backward(dout, djout?, inputs=[q, k, v, jq?, jk?, jv?, out, jout?, *saved],
+    spattn::attention_bwd(dout, djout?, inputs=[q, k, v, jq?, jk?, jv?, out, jout?, *saved],
         jlens?, cu_seqlens?, ids) -> [dq, dk, dv, (djq, djk, djv)]
 
 Inside, the forward validates into an ``AttnCall`` (``call.build_call``), runs the cross-rank check,
@@ -66,11 +66,23 @@ def options_id(**kw) -> int:
 
 
 def _resolve(ids: Sequence[int]) -> Tuple[SPMesh, Options, int]:
+    """ids = [mesh id, options id, grad mask, seq_len (-1: None)(, joint: backward only)]. seq_len
+    travels apart from the options: under torch.compile it may be a dynamic int (then it specializes
+    here, where the plan is made from it)."""
     mesh = _MESHES.get(ids[0])
     if mesh is None:
         raise RuntimeError(f"spattn: mesh {ids[0]} of a compiled attention call no longer exists; keep the "
                            f"SPMesh alive while a compiled model uses it")
-    return mesh, _OPTIONS[ids[1]], ids[2]
+    opts = _OPTIONS[ids[1]]
+    seq_len = int(ids[3])
+    if seq_len >= 0:
+        opts = _with(opts, seq_len=seq_len)
+    return mesh, opts, ids[2]
+
+
+def _with(obj, **kw):
+    from dataclasses import replace
+    return replace(obj, **kw)
 
 
 def _call(x: Inputs, ids: Sequence[int]) -> AttnCall:
@@ -81,8 +93,7 @@ def _call(x: Inputs, ids: Sequence[int]) -> AttnCall:
 
 
 def _with_grad_mask(call: AttnCall, grad_mask: int) -> AttnCall:
-    from dataclasses import replace
-    return replace(call, requires_grad=grad_mask)
+    return _with(call, requires_grad=grad_mask)
 
 
 def _saves(grad_mask: int) -> bool:
@@ -108,7 +119,7 @@ def _inputs(q, k, v, joint, jlens, cu_seqlens) -> Inputs:
     return Inputs(q, k, v, jq, jk, jv, jlens, cu_seqlens)
 
 
-@torch.library.custom_op("spattn::attention", mutates_args=())
+@torch.library.custom_op("spattn::attention_fwd", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, joint: List[Tensor], jlens: Optional[Tensor],
                   cu_seqlens: Optional[Tensor], ids: List[int]) -> List[Tensor]:
     x = _inputs(q, k, v, joint, jlens, cu_seqlens)
@@ -140,7 +151,7 @@ def _(q, k, v, joint, jlens, cu_seqlens, ids):
     return outs
 
 
-@torch.library.custom_op("spattn::attention_backward", mutates_args=())
+@torch.library.custom_op("spattn::attention_bwd", mutates_args=())
 def _attention_backward_op(dout: Tensor, djout: Optional[Tensor], inputs: List[Tensor], jlens: Optional[Tensor],
                            cu_seqlens: Optional[Tensor], ids: List[int]) -> List[Tensor]:
     """[dq, dk, dv, (djq, djk, djv)]; djk/djv are for the compacted joint K/V (the gather scatters them home)."""
@@ -163,8 +174,8 @@ def _attention_backward_op(dout: Tensor, djout: Optional[Tensor], inputs: List[T
 
 
 def _joint_of(inputs: Sequence[Tensor], ids: Sequence[int]) -> bool:
-    """Whether the saved inputs carry joint tensors (the grad mask's joint bits, or a 6th+ input)."""
-    return bool(ids[3]) if len(ids) > 3 else False
+    """Whether the backward's inputs carry joint tensors (the flag setup_context appends to ids)."""
+    return bool(ids[4]) if len(ids) > 4 else False
 
 
 def _unpack_saved(call: AttnCall, plan: "hybrid.Plan", named: Dict[str, Tensor], new) -> List[Optional[Tensor]]:
@@ -211,20 +222,21 @@ def _backward(ctx, grads):
     jlens, cu_seqlens, *inputs = ctx.saved_tensors
     dout = grads[0] if grads[0] is not None else torch.zeros_like(inputs[3 + 3 * ctx.joint])
     djout = grads[1] if ctx.joint else None
-    g = torch.ops.spattn.attention_backward(dout, djout, inputs, jlens, cu_seqlens, ctx.ids)
+    g = torch.ops.spattn.attention_bwd(dout, djout, inputs, jlens, cu_seqlens, ctx.ids)
     return g[0], g[1], g[2], (list(g[3:]) if ctx.joint else []), None, None, None
 
 
 _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def run(x: Inputs, mesh: SPMesh, opts_id: int) -> List[Tensor]:
-    """The op's results [out, (joint_out), (lse, (joint_lse))] for this call."""
+def run(x: Inputs, mesh: SPMesh, opts_id: int, seq_len: Optional[int] = None) -> List[Tensor]:
+    """The op's results: [out, (joint_out), (lse, (joint_lse))], then what backward needs."""
     grad = torch.is_grad_enabled()
     ts = (x.q, x.k, x.v, x.jq, x.jk, x.jv)
     grad_mask = sum(1 << i for i, t in enumerate(ts) if t is not None and t.requires_grad and grad) | (int(grad) << 6)
     joint = [x.jq, x.jk, x.jv] if x.jq is not None else []
-    ids = [mesh_id(mesh), opts_id, grad_mask]
-    res = torch.ops.spattn.attention(x.q, x.k, x.v, joint, x.jlens, x.cu_seqlens, ids)
-    n = (2 if joint else 1) * (2 if _OPTIONS[opts_id].return_lse else 1)
-    return list(res[:n])
+    mid = mesh_id(mesh)  # a constant at trace time, not a (possibly dynamic) input
+    if mesh.op_id != mid:  # reading the attribute makes dynamo guard on it: another mesh recompiles
+        raise RuntimeError("spattn: mesh id changed during tracing")
+    ids = [mid, opts_id, grad_mask, -1 if seq_len is None else seq_len]
+    return torch.ops.spattn.attention_fwd(x.q, x.k, x.v, joint, x.jlens, x.cu_seqlens, ids)
