@@ -169,8 +169,7 @@ def check_joint(x: Inputs, o: Options) -> None:
     check_qkv(jq, jk, jv, "attention(joint)")
     if jq.dtype != q.dtype or jq.device != q.device:
         raise _err(f"joint tensors ({jq.dtype}, {jq.device}) must match q ({q.dtype}, {q.device})")
-    if jq.shape[1] != jk.shape[1] and x.jlens is None:
-        raise _err("joint_q and joint_k must have the same text length")
+    # (joint_q vs joint_k text length is checked by attention() before a mask compacts the keys)
     if (jq.shape[0], jq.shape[2], jq.shape[3]) != (q.shape[0], q.shape[2], q.shape[3]) or \
             jk.shape[2:] != k.shape[2:] or jk.shape[0] != k.shape[0]:
         raise _err(f"joint_q {tuple(jq.shape)} / joint_k {tuple(jk.shape)} must match "

@@ -12,7 +12,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from .backends import MERGE_ORDER, MERGES, get_backend, register_merge
+from .backends import MERGE_ORDER, MERGES, get_backend, merge_torch_, register_merge
 
 Tensor = torch.Tensor
 
@@ -146,14 +146,7 @@ def merge_ref(out: Tensor, lse: Tensor, blk_out: Tensor, blk_lse: Tensor) -> Tup
     return new_out, new_lse
 
 
-def _merge_torch_(out: Tensor, lse: Tensor, blk_out: Tensor, blk_lse: Tensor) -> None:
-    # merge_ref's math, with the two passes over the (large) output done in place.
-    new_lse = torch.logaddexp(lse, blk_lse)
-    safe = new_lse.masked_fill(torch.isinf(new_lse), 0.0)
-    w_a = torch.exp(lse - safe).transpose(1, 2).unsqueeze(-1)      # (B, S, H, 1)
-    w_b = torch.exp(blk_lse - safe).transpose(1, 2).unsqueeze(-1)
-    out.mul_(w_a).addcmul_(blk_out, w_b)
-    lse.copy_(new_lse)
+_merge_torch_ = merge_torch_  # the plain-torch in-place merge (lives with the merge registry)
 
 
 _EXT_MERGES = [False]  # whether the optional C++ extension's fused merges were looked for

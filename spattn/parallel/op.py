@@ -39,7 +39,15 @@ _OPTIONS: Dict[int, Options] = {}
 _OPTION_IDS: Dict[Options, int] = {}
 
 
-@torch.compiler.assume_constant_result
+def _constant_result(fn):
+    """``torch.compiler.assume_constant_result(fn)``: dynamo calls ``fn`` at trace time and bakes the
+    result in. Marked the way that decorator marks it, because calling it imports torch._dynamo (and
+    triton), which ``import spattn`` must not (test_compile fails if the mark ever stops working)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_result
 def mesh_id(mesh: SPMesh) -> int:
     """The mesh's op id (a weak registry: the op never keeps a mesh alive)."""
     if not isinstance(mesh, SPMesh):
@@ -50,7 +58,7 @@ def mesh_id(mesh: SPMesh) -> int:
     return mesh.op_id
 
 
-@torch.compiler.assume_constant_result
+@_constant_result
 def options_id(**kw) -> int:
     """The id of ``Options(**kw)`` (interned: equal options, one id, kept for the process)."""
     opts = Options(**kw)
