@@ -110,13 +110,9 @@ class AttnCall:
         return self.geo.layout
 
     def plan_key(self) -> "AttnCall":
-        """The fields a plan depends on: this call without what only the check and the results use."""
-        return _replace(self, opts=_replace(self.opts, return_lse=False, check=None), requires_grad=0, check=0)
-
-
-def _replace(obj, **kw):
-    from dataclasses import replace
-    return replace(obj, **kw)
+        """The key of this call's plan: the call itself (hashable; the few fields a plan ignores, like
+        return_lse, only make a second entry, which costs less per call than building a narrower key)."""
+        return self
 
 
 def _err(msg: str) -> ValueError:
@@ -267,9 +263,18 @@ def _resolved_knobs(o: Options, mesh: SPMesh) -> Tuple[int, int, int]:
     return chunks, budget, mode
 
 
-def build_call(x: Inputs, mesh: SPMesh, o: Options) -> AttnCall:
+def grad_bits(x: Inputs) -> int:
+    """requires_grad of q, k, v, jq, jk, jv as bits 0-5, grad mode as bit 6 (what backward will exchange)."""
+    grad = torch.is_grad_enabled()
+    ts = (x.q, x.k, x.v, x.jq, x.jk, x.jv)
+    return sum(1 << i for i, t in enumerate(ts) if t is not None and t.requires_grad and grad) | (int(grad) << 6)
+
+
+def build_call(x: Inputs, mesh: SPMesh, o: Options, grad_mask: Optional[int] = None) -> AttnCall:
     """Every local check of one call, in the order a user meets them, then the frozen ``AttnCall``.
-    Runs before any collective, so a bad call raises a clear error on its own rank instead of hanging."""
+    Runs before any collective, so a bad call raises a clear error on its own rank instead of hanging.
+    ``grad_mask``: the caller's requires_grad bits (q, k, v, jq, jk, jv | grad mode << 6) when ``x``
+    was detached on the way in (the op runs below autograd); default: read from ``x``."""
     check_qkv(x.q, x.k, x.v, "attention")
     geo = _check_mesh_and_layout(x, mesh, o)
     check_joint(x, o)
@@ -282,9 +287,7 @@ def build_call(x: Inputs, mesh: SPMesh, o: Options) -> AttnCall:
     engine = o.ring_engine or config.settings().ring_engine
     if o.layout == "balanced":  # the chunk assignment depends on the documents and the mesh shape
         geo = Geometry(geo.seq_len, geo.world_size, o.layout, mesh.ulysses_degree, docs)
-    grad = torch.is_grad_enabled()
-    ts = (x.q, x.k, x.v, x.jq, x.jk, x.jv)
-    rg = sum(1 << i for i, t in enumerate(ts) if t is not None and t.requires_grad and grad) | (int(grad) << 6)
+    rg = grad_bits(x) if grad_mask is None else grad_mask
     return AttnCall(
         opts=o, q_shape=tuple(x.q.shape), k_shape=tuple(x.k.shape), v_shape=tuple(x.v.shape), dtype=x.q.dtype,
         device=x.q.device, geo=geo, scale=scale, ring_engine=engine, ulysses_chunks=chunks,

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import check
-from ..call import AttnCall, Inputs, Options, build_call
+from ..call import AttnCall, Inputs, Options, build_call, grad_bits
 from ..mesh import SPMesh
 from . import hybrid
 
@@ -95,13 +95,7 @@ def _with(obj, **kw):
 
 def _call(x: Inputs, ids: Sequence[int]) -> AttnCall:
     mesh, opts, grad_mask = _resolve(ids)
-    call = build_call(x, mesh, opts)
-    # The op runs below autograd: the caller's requires_grad bits come in ``ids``.
-    return call if call.requires_grad == grad_mask else _with_grad_mask(call, grad_mask)
-
-
-def _with_grad_mask(call: AttnCall, grad_mask: int) -> AttnCall:
-    return _with(call, requires_grad=grad_mask)
+    return build_call(x, mesh, opts, grad_mask)  # below autograd: the caller's requires_grad bits come in ids
 
 
 def _saves(grad_mask: int) -> bool:
@@ -239,9 +233,7 @@ _attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 def run(x: Inputs, mesh: SPMesh, opts_id: int, seq_len: Optional[int] = None) -> List[Tensor]:
     """The op's results: [out, (joint_out), (lse, (joint_lse))], then what backward needs."""
-    grad = torch.is_grad_enabled()
-    ts = (x.q, x.k, x.v, x.jq, x.jk, x.jv)
-    grad_mask = sum(1 << i for i, t in enumerate(ts) if t is not None and t.requires_grad and grad) | (int(grad) << 6)
+    grad_mask = grad_bits(x)
     joint = [x.jq, x.jk, x.jv] if x.jq is not None else []
     mid = mesh_id(mesh)  # a constant at trace time, not a (possibly dynamic) input
     if mesh.op_id != mid:  # reading the attribute makes dynamo guard on it: another mesh recompiles
