@@ -13,6 +13,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .call import Inputs, check_joint_mask
+from .ops import check_qkv
 from .mesh import SPMesh
 from .parallel import op
 
@@ -140,6 +141,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
                          check=check)  # (1) a new option is passed here
     if seq_len is not None and (not isinstance(seq_len, (int, torch.SymInt)) or isinstance(seq_len, bool) or seq_len < 1):
         raise ValueError(f"spattn.attention: seq_len must be a positive int, got {seq_len!r}")
+    # Anything that cannot even be an op argument gets its clear error here (the rest: in the op).
+    if not all(isinstance(t, Tensor) for t in (q, k, v)):
+        check_qkv(q, k, v, "attention")
+    for name, t in (("joint_q", joint_q), ("joint_k", joint_k), ("joint_v", joint_v)):
+        if t is not None and not isinstance(t, Tensor):
+            raise TypeError(f"spattn.attention: {name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if cu_seqlens is not None and not isinstance(cu_seqlens, Tensor):
+        raise TypeError(f"spattn.attention: cu_seqlens must be an int32/int64 torch.Tensor of document "
+                        f"boundaries, got {type(cu_seqlens).__name__}")
     joint = (joint_q, joint_k, joint_v)
     jlens = None
     if any(t is not None for t in joint):
