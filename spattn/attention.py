@@ -61,7 +61,7 @@ def _compact_joint(mask: Optional[Tensor], jk: Tensor, jv: Tensor):
     if mask is None:
         return jk, jv, None
     if torch.compiler.is_compiling():
-        # Traced (spattn.compile): no host read, no data-dependent shape. Always gather (the identity
+        # Traced (torch.compile): no host read, no data-dependent shape. Always gather (the identity
         # order for a right-padded mask) and keep all T keys; the lengths mask the rest, exactly.
         order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices
         idx = order[:, :, None, None].expand(-1, -1, *jk.shape[2:])
