@@ -213,15 +213,15 @@ def check_signature(mesh, sig: Tensor) -> None:
         raise RankFailure(f"spattn.attention: this mesh's ranks fell out of step earlier "
                           f"({mesh.check_broken}); build a new mesh (or restart) after fixing that")
     groups = side_groups(mesh)
-    mesh.check_calls += 1
+    call_no = mesh.count_check()
     t0 = time.monotonic()
     try:
         rows = _gather(groups, sig)
     except Exception as e:  # gloo timeout or a closed connection: name who is missing
         ranks = [r for g in groups for r in dist.get_process_group_ranks(g)]
         key = "check/" + "/".join(_group_name(g) for g in groups)  # the same string on every rank
-        why = describe_missing(sorted(set(ranks)), key, mesh.check_calls, time.monotonic() - t0, mesh.timeout_s)
-        mesh.check_broken = why
+        why = describe_missing(sorted(set(ranks)), key, call_no, time.monotonic() - t0, mesh.timeout_s)
+        mesh.mark_broken(why)
         raise RankFailure(f"spattn.attention: the cross-rank argument check failed: {why} "
                           f"[{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}]") from e
     ref = rows[0]

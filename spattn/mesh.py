@@ -8,6 +8,7 @@ of classifier-free guidance; ``cfg_group`` joins the ranks of equal ``sp_rank`` 
 """
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 from typing import Callable, List, Optional, Sequence
 
@@ -18,6 +19,7 @@ from .check import new_side_group
 from .comm.ring_comm import RingCommCache
 
 ProcessGroup = dist.ProcessGroup
+_MESH_IDS = itertools.count(1)
 
 __all__ = ["SPMesh", "init_mesh"]
 
@@ -92,11 +94,30 @@ class SPMesh:
         self._check = None if check is None else config.check_mode_of(check, "SPMesh(check=...)")
         self._timeout_s = None if timeout_s is None else config.timeout_of(timeout_s, "SPMesh(timeout_s=...)")
         self._check_groups: Optional[List[ProcessGroup]] = [check_group] if check_group is not None else None
-        self.check_calls = 0
-        self.check_broken: Optional[str] = None
-        # The op's id of this mesh (spattn.parallel.op) and the plans of its calls, by call.
-        self.op_id: Optional[int] = None
+        self._check_calls = 0
+        self._check_broken: Optional[str] = None
+        # This mesh's id as an op argument (spattn.parallel.op) and the plans of its calls, by call.
+        self.op_id: int = next(_MESH_IDS)
         self._plans: "OrderedDict[object, object]" = OrderedDict()
+
+    @property
+    def check_calls(self) -> int:
+        """How many cross-rank checks this mesh ran (every rank counts the same)."""
+        return self._check_calls
+
+    @property
+    def check_broken(self) -> Optional[str]:
+        """Why this mesh's ranks fell out of step (a failed check), or None."""
+        return self._check_broken
+
+    def count_check(self) -> int:
+        """One more cross-rank check: its number (the same on every rank)."""
+        self._check_calls += 1
+        return self._check_calls
+
+    def mark_broken(self, why: str) -> None:
+        """The ranks fell out of step: every later call on this mesh fails fast with ``why``."""
+        self._check_broken = why
 
     @property
     def check_mode(self) -> int:

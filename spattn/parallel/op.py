@@ -18,7 +18,6 @@ trace time (``torch.compiler.assume_constant_result``) so another mesh or other 
 """
 from __future__ import annotations
 
-import itertools
 import weakref
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -34,7 +33,6 @@ Tensor = torch.Tensor
 __all__ = ["run", "options_id", "mesh_id"]
 
 _MESHES: "weakref.WeakValueDictionary[int, SPMesh]" = weakref.WeakValueDictionary()
-_MESH_IDS = itertools.count(1)
 _OPTIONS: Dict[int, Options] = {}
 _OPTION_IDS: Dict[Options, int] = {}
 
@@ -52,9 +50,7 @@ def mesh_id(mesh: SPMesh) -> int:
     """The mesh's op id (a weak registry: the op never keeps a mesh alive)."""
     if not isinstance(mesh, SPMesh):
         raise TypeError(f"spattn.attention: mesh must be an SPMesh (from spattn.init_mesh), got {type(mesh).__name__}")
-    if mesh.op_id is None:
-        mesh.op_id = next(_MESH_IDS)
-        _MESHES[mesh.op_id] = mesh
+    _MESHES.setdefault(mesh.op_id, mesh)
     return mesh.op_id
 
 
