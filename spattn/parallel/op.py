@@ -90,8 +90,14 @@ def _with(obj, **kw):
 
 
 def _call(x: Inputs, ids: Sequence[int]) -> AttnCall:
+    """The validated call of these inputs. Validation reads only metadata (and the documents), so a
+    call seen before with equal metadata is reused (forward and backward of one call meet twice)."""
     mesh, opts, grad_mask = _resolve(ids)
-    return build_call(x, mesh, opts, grad_mask)  # below autograd: the caller's requires_grad bits come in ids
+    if x.cu_seqlens is not None:  # document boundaries are values: those calls are always checked afresh
+        return build_call(x, mesh, opts, grad_mask)
+    key = (tuple(ids[:4]),) + tuple(None if t is None else (t.shape, t.dtype, t.device) for t in x[:7])
+    # below autograd: the caller's requires_grad bits come in ids
+    return mesh.call_for(key, lambda: build_call(x, mesh, opts, grad_mask))
 
 
 def _saves(grad_mask: int) -> bool:
