@@ -89,11 +89,11 @@ def _with(obj, **kw):
     return replace(obj, **kw)
 
 
-def _call(x: Inputs, ids: Sequence[int]) -> AttnCall:
+def _call(x: Inputs, ids: Sequence[int], memo: bool = True) -> AttnCall:
     """The validated call of these inputs. Validation reads only metadata (and the documents), so a
     call seen before with equal metadata is reused (forward and backward of one call meet twice)."""
     mesh, opts, grad_mask = _resolve(ids)
-    if x.cu_seqlens is not None:  # document boundaries are values: those calls are always checked afresh
+    if not memo or x.cu_seqlens is not None:  # tracing (shapes may be symbolic); documents are values
         return build_call(x, mesh, opts, grad_mask)
     key = (tuple(ids[:4]),) + tuple(None if t is None else (t.shape, t.dtype, t.device) for t in x[:7])
     # below autograd: the caller's requires_grad bits come in ids
@@ -144,7 +144,7 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, joint: List[Tensor], jlens: O
 @_attention_op.register_fake
 def _(q, k, v, joint, jlens, cu_seqlens, ids):
     x = _inputs(q, k, v, joint, jlens, None)  # documents are read at run time; shapes do not depend on them
-    call = _call(x, ids)  # clear errors at compile time
+    call = _call(x, ids, memo=False)  # clear errors at compile time
     b, s, hq, _ = q.shape
     outs = [torch.empty_like(q)] + ([torch.empty_like(joint[0])] if joint else [])
     if call.opts.return_lse:
