@@ -10,6 +10,7 @@ import contextlib
 import csv
 import io
 import json
+import re
 
 import pytest
 from dataclasses import replace
@@ -195,6 +196,49 @@ def test_bad_input_is_one_line(argv, fix, capsys):
     assert main(["plan", *argv]) == 2
     err = capsys.readouterr().err
     assert fix in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flag", ["--heads", "--layers", "--head-dim", "--patch", "--frames", "--link-gbps",
+                                  "--tflops", "--vae-factor", "--width", "--tokens"])
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_meaningless_values_are_rejected_not_replaced_by_the_preset(flag, value, capsys):
+    # 0 used to fall back to the preset's value silently (``a.heads or spec.heads``) and exit 0.
+    assert main(["plan", "--model", "wan", flag, value]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"spattn plan: {flag} must be") and value in err[0], err
+
+
+def test_every_bad_flag_gets_its_own_line(capsys):
+    assert main(["plan", "--heads", "0", "--layers", "0", "--link-gbps", "-1", "--where", "pass=fwd"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 4 and all(line.startswith("spattn plan: ") for line in err), err
+    assert [line.split()[2] for line in err] == ["--heads", "--layers", "--link-gbps", "--where"]
+    # --where filters --calibrate's rows: alone it would be ignored, so it is refused.
+    assert "--calibrate" in err[3]
+    # --frames means nothing for an image model.
+    assert main(["plan", "--model", "qwen-image", "--frames", "81"]) == 2
+    assert "video" in capsys.readouterr().err
+
+
+def test_table_columns_stay_apart_at_large_degrees(capsys):
+    assert main(["plan", "--gpus", "1000"]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if not x.startswith(("#", "recommend"))]
+    # Columns are separated by at least two spaces (names hold single spaces: "hybrid 2x2", "attn s").
+    head, body = re.split(r"\s{2,}", lines[0]), [re.split(r"\s{2,}", x) for x in lines[1:]]
+    factor_rows = len(costmodel.factorizations(1000))
+    assert len(body) == factor_rows == 100  # sum of the divisor counts of 1000's 16 divisors
+    for cells in body:
+        assert len(cells) == len(head) == 14, cells
+        u, r = int(cells[1]), int(cells[2])
+        assert 1000 % (u * r) == 0
+    assert body[-1][:4] == ["ring 1000", "1", "1000", "p2p"]
+
+
+def test_factorizations_and_mode_names_are_the_ones_every_tool_uses():
+    assert costmodel.factorizations(4) == [(1, 1), (2, 1), (1, 2), (4, 1), (2, 2), (1, 4)]
+    assert costmodel.factorizations(4, exact=True) == [(4, 1), (2, 2), (1, 4)]
+    assert [costmodel.mode_name(u, r) for u, r in costmodel.factorizations(4)] == [
+        "1 device", "ulysses 2", "ring 2", "ulysses 4", "hybrid 2x2", "ring 4"]
 
 
 def test_presets_and_table_output(capsys):

@@ -60,27 +60,51 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c.add_argument("--json", action="store_true", help="print the rows as a JSON list")
 
 
+def _given(value, default):
+    """The flag's value when given (0 included: it is then rejected, never silently replaced)."""
+    return default if value is None else value
+
+
+def check_args(a: argparse.Namespace) -> list:
+    """One message per meaningless flag value (each flag that was given, checked before planning)."""
+    errors = []
+    positive_int = ("gpus", "num_inference_steps", "cfg", "heads", "head_dim", "layers", "width", "height",
+                    "frames", "patch", "vae_factor", "tokens", "ulysses_pipeline")
+    for key in positive_int:
+        val = getattr(a, key)
+        if val is not None and val < 1:
+            errors.append(f"--{key.replace('_', '-')} must be >= 1, got {val}")
+    for key in ("tflops", "link_gbps"):
+        val = getattr(a, key)
+        if val is not None and not val > 0:
+            errors.append(f"--{key.replace('_', '-')} must be > 0, got {val:g}")
+    for key in ("text_len", "mlp_ratio", "serial_s_per_mpix"):
+        val = getattr(a, key)
+        if val is not None and not val >= 0:
+            errors.append(f"--{key.replace('_', '-')} must be >= 0, got {val:g}")
+    if a.efficiency is not None and not 0 < a.efficiency <= 1.5:
+        errors.append(f"--efficiency must be in (0, 1.5], got {a.efficiency:g}")
+    if a.where and not a.calibrate:
+        errors.append("--where filters the rows of --calibrate FILE; give --calibrate too, or drop --where")
+    if a.frames is not None and not MODELS[a.model].video:
+        errors.append(f"--frames applies to video models (wan), not {a.model}")
+    return errors
+
+
 def workload_from_args(a: argparse.Namespace) -> Workload:
     spec = MODELS[a.model]
-    heads = a.heads or spec.heads
-    head_dim = a.head_dim or spec.head_dim
-    layers = a.layers or spec.layers
-    text = spec.text_len if a.text_len is None else a.text_len
-    mlp = spec.mlp_ratio if a.mlp_ratio is None else a.mlp_ratio
-    width, height = a.width or spec.width, a.height or spec.height
-    frames = (a.frames or spec.frames) if spec.video else 1
-    vae, patch = a.vae_factor or spec.vae_factor, a.patch or spec.patch
-    for name, val in (("--gpus", a.gpus), ("--num-inference-steps", a.num_inference_steps), ("--cfg", a.cfg),
-                      ("--heads", heads), ("--head-dim", head_dim), ("--layers", layers), ("--width", width),
-                      ("--height", height), ("--frames", frames), ("--patch", patch), ("--vae-factor", vae),
-                      ("--ulysses-pipeline", a.ulysses_pipeline)):
-        if val < 1:
-            raise ValueError(f"{name} must be >= 1, got {val}")
-    if text < 0 or mlp < 0:
-        raise ValueError("--text-len and --mlp-ratio must be >= 0")
+    heads = _given(a.heads, spec.heads)
+    head_dim = _given(a.head_dim, spec.head_dim)
+    layers = _given(a.layers, spec.layers)
+    text = _given(a.text_len, spec.text_len)
+    mlp = _given(a.mlp_ratio, spec.mlp_ratio)
+    width, height = _given(a.width, spec.width), _given(a.height, spec.height)
+    frames = _given(a.frames, spec.frames) if spec.video else 1
+    vae, patch = _given(a.vae_factor, spec.vae_factor), _given(a.patch, spec.patch)
+    errors = check_args(a)
+    if errors:
+        raise ValueError("\n".join(errors))
     if a.tokens is not None:
-        if a.tokens < 1:
-            raise ValueError(f"--tokens must be >= 1, got {a.tokens}")
         tokens = a.tokens
     else:
         step = vae * patch
@@ -105,15 +129,13 @@ def workload_from_args(a: argparse.Namespace) -> Workload:
 
 
 def hardware_from_args(a: argparse.Namespace) -> Hardware:
+    errors = check_args(a)
+    if errors:
+        raise ValueError("\n".join(errors))
     hw = HARDWARE[a.hardware]
     if a.tflops is not None or a.link_gbps is not None or a.link is not None:
         hw = custom_hardware(hw, a.tflops, a.link_gbps, a.link)
-    for name, val in (("--tflops", hw.tflops), ("--link-gbps", hw.link_gbps)):
-        if val <= 0:
-            raise ValueError(f"{name} must be > 0, got {val}")
     if a.efficiency is not None:
-        if not 0 < a.efficiency <= 1.5:
-            raise ValueError(f"--efficiency must be in (0, 1.5], got {a.efficiency}")
         hw = replace(hw, efficiency=a.efficiency, calibrated="--efficiency given")
     if a.serial_s_per_mpix is not None:
         hw = replace(hw, serial_s_per_mpix=a.serial_s_per_mpix, calibrated="--serial-s-per-mpix given")
@@ -126,11 +148,16 @@ COLUMNS = (("attn s", "attention_s", 1), ("other s", "linear_s", 1), ("comm s", 
 
 
 def format_table(rows: Sequence[Dict]) -> str:
-    lines = [f"{'mode':<12}{'U':>3}{'R':>3}{'ring':>6}" + "".join(f" {h:>8}" for h, _, _ in COLUMNS) + f" {'speedup':>8}"]
-    for r in rows:
-        lines.append(f"{r['mode']:<12}{r['ulysses_degree']:>3}{r['ring_degree']:>3}{r['ring_impl'] or '-':>6}"
-                     + "".join(f" {fmt_num(r[k] / div):>8}" for _, k, div in COLUMNS) + f" {r['speedup']:>7.2f}x")
-    return "\n".join(lines)
+    """Columns as wide as their widest cell, so large degrees (``--gpus 1000``) never run together."""
+    head = ["mode", "U", "R", "ring"] + [h for h, _, _ in COLUMNS] + ["speedup"]
+    body = [[r["mode"], str(r["ulysses_degree"]), str(r["ring_degree"]), r["ring_impl"] or "-"]
+            + [fmt_num(r[k] / div) for _, k, div in COLUMNS] + [f"{r['speedup']:.2f}x"] for r in rows]
+    widths = [max(len(c) for c in col) for col in zip(head, *body)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    return "\n".join(line(c) for c in [head] + body)
 
 
 def run(a: argparse.Namespace) -> int:
@@ -144,7 +171,8 @@ def run(a: argparse.Namespace) -> int:
             hw = fitted["hardware"]
         rows = predict(w, hw, a.gpus, a.ring_impl, a.ulysses_pipeline)
     except (ValueError, OSError) as e:
-        print(f"spattn plan: {e}", file=sys.stderr)
+        for msg in str(e).splitlines():  # one line per problem
+            print(msg if msg.startswith("spattn plan") else f"spattn plan: {msg}", file=sys.stderr)
         return 2
     pick, why = recommend(rows, hw)
     for row in rows:
