@@ -24,7 +24,8 @@ import traceback
 from contextlib import contextmanager
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
-__all__ = ["free_port", "local_init_method", "LocalRanks", "RankFailed", "init_rank", "signals_as_exit"]
+__all__ = ["free_port", "local_init_method", "LocalRanks", "RankFailed", "init_rank", "run_ranks",
+           "signals_as_exit"]
 
 
 def free_port() -> int:
@@ -92,6 +93,15 @@ def _child(fn: Callable, rank: int, world: int, init_method: str, args: tuple, e
         raise SystemExit(1)
 
 
+def _set_sigint(handler):
+    """Install a SIGINT handler; returns the previous one, or None off the main thread (where Python
+    cannot change handlers and nothing is changed)."""
+    try:
+        return signal.signal(signal.SIGINT, handler)
+    except ValueError:
+        return None
+
+
 class LocalRanks:
     """``world`` processes (spawn context) each running ``fn(rank, world, init_method, *args)``.
 
@@ -110,11 +120,19 @@ class LocalRanks:
                         daemon=True)
             for r in range(world)]
         saved = {k: os.environ.get(k) for k in (env or {})}
+        # Children are born ignoring SIGINT (an ignored disposition survives exec): a Ctrl-C to the
+        # process group while a child is still importing would otherwise print its traceback.
+        old_int = _set_sigint(signal.SIG_IGN)
         try:
             os.environ.update(env or {})
             for p in self.procs:
                 p.start()
+        except BaseException:
+            self.close()  # never leave half a world running
+            raise
         finally:
+            if old_int is not None:
+                _set_sigint(old_int)
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)
@@ -159,10 +177,12 @@ class LocalRanks:
     def close(self, grace_s: float = 2.0) -> None:
         """SIGTERM every live rank, SIGKILL what is left after ``grace_s``; idempotent."""
         for p in self.procs:
-            if p.is_alive():
+            if p.pid is not None and p.is_alive():
                 p.terminate()
         deadline = time.monotonic() + grace_s
         for p in self.procs:
+            if p.pid is None:  # never started
+                continue
             p.join(timeout=max(0.0, deadline - time.monotonic()))
             if p.is_alive():
                 p.kill()
@@ -187,3 +207,43 @@ def signals_as_exit() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, old)
+
+
+def run_ranks(fn: Callable, world: int, args: Sequence = (), *, prog: str, env: Optional[Dict[str, str]] = None,
+              timeout: Optional[float] = None) -> int:
+    """Run ``LocalRanks(fn, world, args, env=env)`` to the end as a command does; returns its exit code.
+
+    0 when every rank exits cleanly. A failed rank: ``PROG: rank R failed:`` and its traceback on
+    stderr, the others torn down, 1. SIGINT or SIGTERM to this process (or Ctrl-C to its process
+    group, which the ranks ignore): the ranks are killed at once and ONE line is printed,
+    ``PROG: interrupted (SIGINT); stopped N local ranks``, exit code 128 + the signal number.
+    """
+    ranks: Optional[LocalRanks] = None
+    try:
+        with signals_as_exit():
+            ranks = LocalRanks(fn, world, args, env=env)
+            ranks.wait(timeout)
+        return 0
+    except KeyboardInterrupt as e:
+        # A second signal while tearing down must not interrupt the teardown (nor print a traceback).
+        old = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                old[sig] = signal.signal(sig, signal.SIG_IGN)
+            except ValueError:  # not the main thread: nothing to shield
+                pass
+        try:
+            if ranks is not None:
+                ranks.close(grace_s=0.5)
+        finally:
+            for sig, handler in old.items():
+                signal.signal(sig, handler)
+        name = e.args[0] if e.args else "SIGINT"
+        print(f"{prog}: interrupted ({name}); stopped {world} local ranks", file=sys.stderr, flush=True)
+        return 128 + int(getattr(signal, name, signal.SIGINT))
+    except RankFailed as e:
+        print(f"{prog}: {e}", file=sys.stderr, flush=True)
+        return 1
+    except TimeoutError as e:
+        print(f"{prog}: {e}", file=sys.stderr, flush=True)
+        return 1
