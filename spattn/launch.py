@@ -4,7 +4,9 @@ The one launcher for everything that starts ranks on this machine (the CLI, the 
 tests), so ports, environment, failure reports and clean-up are written once:
 
     with LocalRanks(rank_main, world=4, args=(cfg,)) as ranks:   # rank_main(rank, world, init_method, cfg)
-        ranks.wait()                                             # raises RankFailed naming the rank
+        rows = ranks.wait()         # rank 0's return value; raises RankFailed naming a failed rank
+
+    sys.exit(run_ranks(rank_main, 4, (cfg,), prog="spattn x"))  # a command: Ctrl-C/SIGTERM -> one line
 
 Children never outlive the launcher: each asks the kernel to kill it when its parent dies
 (``PR_SET_PDEATHSIG`` on Linux), ignores SIGINT (Ctrl-C to the terminal's process group reaches the
@@ -22,7 +24,7 @@ import sys
 import time
 import traceback
 from contextlib import contextmanager
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 __all__ = ["free_port", "local_init_method", "LocalRanks", "RankFailed", "init_rank", "run_ranks",
            "signals_as_exit"]
@@ -83,14 +85,17 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _child(fn: Callable, rank: int, world: int, init_method: str, args: tuple, errors, parent: int) -> None:
+def _child(fn: Callable, rank: int, world: int, init_method: str, args: tuple, queues, parent: int) -> None:
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the launcher owns Ctrl-C
+    errors, results = queues
     try:
-        fn(rank, world, init_method, *args)
+        out = fn(rank, world, init_method, *args)
     except BaseException:
         errors.put((rank, traceback.format_exc()))
         raise SystemExit(1)
+    if rank == 0 and out is not None:
+        results.put(out)  # read by the launcher while it waits (a large one would block otherwise)
 
 
 def _set_sigint(handler):
@@ -106,7 +111,9 @@ class LocalRanks:
     """``world`` processes (spawn context) each running ``fn(rank, world, init_method, *args)``.
 
     ``fn`` and ``args`` must be picklable (module-level). ``env`` entries are set for the children
-    only (they are read at the children's imports, before ``fn`` runs).
+    only (they are read at the children's imports, before ``fn`` runs). What rank 0's ``fn`` returns
+    (if not None) is ``wait()``'s value: it travels pickled, so return plain data (numpy, not
+    tensors, whose shared memory dies with the rank).
     """
 
     def __init__(self, fn: Callable, world: int, args: Sequence = (), *, env: Optional[Dict[str, str]] = None,
@@ -114,9 +121,11 @@ class LocalRanks:
         ctx = mp.get_context("spawn")
         self.world = world
         self.init_method = init_method or local_init_method()
-        self._errors = ctx.SimpleQueue()
+        self._errors, self._results = ctx.SimpleQueue(), ctx.SimpleQueue()
+        self.result: Any = None
+        queues = (self._errors, self._results)
         self.procs: List[mp.Process] = [
-            ctx.Process(target=_child, args=(fn, r, world, self.init_method, tuple(args), self._errors, os.getpid()),
+            ctx.Process(target=_child, args=(fn, r, world, self.init_method, tuple(args), queues, os.getpid()),
                         daemon=True)
             for r in range(world)]
         saved = {k: os.environ.get(k) for k in (env or {})}
@@ -158,17 +167,21 @@ class LocalRanks:
                 return RankFailed(r, f"rank {r} (pid {p.pid}) died ({how})")
         return None
 
-    def wait(self, timeout: Optional[float] = None, poll_s: float = 0.05) -> None:
-        """Until every rank exits; raises ``RankFailed`` as soon as one fails (the others are then
-        torn down) and ``TimeoutError`` past ``timeout``."""
+    def wait(self, timeout: Optional[float] = None, poll_s: float = 0.05) -> Any:
+        """Until every rank exits; returns rank 0's return value. Raises ``RankFailed`` as soon as one
+        fails (the others are then torn down) and ``TimeoutError`` past ``timeout``."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            while not self._results.empty():
+                self.result = self._results.get()
             err = self.failure()
             if err is not None:
                 self.close()
                 raise err
             if all(p.exitcode is not None for p in self.procs):
-                return
+                while not self._results.empty():
+                    self.result = self._results.get()
+                return self.result
             if deadline is not None and time.monotonic() > deadline:
                 self.close()
                 raise TimeoutError(f"{self.world} local ranks did not finish within {timeout:.0f}s")

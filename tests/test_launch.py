@@ -14,6 +14,7 @@ from spattn.launch import LocalRanks, RankFailed, free_port
 def _ok(rank, world, init_method, path):
     with open(f"{path}.{rank}", "w") as f:
         f.write(f"{rank}/{world} {init_method}")
+    return {"rank": rank, "payload": list(range(100_000))}  # larger than a pipe's buffer
 
 
 def _raise_on_1(rank, world, init_method):
@@ -37,7 +38,8 @@ def test_free_port_is_bindable():
 
 def test_ranks_run_and_exit_cleanly(tmp_path):
     with LocalRanks(_ok, 3, args=(str(tmp_path / "r"),)) as ranks:
-        ranks.wait(timeout=60)
+        out = ranks.wait(timeout=120)
+    assert out["rank"] == 0 and out["payload"] == list(range(100_000))  # rank 0's return value
     got = sorted(p.read_text().split()[0] for p in tmp_path.iterdir())
     assert got == ["0/3", "1/3", "2/3"]
 
