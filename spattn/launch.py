@@ -63,6 +63,8 @@ def init_rank(rank: int, world: int, init_method: Optional[str], *, backend: Opt
         device = torch.device("cpu")
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // world))
     kw = {} if init_method is None else {"init_method": init_method, "rank": rank, "world_size": world}
+    if use_cuda:
+        kw["device_id"] = device  # NCCL binds its communicator to this GPU up front
     dist.init_process_group(backend or ("nccl" if use_cuda else "gloo"), timeout=timedelta(seconds=timeout_s), **kw)
     return device
 
