@@ -141,6 +141,7 @@ def gather_checked(mesh, seq: int, kw: dict, out: Tensor, lse: Tensor, dq: Tenso
     named: Sequence[Tuple[str, Tensor]] = (("out", out), ("dq", dq), ("dk", dk), ("dv", dv))
     mask = padded_rows(mesh, seq, kw)
     if mask is not None:
+        mask = mask.to(out.device)
         for name, t in named:
             assert (t[:, mask] == 0).all(), f"padded rows of {name} are not zero"
         assert torch.isneginf(lse[:, :, mask]).all(), "padded rows of lse are not -inf"
