@@ -74,18 +74,26 @@ class RankPool:
         deadline = time.monotonic() + timeout
         got: Dict[int, Any] = {}
         errors: Dict[int, str] = {}
+        first_error: Optional[float] = None
         while len(got) + len(errors) < self.world:
-            # After a failure, give the others a short grace period, not the full timeout.
+            if errors:  # after a failure, give the others a short grace period, not the full timeout
+                deadline = min(deadline, first_error + 5.0)
             left = deadline - time.monotonic()
-            if errors:
-                left = min(left, 5.0)
             if left <= 0:
                 break
-            try:
-                rank, status, payload = self.results.get(timeout=left)
+            try:  # short waits: a rank that died (segfault, os._exit) fails the call at once
+                rank, status, payload = self.results.get(timeout=min(left, 1.0))
             except queue.Empty:
-                break
+                dead = [r for r in range(self.world) if r not in got and r not in errors
+                        and not self.procs[r].is_alive()]
+                for r in dead:
+                    errors[r] = f"rank {r} died (exit code {self.procs[r].exitcode}) without an answer\n"
+                if dead and first_error is None:
+                    first_error = time.monotonic()
+                continue
             (errors if status == "error" else got)[rank] = payload
+            if status == "error" and first_error is None:
+                first_error = time.monotonic()
         if errors or len(got) < self.world:
             self.close()
             missing = sorted(set(range(self.world)) - set(got) - set(errors))
