@@ -148,3 +148,71 @@ def test_cfg_degree_one_is_plain_sequence_parallel():
     assert len(outs) == 2 * STEPS
     assert max(float((o - r).abs().max() / r.abs().max()) for o, r in zip(outs, ref_outs)) <= 1e-5
     assert float((image - ref_image).abs().max()) <= 1e-3
+
+
+# ---- spattn generate: the guidance flags and CFG parallel rows ----------------------------------------
+
+def _generate_config(argv):
+    import argparse
+
+    from spattn.cli import generate
+
+    p = argparse.ArgumentParser()
+    generate.add_arguments(p)
+    return generate.validate(p.parse_args(argv))
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--true-cfg-scale", "4"], "needs --negative-prompt"),
+    (["--negative-prompt", "blurry", "--true-cfg-scale", "1"], "> 1"),
+    (["--cfg-degree", "3", "--negative-prompt", "blurry"], "use --cfg-degree 2"),
+    (["--guidance-scale", "3.5"], "not guidance-distilled"),
+])
+def test_generate_guidance_flag_errors(argv, needle):
+    from spattn.cli.generate import UsageError
+
+    with pytest.raises(UsageError, match=needle):
+        _generate_config(argv)
+
+
+def test_generate_guidance_defaults():
+    c = _generate_config(["--cfg-parallel", "2", "--negative-prompt", "blurry"])
+    # CFG halves take the ranks first: Ulysses 1 unless asked; true CFG scale 4 with a negative prompt.
+    assert (c.cfg_degree, c.ulysses_degree, c.ring_degree, c.world, c.true_cfg_scale) == (2, 1, 1, 2, 4.0)
+    c = _generate_config(["--cfg-degree", "2", "--ulysses-degree", "2", "--negative-prompt", "x", "--true-cfg-scale", "5"])
+    assert (c.world, c.true_cfg_scale) == (4, 5.0)
+    assert _generate_config([]).world == 2 and _generate_config([]).cfg_degree == 1   # the old default
+
+
+def _run_generate(tmp_path, *argv):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "rows.json"
+    proc = subprocess.run([sys.executable, "-m", "spattn", "generate", "--width", "32", "--height", "48",
+                           "--num-inference-steps", "2", "--no-warmup", "--output", str(tmp_path / "img.png"),
+                           "--json", str(out), *argv], cwd=root, env=dict(os.environ, PYTHONPATH=str(root)),
+                          capture_output=True, text=True, timeout=int(os.environ.get("SPATTN_TEST_TIMEOUT", 300)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc.stdout
+
+
+def test_generate_cfg_parallel_row(tmp_path):
+    rows, stdout = _run_generate(tmp_path, "--cfg-degree", "2", "--negative-prompt", "blurry",
+                                 "--true-cfg-scale", "4", "--baseline")
+    base, par = rows
+    assert base["cfg_degree"] == 1 and base["ranks"] == 1 and base["negative_prompt"] == "blurry"
+    assert (par["configuration"], par["cfg_degree"], par["ranks"]) == ("CFG-Parallel", 2, 2)
+    assert par["max_abs_diff"] <= 1e-3 and par["idle_fraction"] == 0.0
+    assert "| CFG degree |" in stdout and "| CFG-Parallel | 2 | 1 | 1 |" in stdout
+
+
+def test_generate_without_guidance_on_cfg_mesh_says_half_idle(tmp_path):
+    rows, stdout = _run_generate(tmp_path, "--cfg-degree", "2", "--no-baseline")
+    (par,) = rows
+    assert par["cfg_degree"] == 2 and par["idle_fraction"] == 0.5
+    assert "50% of the ranks were idle" in stdout
