@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from spattn.cli import plan
+from spattn.cli import costmodel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,5 +35,5 @@ def test_bench_sp_quick(tmp_path):
         if r["pass"] == "fwd":
             assert float(r["max_err"]) < 1e-5
     assert png.stat().st_size > 0
-    measured = plan.read_measurements(str(out_csv), ["pass=fwd"])
+    measured = costmodel.read_measurements(str(out_csv), ["pass=fwd"])
     assert sorted((u, r) for u, r, _ in measured) == [(1, 1), (1, 2), (2, 1)]
