@@ -24,12 +24,37 @@ PROMPTS = ["a cat", "a red house on the lake with a large tree in the morning su
 NEGATIVE = ["blurry photo of a small dog in the city at night", "ugly"]
 
 
+def _tiny_wan():
+    """A tiny random WanPipeline (guidance_scale CFG): 2 blocks, 4 heads of 16, a UMT5 encoder, a Wan VAE."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    from spattn.cli.tiny import _t5_tokenizer
+
+    tokenizer = _t5_tokenizer()
+    torch.manual_seed(0)
+    transformer = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16,
+                                        in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64,
+                                        num_layers=2, rope_max_seq_len=32)
+    torch.manual_seed(1)
+    vae = AutoencoderKLWan(base_dim=4, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
+    torch.manual_seed(2)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), d_model=32, d_ff=64, d_kv=16, num_layers=2,
+                                               num_heads=2, relative_attention_num_buckets=8, pad_token_id=0,
+                                               eos_token_id=1, decoder_start_token_id=0)).eval()
+    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+
+
 def _pipe(model: str):
     from diffusers.utils import logging as dlog
 
     from spattn.cli.tiny import build_tiny_pipeline
 
     dlog.set_verbosity_error()   # "true_cfg_scale ignored" notes for the no-CFG calls
+    if model == "tiny-wan-cfg":
+        return _tiny_wan()
     return build_tiny_pipeline(model, dtype=torch.float32)
 
 
@@ -44,9 +69,12 @@ def _generate(pipe, cfg: bool, model: str):
     kw = dict(negative_prompt=NEGATIVE, true_cfg_scale=4.0) if cfg else dict(true_cfg_scale=1.0)
     if model == "tiny-flux":
         kw["max_sequence_length"] = 24
+    if model == "tiny-wan-cfg":   # Wan's CFG is guidance_scale > 1 (negative prompt "" by default)
+        kw = dict(negative_prompt=NEGATIVE, guidance_scale=5.0 if cfg else 1.0, num_frames=5, max_sequence_length=16)
     try:
-        image = pipe(prompt=PROMPTS, width=80, height=48, num_inference_steps=STEPS, output_type="np",
-                     generator=torch.Generator("cpu").manual_seed(0), **kw).images
+        out = pipe(prompt=PROMPTS, width=80, height=48, num_inference_steps=STEPS, output_type="np",
+                   generator=torch.Generator("cpu").manual_seed(0), **kw)
+        image = out.frames if model == "tiny-wan-cfg" else out.images
     finally:
         h.remove()
     return [o.clone() for o in outs], torch.from_numpy(image)
@@ -98,6 +126,7 @@ def _body(model: str, u: int, r: int, cfg: bool, ref_outs, ref_image) -> dict:
     ("tiny-qwen-image", 2, 1),     # CFG 2 x Ulysses 2 on 4 ranks
     ("tiny-qwen-image", 1, 2),     # CFG 2 x Ring 2 on 4 ranks
     ("tiny-flux", 1, 1),
+    ("tiny-wan-cfg", 1, 2),        # Wan (video, guidance_scale): CFG 2 x Ring 2 on 4 ranks
 ])
 def test_cfg_parallel_equals_one_device(model, u, r):
     ref_outs, ref_image = _reference(model, cfg=True)
