@@ -1,6 +1,6 @@
 """`spattn plan`'s CFG-parallel and VAE terms, and the H100 preset: fitted to vLLM-Omni's 512x512
 point, it predicts the other published point (1536x1536, 35 steps, true CFG: 27 s on one H100, 9.1 s
-with Ulysses 2 x CFG 2 x VAE-patch 4).
+with Ulysses 2 x CFG 2 x VAE-patch 4) within 20%.
 """
 from __future__ import annotations
 
@@ -111,21 +111,34 @@ def test_h100_constants_are_the_fit_to_the_512_point_only():
     assert "512x512" in hw.calibrated
 
 
-def test_h100_predicts_the_vllm_omni_1536_point():
-    """Ulysses 2 x CFG 2 with the VAE on 4 ranks, as vLLM-Omni ran it (spattn's own row decodes on a
-    branch's 2 ranks). The parallel time and the speedup are within 20%; the one-GPU time is 23% high
-    (one efficiency for every size: see spattn.cli.costmodel)."""
+def _predict_1536(hw):
     width, steps, one_s, par_s = PREDICTED_1536
-    w, hw = _workload(width, steps), costmodel.HARDWARE["h100"]
+    w = _workload(width, steps)
     one = costmodel.predict_row(w, hw, 1, 1)["total_s"]
     par = costmodel.predict_row(w, hw, 2, 1, cfg_degree=2, vae_degree=4)["total_s"]
-    errors = (par / par_s - 1, (one / par) / (one_s / par_s) - 1, one / one_s - 1)
+    return one, par, (one / one_s - 1, par / par_s - 1, (one / par) / (one_s / par_s) - 1)
+
+
+def test_h100_predicts_the_vllm_omni_1536_point():
+    """Ulysses 2 x CFG 2 with the VAE on 4 ranks, as vLLM-Omni ran it (spattn's own row decodes on a
+    branch's 2 ranks): the one-GPU time, the parallel time and the speedup are each within 20%."""
+    one, par, errors = _predict_1536(costmodel.HARDWARE["h100"])
     print(f"1536^2 H100: one GPU {one:.1f} s (27), U2 x CFG2 x VAE4 {par:.2f} s (9.1), speedup {one / par:.2f}x "
           f"(2.97x); errors {[f'{e:+.1%}' for e in errors]}")
-    assert abs(errors[0]) <= 0.20 and abs(errors[1]) <= 0.20
-    assert abs(errors[2]) <= 0.25
+    assert all(abs(e) <= 0.20 for e in errors), errors
     spattn_row = _by_mode(_plan_json(*ISSUE_POINT, "--cfg-degree", "2"))[(2, 2, 1)]
     assert spattn_row["total_s"] == pytest.approx(par, rel=0.01)   # VAE on 2 vs 4 ranks: ~0.03 s
+
+
+@pytest.mark.parametrize("gap_us", [1.5, 5.0])
+def test_h100_prediction_does_not_hinge_on_the_kernel_gap(monkeypatch, gap_us):
+    """The per-kernel gap (3 us) is a public order of magnitude, not fitted; refitting the 512 point with
+    half or 5/3 of it still predicts the 1536 point within 20%."""
+    monkeypatch.setattr(costmodel, "KERNEL_GAP_US", gap_us)
+    width, steps, one, par = CALIBRATION_512
+    fit = costmodel.fit_constants(_workload(width, steps), costmodel.HARDWARE["h100"],
+                                  [(1, 1, one, 1, 1), (2, 1, par, 2, 4)], serial_per_mpix=False)
+    assert all(abs(e) <= 0.20 for e in _predict_1536(fit["hardware"])[2])
 
 
 def test_calibrate_reads_cfg_rows_from_generate_json(tmp_path):

@@ -167,7 +167,8 @@ def hardware_from_args(a: argparse.Namespace) -> Hardware:
     return hw
 
 
-COLUMNS = (("attn s", "attention_s", 1), ("other s", "linear_s", 1), ("comm s", "comm_s", 1),
+COLUMNS = (("attn s", "attention_s", 1), ("other s", "other_s", 1),  # other: linear layers + kernel gaps
+           ("comm s", "comm_s", 1),
            ("hidden", "comm_hidden_s", 1), ("exposed", "comm_exposed_s", 1), ("a2a GB", "a2a_bytes_per_rank", 1e9),
            ("ring GB", "ring_bytes_per_rank", 1e9), ("serial s", "serial_s", 1), ("total s", "total_s", 1))
 
