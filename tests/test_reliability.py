@@ -10,7 +10,6 @@ import math
 import multiprocessing as mp
 import os
 import queue
-import socket
 import time
 import traceback
 from datetime import timedelta
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 
 import spattn
 from dist_harness import run_on_ranks
+from spattn.launch import LocalRanks
 from sp_cases import get_mesh
 
 MODES = {"ulysses": (2, 1), "ring": (1, 2), "hybrid": (2, 2)}
@@ -164,12 +164,12 @@ def test_check_can_be_turned_off():
 BOUND_S = 8.0  # SPATTN_TIMEOUT_S and the process group timeout of these tests
 
 
-def _dying_rank(rank, world, port, u, r, victim, when, results):
+def _dying_rank(rank, world, init_method, u, r, victim, when, results):
     os.environ["SPATTN_TIMEOUT_S"] = str(BOUND_S)
     _no_check_env()
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
                                 timeout=timedelta(seconds=BOUND_S))
         mesh = spattn.init_mesh(ulysses_degree=u, ring_degree=r)
         x = torch.randn(1, 8, 4, 16, generator=torch.Generator().manual_seed(rank)).requires_grad_()
@@ -201,21 +201,12 @@ def _dying_rank(rank, world, port, u, r, victim, when, results):
     os._exit(0)  # no atexit/destroy: a survivor leaves at once, as a failing job would
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_with_victim(u, r, victim, when):
     """Own processes (not the shared pools). Returns {rank: (seconds from start to error, message)}."""
     ctx = mp.get_context("spawn")
     world, results = u * r, ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_dying_rank, args=(i, world, port, u, r, victim, when, results), daemon=True)
-             for i in range(world)]
-    for p in procs:
-        p.start()
+    ranks = LocalRanks(_dying_rank, world, args=(u, r, victim, when, results))
+    procs = ranks.procs
     start, errors, finished = {}, {}, []
     deadline = time.monotonic() + 240  # process start-up (torch import) on a busy machine
     try:
@@ -238,9 +229,7 @@ def run_with_victim(u, r, victim, when):
             p.join(timeout=2 * BOUND_S)
         left_behind = [i for i, p in enumerate(procs) if p.is_alive() and i != victim]
     finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
+        ranks.close(grace_s=0.0)
     assert not finished, f"ranks {finished} finished although rank {victim} died"
     assert not left_behind, f"processes of ranks {left_behind} were left behind"
     return errors

@@ -18,7 +18,8 @@ A roofline-style model of one diffusion-transformer generation on ``P = ulysses 
   block ``2 * (S/R) * ceil(H/U) * head_dim * 2 bytes`` to the next rank while the current block is
   computed; only the part of a step's transfer longer than its attention compute is exposed. Each step
   also merges its partial output into the fp32 running result (memory bound: HBM bandwidth).
-  ``RING_IMPLS`` maps an implementation name to its cost function: an all-gather ring is a new entry.
+  ``RING_COSTS`` maps each ring implementation spattn has (``ring_impl`` minus "auto") to its cost
+  function: a new implementation is a new entry.
 * serial: what sequence parallelism does not divide (text encoding, VAE decode, scheduler),
   ``serial_s_per_mpix * megapixels`` (VAE decode dominates and scales with pixels).
 
@@ -239,7 +240,7 @@ def _ring_allgather(w: Workload, hw: Hardware, u: int, r: int, attn_layer_s: flo
 
 
 # name -> cost function (workload, hardware, ulysses, ring, attention seconds per layer) -> RingCost.
-RING_IMPLS: Dict[str, Callable[[Workload, Hardware, int, int, float], RingCost]] = {
+RING_COSTS: Dict[str, Callable[[Workload, Hardware, int, int, float], RingCost]] = {
     "p2p": _ring_p2p, "allgather": _ring_allgather}
 
 
@@ -312,8 +313,8 @@ def predict_row(w: Workload, hw: Hardware, u: int, r: int, ring_impl: str = "p2p
                          f"per step (true CFG: --cfg 2), got {w.cfg}")
     pv = vae_degree if vae_degree is not None else (u * r if w.vae_parallel else 1)
     ring_impl, ring_why = resolve_ring_impl(w, u, r, ring_impl)
-    if ring_impl not in RING_IMPLS:
-        raise ValueError(f"spattn plan: unknown ring implementation {ring_impl!r}; choose one of {sorted(RING_IMPLS)}")
+    if ring_impl not in RING_COSTS:
+        raise ValueError(f"spattn plan: unknown ring implementation {ring_impl!r}; choose one of {sorted(RING_COSTS)}")
     rate = hw.tflops * 1e12 * hw.efficiency
     attn_f, lin_f = _flops(w, u, r)
     attn_layer, lin_layer = attn_f / rate, lin_f / rate
@@ -325,7 +326,7 @@ def predict_row(w: Workload, hw: Hardware, u: int, r: int, ring_impl: str = "p2p
         a2a_hidden = min(a2a_s * (n - 1) / n, attn_layer * (n - 1) / n)
     else:
         a2a_bytes = a2a_s = a2a_hidden = 0.0
-    ring = RING_IMPLS[ring_impl](w, hw, u, r, attn_layer)
+    ring = RING_COSTS[ring_impl](w, hw, u, r, attn_layer)
     passes = w.steps * (w.cfg // cfg_degree) * w.layers   # per rank: a CFG branch runs its share of passes
     comm = a2a_s + ring.time_s
     exposed = (a2a_s - a2a_hidden) + ring.exposed_s

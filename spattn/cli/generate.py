@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import json
 import os
-import socket
 import sys
 import time
 import warnings
@@ -517,14 +516,8 @@ def _report(cfg: Config, rows: List[dict], image, device, world: int, threads: i
     sys.stdout.flush()
 
 
-def _spawned(rank: int, world: int, cfg: Config, init_method: str) -> None:
+def _spawned(rank: int, world: int, init_method: str, cfg: Config) -> None:
     rank_main(rank, world, cfg, init_method)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -541,18 +534,15 @@ def run(args: argparse.Namespace) -> int:
         rank_main(0, 1, cfg, None)
     else:
         import torch
-        import torch.multiprocessing as mp
 
-        if not torch.cuda.is_available():
+        from spattn.launch import run_ranks
+
+        env = {}
+        if not torch.cuda.is_available() and "OMP_WAIT_POLICY" not in os.environ:
             # The ranks share the cores: OpenMP threads spinning while they wait would steal them from
             # the other ranks (and from the baseline). The children read this at their torch import.
-            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        try:
-            mp.spawn(_spawned, args=(cfg.world, cfg, f"tcp://127.0.0.1:{_free_port()}"), nprocs=cfg.world)
-        except mp.ProcessRaisedException as e:  # the rank's traceback is in the message
-            print(f"spattn generate: a rank failed:\n{e}", file=sys.stderr)
-            return 1
-        except mp.ProcessExitedException as e:
-            print(f"spattn generate: a rank died: {e}", file=sys.stderr)
-            return 1
+            env["OMP_WAIT_POLICY"] = "PASSIVE"
+        # SIGINT/SIGTERM (or Ctrl-C to the group) stops the ranks at once with one line; a failed
+        # rank is named with its traceback.
+        return run_ranks(_spawned, cfg.world, (cfg,), prog="spattn generate", env=env)
     return 0

@@ -11,7 +11,7 @@ import sys
 from dataclasses import replace
 from typing import Dict, Sequence
 
-from .costmodel import (HARDWARE, MODELS, RING_IMPLS, Hardware, Workload, custom_hardware, fit_constants, fmt_num,
+from .costmodel import (HARDWARE, MODELS, RING_COSTS, Hardware, Workload, custom_hardware, fit_constants, fmt_num,
                         predict, read_measurements, recommend)
 
 # ----------------------------------------------------------------------------------------------
@@ -56,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--vae-parallel", action=argparse.BooleanOptionalAction, default=True,
                    help="the VAE decode is split over a CFG branch's ulysses x ring ranks, as spattn generate does "
                         "(default); --no-vae-parallel models one rank decoding")
-    s.add_argument("--ring-impl", default="auto", choices=["auto"] + sorted(RING_IMPLS),
+    s.add_argument("--ring-impl", default="auto", choices=["auto"] + sorted(RING_COSTS),
                    help="ring implementation assumed (auto: what spattn's ring_impl='auto' picks on GPUs)")
     s.add_argument("--ulysses-pipeline", type=int, default=1,
                    help="all-to-all pipeline chunks (1: exposed, as the guide's runs; spattn's default is 4)")
