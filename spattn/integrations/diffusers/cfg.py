@@ -271,7 +271,7 @@ class PipelineHandle:
         self.remove()
 
 
-def _cfg_hook(handle: PipelineHandle, model: torch.nn.Module):
+def _cfg_hook(handle: PipelineHandle):
     """A diffusers ModelHook around the transformer's forward (it composes with diffusers' cache hooks);
     stateful only so that ``cache_context`` hands it the call's name."""
     from diffusers.hooks.hooks import BaseState, ModelHook, StateManager
@@ -388,7 +388,7 @@ def parallelize_pipeline(pipe, mesh: spattn.SPMesh, *, backend: str = "auto") ->
     from diffusers.hooks.hooks import HookRegistry
 
     for _, m in models:
-        hook = _cfg_hook(handle, m)
+        hook = _cfg_hook(handle)
         registry = HookRegistry.check_if_exists_or_initialize(m)
         registry.register_hook(hook, _HOOK_NAME)
         pre = m.register_forward_pre_hook(_record_full_out(hook, m), prepend=True, with_kwargs=True)
