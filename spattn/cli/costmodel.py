@@ -2,7 +2,8 @@
 
 A roofline-style model of one diffusion-transformer generation on ``P = ulysses x ring`` devices:
 
-    total = serial + steps * cfg * layers * (attention + linear + exposed communication)
+    total = serial + steps * cfg / cfg_degree * layers * (attention + linear + exposed communication
+                                                           + kernel gaps) + CFG exchange
 
 * attention (per rank): ``4 * (N/ring) * N * ceil(heads/ulysses) * head_dim`` FLOPs per layer, N = image
   (+ joint text) tokens; Wan adds its text cross-attention.
@@ -32,18 +33,39 @@ at most one parallel row of the guide; every other row is a prediction). The con
 solves for them and tests/test_plan.py checks that the numbers below are what it returns:
 
 * h800 - fitted to Qwen-Image 2048x2048, 50 steps: baseline (112.5 s) and Ulysses 8 (30.8 s), giving
-  efficiency 0.229 and 4.17 s/MPix (17.5 s serial, 16% of the baseline). Predictions: Ulysses 2
+  efficiency 0.229 and 3.95 s/MPix besides the VAE and the kernel gaps (17.5 s undivided in all, 16% of
+  the baseline). Predictions: Ulysses 2
   1.68x (guide 1.73x, -2.9%) and Ulysses 4 2.61x (guide 2.84x, -8.0%).
 * a100 - fitted to Qwen-Image 1024x1024, 50 steps: baseline (45.2 s) and Ring 4 (23.3 s), giving
-  efficiency 0.380 and 13.67 s/MPix (14.3 s serial, 32%). Predictions: Ring 2 1.48x (guide 1.51x,
+  efficiency 0.380 and 12.89 s/MPix besides the VAE and the kernel gaps (14.3 s undivided, 32%).
+  Predictions: Ring 2 1.48x (guide 1.51x,
   -2.2%) and Ulysses 2 x Ring 2 1.93x (guide 1.87x, +3.2%).
-* h100 - the h800 constants (the same chip; only NVLink differs). Not calibrated on its own.
+* h100 - fitted to vLLM-Omni's Qwen-Image 512x512, 20 steps, true CFG: one GPU (3.5 s) and Ulysses 2
+  x CFG 2 x VAE-patch 4 (2.34 s), giving efficiency 0.574 and a fixed 1.61 s per generation (text
+  encoder on two prompts, request overhead: at 512x512 the only pixel-proportional undivided stage, the
+  VAE, is modeled from its FLOPs and is 5 ms, so the rest is not per-pixel work). Prediction of the
+  other published point, 1536x1536, 35 steps: one GPU 26.7 s (vLLM-Omni 27 s, -1%), Ulysses 2 x CFG 2
+  x VAE 4 8.57 s (9.1 s, -6%), speedup 3.12x (2.97x, +5%). Without the kernel-gap term (below) the
+  same fit predicted 33.3 s (+23%) and 10.1 s (+11%): at 512x512 a layer's fixed cost is a large share.
+
+Kernel gaps: every layer pass pays ``KERNELS_PER_LAYER x KERNEL_GAP_US`` = 80 x 3 us, whatever its
+size (80: non-view aten ops of one eager Qwen-Image block, counted; 3 us: the usual order of a launch
+gap between dependent kernels). Counted and assumed, not fitted; with 1.5 or 5 us instead the h100
+prediction above stays within 20% (tests/test_plan_cfg.py).
 * l40 and explicit ``--tflops`` - efficiency: the mean of h800 and a100; serial work: the mean of their
   ``serial_s_per_mpix * peak`` (peak-equivalent seconds), divided by this peak. Not calibrated.
 
 Everything else (FLOP counts, bytes, bandwidth, latency, overlap rules) is fixed up front, not fitted.
 The efficiency absorbs what the model does not know about a run (kernel quality, a second CFG pass:
 the guide does not say whether its runs used true CFG; ``--cfg 2`` doubles the transformer work).
+
+CFG parallel (``cfg_degree`` 2, ``--cfg 2`` workloads): each branch runs one of the two passes per step on
+its ``u x r`` ranks; per step the branches swap the transformer output (``image_tokens x 64`` bf16
+values, latent channels x patch area) over the link, exposed. VAE: its decode FLOPs are counted from the
+diffusers VAE (``ModelSpec.vae_tflops_per_mpix``), run at the preset's efficiency and, by default, split
+over a branch's ``u x r`` ranks (spattn's patch-parallel VAE) plus the latency of ``VAE_SYNCS``
+collectives and the image all-gather; the calibrated serial constant is what remains undivided (the
+guide's rows are modeled with one rank decoding: ``--no-vae-parallel``).
 For video (wan) the serial part is the image VAE's seconds per megapixel extrapolated to all frames:
 a rough guess. ``--calibrate results.csv`` refits the two constants from the user's own measurements.
 """
@@ -81,6 +103,11 @@ class ModelSpec:
     width: int = 1024
     height: int = 1024
     frames: int = 1
+    # VAE decode FLOPs per output megapixel (per frame for video): counted with torch's FlopCounterMode
+    # on the default diffusers VAE config (AutoencoderKLQwenImage: 10.8; Flux's AutoencoderKL: 9.6;
+    # Wan 2.1's VAE is Qwen-Image's architecture). Structural, not fitted.
+    vae_tflops_per_mpix: float = 10.8
+    out_channels: int = 64        # transformer output per image token (latent channels x patch area)
 
     @property
     def hidden(self) -> int:
@@ -92,7 +119,8 @@ MODELS: Dict[str, ModelSpec] = {
     "qwen-image": ModelSpec("qwen-image", layers=60, heads=24, head_dim=128, mlp_ratio=4.0, text_len=256),
     # 19 double + 38 single blocks; a single block's fused linears hold the same 12*h^2 as a stream of
     # a double block, so 57 attention layers, and the double blocks add a second (text) stream.
-    "flux": ModelSpec("flux", layers=57, heads=24, head_dim=128, mlp_ratio=4.0, text_len=512),
+    "flux": ModelSpec("flux", layers=57, heads=24, head_dim=128, mlp_ratio=4.0, text_len=512,
+                      vae_tflops_per_mpix=9.6),
     # Wan 2.1 14B: 40 blocks, 40 x 128 (hidden 5120), FFN 13824 (2.7x); text (T5, 512) enters by
     # cross-attention: its q/out projections are 2*h^2 more per token. 480x832, 81 frames.
     "wan": ModelSpec("wan", layers=40, heads=40, head_dim=128, mlp_ratio=2.7, text_len=512, joint_text=False,
@@ -117,6 +145,9 @@ class Workload:
     cfg: int                      # transformer passes per step (2 with true CFG batched separately)
     megapixels: float
     attention_only: bool = False  # a bare attention benchmark: no linear layers, no serial part
+    vae_tflops: float = 0.0       # VAE decode of the whole output (0: not modeled)
+    vae_parallel: bool = True     # every rank of a CFG branch decodes a band of the image (spattn's default)
+    out_channels: int = 64        # transformer output channels per image token (the CFG exchange)
 
     @property
     def hidden(self) -> int:
@@ -146,8 +177,11 @@ LATENCY_US = {"nvlink": 15.0, "pcie": 30.0}
 
 # Fitted by fit_constants() to the guide's rows named in the module docstring (tests/test_plan.py
 # re-runs the fit and checks these numbers).
-_H800 = dict(efficiency=0.2290, serial_s_per_mpix=4.173)
-_A100 = dict(efficiency=0.3795, serial_s_per_mpix=13.67)
+_H800 = dict(efficiency=0.2290, serial_s_per_mpix=3.954)
+_A100 = dict(efficiency=0.3795, serial_s_per_mpix=12.889)
+# Fitted to vLLM-Omni's Qwen-Image 512x512, 20 steps, true CFG on H100: one GPU 3.5 s, Ulysses 2 x CFG 2
+# x VAE-patch 4 2.34 s; the undivided part as a fixed time per generation (see the module docstring).
+_H100 = dict(efficiency=0.5739, serial_s_per_mpix=0.0, serial_s_fixed=1.608)
 DEFAULT_EFFICIENCY = (_H800["efficiency"] + _A100["efficiency"]) / 2
 _DEFAULT_SERIAL_PEAK_S = (_H800["serial_s_per_mpix"] * 989 + _A100["serial_s_per_mpix"] * 312) / 2  # s*TF/s
 
@@ -160,7 +194,8 @@ HARDWARE: Dict[str, Hardware] = {
     "h800": Hardware("h800", 989.0, 200.0, "nvlink", 3.35, latency_us=LATENCY_US["nvlink"],
                      calibrated="guide: Qwen-Image 2048x2048 baseline + Ulysses 8", **_H800),
     "h100": Hardware("h100", 989.0, 450.0, "nvlink", 3.35, latency_us=LATENCY_US["nvlink"],
-                     calibrated="h800's constants (same chip), not calibrated on an H100", **_H800),
+                     calibrated="vLLM-Omni: Qwen-Image 512x512, 20 steps, true CFG: 1 GPU + Ulysses 2 x CFG 2",
+                     **_H100),
     "a100": Hardware("a100", 312.0, 300.0, "nvlink", 2.0, latency_us=LATENCY_US["nvlink"],
                      calibrated="guide: Qwen-Image 1024x1024 baseline + Ring 4", **_A100),
     "l40": Hardware("l40", 181.0, 25.0, "pcie", 0.864, efficiency=DEFAULT_EFFICIENCY, serial_s_per_mpix=default_serial(181.0),
@@ -239,9 +274,44 @@ def _flops(w: Workload, u: int, r: int) -> Tuple[float, float]:
     return attn, lin
 
 
+VAE_SYNCS = 40  # collectives of a band-parallel VAE decode (halo exchanges, norm statistics), latency-bound
+# Fixed cost of every transformer layer pass, whatever its size: the kernels of an eager diffusers block
+# (80 non-view aten ops in a Qwen-Image block, counted with TorchDispatchMode; taken for every model)
+# each leave a gap of a few microseconds (launch latency between dependent kernels) on the GPU.
+KERNELS_PER_LAYER = 80
+KERNEL_GAP_US = 3.0
+
+
+def _cfg_exchange(w: Workload, hw: Hardware, c: int) -> Tuple[float, float]:
+    """(bytes per rank, seconds) of CFG parallel's per-step swap of the transformer outputs between
+    the ``c`` branches (an all-gather over the CFG group), for the whole generation; never overlapped."""
+    if c == 1:
+        return 0.0, 0.0
+    sent = w.image_tokens * w.out_channels * BYTES_BF16 * (c - 1)
+    return w.steps * sent, w.steps * (sent / (hw.link_gbps * 1e9) + hw.latency_us * 1e-6)
+
+
+def _vae(w: Workload, hw: Hardware, rate: float, pv: int) -> Tuple[float, float]:
+    """(compute, communication) seconds of the VAE decode on ``pv`` ranks: its FLOPs divided over the
+    bands, plus the latency of its collectives and the all-gather of the image (bf16 RGB)."""
+    if w.attention_only or w.vae_tflops <= 0:
+        return 0.0, 0.0
+    compute = w.vae_tflops * 1e12 / rate / pv
+    if pv == 1:
+        return compute, 0.0
+    image = 3 * w.megapixels * 1e6 * BYTES_BF16 * (pv - 1) / pv
+    return compute, image / (hw.link_gbps * 1e9) + VAE_SYNCS * hw.latency_us * 1e-6
+
+
 def predict_row(w: Workload, hw: Hardware, u: int, r: int, ring_impl: str = "p2p",
-                ulysses_pipeline: int = 1) -> Dict:
-    """Predicted cost of the ``u x r`` factorization; times are seconds per rank for the generation."""
+                ulysses_pipeline: int = 1, cfg_degree: int = 1, vae_degree: Optional[int] = None) -> Dict:
+    """Predicted cost of the ``cfg_degree x u x r`` factorization; times are seconds per rank for the
+    generation. ``cfg_degree`` 2 splits the ``w.cfg`` passes per step over two branches; the VAE decodes
+    on ``vae_degree`` ranks (default: a branch's ``u x r`` ranks when ``w.vae_parallel``, else 1)."""
+    if w.cfg % cfg_degree:
+        raise ValueError(f"spattn plan: cfg_degree {cfg_degree} needs a multiple of {cfg_degree} transformer passes "
+                         f"per step (true CFG: --cfg 2), got {w.cfg}")
+    pv = vae_degree if vae_degree is not None else (u * r if w.vae_parallel else 1)
     ring_impl, ring_why = resolve_ring_impl(w, u, r, ring_impl)
     if ring_impl not in RING_COSTS:
         raise ValueError(f"spattn plan: unknown ring implementation {ring_impl!r}; choose one of {sorted(RING_COSTS)}")
@@ -257,17 +327,25 @@ def predict_row(w: Workload, hw: Hardware, u: int, r: int, ring_impl: str = "p2p
     else:
         a2a_bytes = a2a_s = a2a_hidden = 0.0
     ring = RING_COSTS[ring_impl](w, hw, u, r, attn_layer)
-    passes = w.steps * w.cfg * w.layers
+    passes = w.steps * (w.cfg // cfg_degree) * w.layers   # per rank: a CFG branch runs its share of passes
     comm = a2a_s + ring.time_s
     exposed = (a2a_s - a2a_hidden) + ring.exposed_s
-    serial = hw.serial_s_fixed + (0.0 if w.attention_only else hw.serial_s_per_mpix * w.megapixels)
-    total = serial + passes * (attn_layer + lin_layer + ring.merge_s + exposed)
-    return dict(mode=mode_name(u, r), ulysses_degree=u, ring_degree=r, gpus=p, ring_impl=ring_impl if r > 1 else None,
+    cfg_bytes, cfg_s = _cfg_exchange(w, hw, cfg_degree)
+    vae_compute, vae_comm = _vae(w, hw, rate, pv)
+    # The undivided rest (text encoder, scheduler, launch overheads): the preset's calibrated serial part.
+    serial = vae_compute + vae_comm + hw.serial_s_fixed + (
+        0.0 if w.attention_only else hw.serial_s_per_mpix * w.megapixels)
+    launch = 0.0 if w.attention_only else KERNELS_PER_LAYER * KERNEL_GAP_US * 1e-6
+    total = serial + passes * (attn_layer + lin_layer + ring.merge_s + exposed + launch) + cfg_s
+    return dict(mode=mode_name(u, r, cfg_degree), cfg_degree=cfg_degree, ulysses_degree=u, ring_degree=r,
+                gpus=p * cfg_degree, vae_degree=pv, ring_impl=ring_impl if r > 1 else None,
                 ring_impl_reason=ring_why if r > 1 else None,
                 attention_s=passes * attn_layer, linear_s=passes * lin_layer, merge_s=passes * ring.merge_s,
-                comm_s=passes * comm,
-                comm_hidden_s=passes * (comm - exposed), comm_exposed_s=passes * exposed,
+                comm_s=passes * comm + cfg_s,
+                comm_hidden_s=passes * (comm - exposed), comm_exposed_s=passes * exposed + cfg_s,
                 a2a_bytes_per_rank=passes * a2a_bytes, ring_bytes_per_rank=passes * ring.bytes_per_rank,
+                cfg_bytes_per_rank=cfg_bytes, cfg_comm_s=cfg_s, vae_compute_s=vae_compute, vae_comm_s=vae_comm,
+                launch_s=passes * launch, other_s=passes * (lin_layer + launch),
                 serial_s=serial, total_s=total)
 
 
@@ -281,8 +359,11 @@ def factorizations(gpus: int, exact: bool = False) -> List[Tuple[int, int]]:
     return out
 
 
-def mode_name(u: int, r: int) -> str:
-    """The one display name of a ``u x r`` factorization: "1 device", "ulysses 4", "ring 2", "hybrid 2x2"."""
+def mode_name(u: int, r: int, cfg_degree: int = 1) -> str:
+    """The one display name of a ``u x r`` factorization: "1 device", "ulysses 4", "ring 2", "hybrid 2x2";
+    with CFG parallel "cfg 2" or e.g. "ulysses 2 x cfg 2"."""
+    if cfg_degree > 1:
+        return f"cfg {cfg_degree}" if u * r == 1 else f"{mode_name(u, r)} x cfg {cfg_degree}"
     if u * r == 1:
         return "1 device"
     return f"ulysses {u}" if r == 1 else f"ring {r}" if u == 1 else f"hybrid {u}x{r}"
@@ -299,12 +380,18 @@ def custom_hardware(hw: Hardware, tflops: Optional[float] = None, link_gbps: Opt
                    link=link, latency_us=LATENCY_US[link],
                    efficiency=DEFAULT_EFFICIENCY if changed else hw.efficiency,
                    serial_s_per_mpix=default_serial(tflops) if changed else hw.serial_s_per_mpix,
+                   serial_s_fixed=0.0 if changed else hw.serial_s_fixed,
                    calibrated="not calibrated (mean of h800/a100 constants)" if changed else hw.calibrated)
 
 
-def predict(w: Workload, hw: Hardware, gpus: int, ring_impl: str = "p2p", ulysses_pipeline: int = 1) -> List[Dict]:
-    """One row per factorization (the 1x1 row first), with ``speedup`` over it."""
-    rows = [predict_row(w, hw, u, r, ring_impl, ulysses_pipeline) for u, r in factorizations(gpus)]
+def predict(w: Workload, hw: Hardware, gpus: int, ring_impl: str = "p2p", ulysses_pipeline: int = 1,
+            cfg_degrees: Sequence[int] = (1,)) -> List[Dict]:
+    """One row per factorization (the 1x1 row first), with ``speedup`` over it; ``cfg_degrees`` adds
+    the CFG-parallel ``c x u x r`` rows (c > 1) whose device count divides ``gpus``, ordered by devices."""
+    combos = [(1, u, r) for u, r in factorizations(gpus)] if 1 in cfg_degrees else [(1, 1, 1)]
+    combos += [(c, u, r) for c in cfg_degrees if c > 1 and gpus % c == 0 for u, r in factorizations(gpus // c)]
+    combos.sort(key=lambda x: x[0] * x[1] * x[2])   # stable: Ulysses-heavy first within a device count
+    rows = [predict_row(w, hw, u, r, ring_impl, ulysses_pipeline, cfg_degree=c) for c, u, r in combos]
     base = rows[0]["total_s"]
     for row in rows:
         row["speedup"] = base / row["total_s"]
@@ -319,7 +406,8 @@ def recommend(rows: Sequence[Dict], hw: Hardware, slack: float = 0.05) -> Tuple[
     best = min(rows, key=lambda x: x["total_s"])
     ties = [x for x in rows if x["total_s"] <= best["total_s"] * (1 + slack)]
     lean = (lambda x: -x["ulysses_degree"]) if hw.link == "nvlink" else (lambda x: -x["ring_degree"])
-    pick = min(ties, key=lambda x: (x["gpus"], lean(x), x["total_s"]))
+    # CFG parallel first among ties: its branches swap one small output per step, the least traffic.
+    pick = min(ties, key=lambda x: (x["gpus"], -x.get("cfg_degree", 1), lean(x), x["total_s"]))
     if pick is best:
         why = f"fastest predicted ({fmt_num(pick['total_s'])} s, {pick['speedup']:.2f}x)"
     else:
@@ -340,27 +428,31 @@ def recommend(rows: Sequence[Dict], hw: Hardware, slack: float = 0.05) -> Tuple[
 # ----------------------------------------------------------------------------------------------
 
 
-def fit_constants(w: Workload, hw: Hardware, measured: Sequence[Tuple[int, int, float]],
-                  ring_impl: str = "p2p", ulysses_pipeline: int = 1) -> Dict:
-    """Fit ``efficiency`` and ``serial_s_per_mpix`` so the model matches ``measured`` (u, r, seconds).
+def fit_constants(w: Workload, hw: Hardware, measured: Sequence[Tuple],
+                  ring_impl: str = "p2p", ulysses_pipeline: int = 1, serial_per_mpix: Optional[bool] = None) -> Dict:
+    """Fit ``efficiency`` and ``serial_s_per_mpix`` so the model matches ``measured`` (u, r, seconds),
+    or (u, r, seconds, cfg_degree) / (u, r, seconds, cfg_degree, vae_degree) for CFG / VAE parallel rows.
 
     T_i = serial + a * W_i + C_i: W_i the compute seconds at nominal peak, C_i the exposed
     communication (which depends on a through the overlap, so the linear fit is iterated). With two
     rows it is exact; with more it is least squares. With ``attention_only`` the serial part is a fixed
-    time (``serial_s_fixed``) instead of seconds per megapixel.
+    time (``serial_s_fixed``) instead of seconds per megapixel; ``serial_per_mpix=False`` asks for that
+    form for a whole generation too (the VAE decode, which grows with pixels, is in W_i either way).
     Returns the constants, the fitted hardware and the per-row residuals.
     """
     if len(measured) < 2:
         raise ValueError("spattn plan --calibrate: need at least two measured rows with different degrees "
                          "(e.g. the 1x1 baseline and one parallel run)")
     fit = hw
+    measured = [tuple(m) + (1, None)[len(m) - 3:] for m in measured]   # (u, r, t, cfg_degree, vae_degree)
     for _ in range(20):
         xs, ys = [], []
-        for u, r, t in measured:
-            row = predict_row(w, replace(fit, efficiency=1.0, serial_s_per_mpix=0.0), u, r, ring_impl, ulysses_pipeline)
-            cur = predict_row(w, fit, u, r, ring_impl, ulysses_pipeline)
-            xs.append(row["attention_s"] + row["linear_s"])
-            ys.append(t - cur["comm_exposed_s"] - cur["merge_s"])
+        for u, r, t, c, pv in measured:
+            at_peak = replace(fit, efficiency=1.0, serial_s_per_mpix=0.0, serial_s_fixed=0.0)
+            row = predict_row(w, at_peak, u, r, ring_impl, ulysses_pipeline, c, pv)
+            cur = predict_row(w, fit, u, r, ring_impl, ulysses_pipeline, c, pv)
+            xs.append(row["attention_s"] + row["linear_s"] + row["vae_compute_s"])
+            ys.append(t - cur["comm_exposed_s"] - cur["merge_s"] - cur["vae_comm_s"] - cur["launch_s"])
         n = len(xs)
         mx, my = sum(xs) / n, sum(ys) / n
         sxx = sum((x - mx) ** 2 for x in xs)
@@ -372,7 +464,7 @@ def fit_constants(w: Workload, hw: Hardware, measured: Sequence[Tuple[int, int, 
         if a <= 0:
             raise ValueError("spattn plan --calibrate: the measurements get slower with more devices; the "
                              "s + p/P model does not fit them (check the rows and the model flags)")
-        per_mpix = w.megapixels > 0 and not w.attention_only
+        per_mpix = w.megapixels > 0 and not w.attention_only and serial_per_mpix is not False
         new = replace(fit, efficiency=1.0 / a, serial_s_per_mpix=serial / w.megapixels if per_mpix else 0.0,
                       serial_s_fixed=0.0 if per_mpix else serial, calibrated="fitted to measured rows (--calibrate)")
         done = abs(new.efficiency - fit.efficiency) < 1e-9 * fit.efficiency
@@ -380,9 +472,10 @@ def fit_constants(w: Workload, hw: Hardware, measured: Sequence[Tuple[int, int, 
         if done:
             break
     resid = []
-    for u, r, t in measured:
-        pred = predict_row(w, fit, u, r, ring_impl, ulysses_pipeline)["total_s"]
-        resid.append(dict(ulysses_degree=u, ring_degree=r, measured_s=t, predicted_s=pred, error=pred / t - 1))
+    for u, r, t, c, pv in measured:
+        pred = predict_row(w, fit, u, r, ring_impl, ulysses_pipeline, c, pv)["total_s"]
+        resid.append(dict(cfg_degree=c, ulysses_degree=u, ring_degree=r, measured_s=t, predicted_s=pred,
+                          error=pred / t - 1))
     return dict(efficiency=fit.efficiency, serial_s_per_mpix=fit.serial_s_per_mpix,
                 serial_s=fit.serial_s_fixed + fit.serial_s_per_mpix * w.megapixels, hardware=fit, rows=resid)
 
@@ -402,12 +495,12 @@ def read_measurements(path: str, where: Sequence[str] = ()) -> List[Tuple[int, i
         if "=" not in c:
             raise ValueError(f"spattn plan: --where takes KEY=VALUE, got {c!r}")
         conds.append(tuple(c.split("=", 1)))
-    groups: Dict[Tuple[int, int], List[float]] = {}
+    groups: Dict[Tuple[int, int, int], List[float]] = {}
     for row in rows:
         if any(str(row.get(k)) != v for k, v in conds):
             continue
         try:
-            key = (int(row["ulysses_degree"]), int(row["ring_degree"]))
+            key = (int(row["ulysses_degree"]), int(row["ring_degree"]), int(row.get("cfg_degree") or 1))
             t = float(row["time_s"])
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"spattn plan: {path}: every row needs ulysses_degree, ring_degree and time_s "
@@ -415,7 +508,9 @@ def read_measurements(path: str, where: Sequence[str] = ()) -> List[Tuple[int, i
         groups.setdefault(key, []).append(t)
     if not groups:
         raise ValueError(f"spattn plan: {path}: no rows (after --where {list(where)})")
-    return [(u, r, sorted(ts)[len(ts) // 2]) for (u, r), ts in sorted(groups.items())]
+    cfg = any(c > 1 for _, _, c in groups)   # (u, r, t) unless CFG-parallel rows are there
+    return [(u, r, sorted(ts)[len(ts) // 2]) + ((c,) if cfg else ())
+            for (u, r, c), ts in sorted(groups.items())]
 
 
 def fmt_num(x: float) -> str:

@@ -36,7 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--layers", type=int)
     m.add_argument("--text-len", type=int, help="text tokens")
     m.add_argument("--mlp-ratio", type=float)
-    m.add_argument("--cfg", type=int, default=1, help="transformer passes per step (2: true CFG run separately)")
+    m.add_argument("--cfg", type=int, default=None,
+                   help="transformer passes per step (2: true CFG run separately; default 2 with --cfg-degree 2, else 1)")
     m.add_argument("--num-inference-steps", type=int, default=50)
     m.add_argument("--attention-only", action="store_true",
                    help="model only the attention call (bench/bench_sp.py workloads): no linear layers, no serial part")
@@ -49,6 +50,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     h.add_argument("--efficiency", type=float, help="achieved fraction of peak (overrides the preset's constant)")
     h.add_argument("--serial-s-per-mpix", type=float, help="undivided seconds per output megapixel (override)")
     s = p.add_argument_group("strategy")
+    s.add_argument("--cfg-degree", type=int, default=None,
+                   help="CFG parallel: 2 also plans the two guidance branches on two halves of the GPUs (implies "
+                        "--cfg 2); 1: never. Default: planned whenever --cfg 2")
+    s.add_argument("--vae-parallel", action=argparse.BooleanOptionalAction, default=True,
+                   help="the VAE decode is split over a CFG branch's ulysses x ring ranks, as spattn generate does "
+                        "(default); --no-vae-parallel models one rank decoding")
     s.add_argument("--ring-impl", default="auto", choices=["auto"] + sorted(RING_COSTS),
                    help="ring implementation assumed (auto: what spattn's ring_impl='auto' picks on GPUs)")
     s.add_argument("--ulysses-pipeline", type=int, default=1,
@@ -68,7 +75,7 @@ def _given(value, default):
 def check_args(a: argparse.Namespace) -> list:
     """One message per meaningless flag value (each flag that was given, checked before planning)."""
     errors = []
-    positive_int = ("gpus", "num_inference_steps", "cfg", "heads", "head_dim", "layers", "width", "height",
+    positive_int = ("gpus", "num_inference_steps", "cfg", "cfg_degree", "heads", "head_dim", "layers", "width", "height",
                     "frames", "patch", "vae_factor", "tokens", "ulysses_pipeline")
     for key in positive_int:
         val = getattr(a, key)
@@ -88,7 +95,23 @@ def check_args(a: argparse.Namespace) -> list:
         errors.append("--where filters the rows of --calibrate FILE; give --calibrate too, or drop --where")
     if a.frames is not None and not MODELS[a.model].video:
         errors.append(f"--frames applies to video models (wan), not {a.model}")
+    cfg_degree = getattr(a, "cfg_degree", None)
+    if cfg_degree is not None and cfg_degree > 2:
+        errors.append(f"--cfg-degree {cfg_degree}: classifier-free guidance has two branches; use --cfg-degree 2")
+    elif cfg_degree == 2 and a.cfg is not None and a.cfg != 2:
+        errors.append(f"--cfg-degree 2 runs the two passes of true CFG on two halves of the GPUs, but --cfg is "
+                      f"{a.cfg}; use --cfg 2 (or drop --cfg)")
     return errors
+
+
+def cfg_degrees(a: argparse.Namespace) -> tuple:
+    """The CFG degrees to plan: 1, and 2 when the workload has two passes per step (unless --cfg-degree 1)."""
+    passes = passes_per_step(a)
+    return (1,) if getattr(a, "cfg_degree", None) == 1 or passes % 2 else (1, 2)
+
+
+def passes_per_step(a: argparse.Namespace) -> int:
+    return a.cfg if a.cfg is not None else (2 if getattr(a, "cfg_degree", None) == 2 else 1)
 
 
 def workload_from_args(a: argparse.Namespace) -> Workload:
@@ -125,7 +148,9 @@ def workload_from_args(a: argparse.Namespace) -> Workload:
         text_per_token = 0.0  # cross-attention K/V projections of the text: 2*h^2*text once, negligible
     mpix = 0.0 if a.attention_only else width * height * frames / 1e6
     return Workload(spec.name, tokens, text, layers, heads, head_dim, per_token, text_per_token,
-                    spec.joint_text, a.num_inference_steps, a.cfg, mpix, attention_only=a.attention_only)
+                    spec.joint_text, a.num_inference_steps, passes_per_step(a), mpix, attention_only=a.attention_only,
+                    vae_tflops=spec.vae_tflops_per_mpix * mpix, vae_parallel=getattr(a, "vae_parallel", True),
+                    out_channels=spec.out_channels)
 
 
 def hardware_from_args(a: argparse.Namespace) -> Hardware:
@@ -142,15 +167,19 @@ def hardware_from_args(a: argparse.Namespace) -> Hardware:
     return hw
 
 
-COLUMNS = (("attn s", "attention_s", 1), ("other s", "linear_s", 1), ("comm s", "comm_s", 1),
+COLUMNS = (("attn s", "attention_s", 1), ("other s", "other_s", 1),  # other: linear layers + kernel gaps
+           ("comm s", "comm_s", 1),
            ("hidden", "comm_hidden_s", 1), ("exposed", "comm_exposed_s", 1), ("a2a GB", "a2a_bytes_per_rank", 1e9),
            ("ring GB", "ring_bytes_per_rank", 1e9), ("serial s", "serial_s", 1), ("total s", "total_s", 1))
 
 
 def format_table(rows: Sequence[Dict]) -> str:
-    """Columns as wide as their widest cell, so large degrees (``--gpus 1000``) never run together."""
-    head = ["mode", "U", "R", "ring"] + [h for h, _, _ in COLUMNS] + ["speedup"]
-    body = [[r["mode"], str(r["ulysses_degree"]), str(r["ring_degree"]), r["ring_impl"] or "-"]
+    """Columns as wide as their widest cell, so large degrees (``--gpus 1000``) never run together.
+    A CFG degree column (C) appears when CFG-parallel rows are planned."""
+    cfg = any(r.get("cfg_degree", 1) > 1 for r in rows)
+    head = ["mode"] + (["C"] if cfg else []) + ["U", "R", "ring"] + [h for h, _, _ in COLUMNS] + ["speedup"]
+    body = [[r["mode"]] + ([str(r["cfg_degree"])] if cfg else []) + [str(r["ulysses_degree"]), str(r["ring_degree"]),
+                                                                     r["ring_impl"] or "-"]
             + [fmt_num(r[k] / div) for _, k, div in COLUMNS] + [f"{r['speedup']:.2f}x"] for r in rows]
     widths = [max(len(c) for c in col) for col in zip(head, *body)]
 
@@ -169,7 +198,7 @@ def run(a: argparse.Namespace) -> int:
             measured = read_measurements(a.calibrate, a.where)
             fitted = fit_constants(w, hw, measured, a.ring_impl, a.ulysses_pipeline)
             hw = fitted["hardware"]
-        rows = predict(w, hw, a.gpus, a.ring_impl, a.ulysses_pipeline)
+        rows = predict(w, hw, a.gpus, a.ring_impl, a.ulysses_pipeline, cfg_degrees(a))
     except (ValueError, OSError) as e:
         for msg in str(e).splitlines():  # one line per problem
             print(msg if msg.startswith("spattn plan") else f"spattn plan: {msg}", file=sys.stderr)
@@ -182,7 +211,10 @@ def run(a: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=1))
         return 0
     print(f"# {w.model}: {w.image_tokens} image tokens + {w.text_tokens} text, {w.layers} layers, "
-          f"{w.heads}x{w.head_dim}, {w.steps} steps x {w.cfg} pass(es)")
+          f"{w.heads}x{w.head_dim}, {w.steps} steps x {w.cfg} pass(es)"
+          + (", CFG parallel planned (C = 2: one pass per step per branch)" if 2 in cfg_degrees(a) else "")
+          + (f"; VAE decode {w.vae_tflops:.0f} TFLOP, split over a branch's U x R ranks" if w.vae_parallel and w.vae_tflops
+             else "; VAE decoded by one rank" if w.vae_tflops else ""))
     print(f"# {hw.name}: {hw.tflops:g} TFLOP/s nominal x efficiency {hw.efficiency:.3f}, {hw.link} "
           f"{hw.link_gbps:g} GB/s per direction, serial {hw.serial_s_per_mpix:.2f} s/MPix ({hw.calibrated})")
     print("# MODELED, not measured; times are per rank for the whole generation, comm = all-to-all + ring P2P")
@@ -196,5 +228,6 @@ def run(a: argparse.Namespace) -> int:
             print(f"#   {r['ulysses_degree']}x{r['ring_degree']}: measured {r['measured_s']:.3f} s, model "
                   f"{r['predicted_s']:.3f} s ({r['error']:+.1%})")
     print(format_table(rows))
-    print(f"recommend: ulysses {pick['ulysses_degree']} x ring {pick['ring_degree']} - {why}")
+    cfg = f" x cfg {pick['cfg_degree']}" if pick.get("cfg_degree", 1) > 1 else ""
+    print(f"recommend: ulysses {pick['ulysses_degree']} x ring {pick['ring_degree']}{cfg} - {why}")
     return 0
