@@ -6,3 +6,8 @@ parts of the pipeline around attention (CFG parallel, the patch-parallel VAE) as
 from .transformer import PLANS, ModelPlan, SPHandle, Split, _Processor, _State, parallelize, supported_models
 
 __all__ = ["parallelize", "SPHandle", "ModelPlan", "Split", "PLANS", "supported_models"]
+
+# The patch-parallel VAE decode (issue 18): vae_handle = parallelize_vae(pipe.vae, mesh); see .vae
+from .vae import VAE_PLANS, ConvInputMeter, VAEHandle, VAEPlan, parallelize_vae, vae_supported  # noqa: E402
+
+__all__ += ["parallelize_vae", "VAEHandle", "VAEPlan", "VAE_PLANS", "vae_supported", "ConvInputMeter"]
