@@ -74,12 +74,14 @@ def decode_run(rank: int, world: int, init_method: Optional[str], job: dict) -> 
     import spattn
     from spattn.integrations.diffusers import ConvInputMeter, parallelize_vae
 
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if world > 1:
         from spattn.launch import init_rank
 
-        device = init_rank(rank, world, init_method)
+        device = init_rank(rank, world, init_method, threads=max(1, cores // world))
     else:
         device = torch.device(job["device"])
+        torch.set_num_threads(cores)   # one process: the whole CPU, as a single-device user runs it
     dtype = getattr(torch, job["dtype"])
     from diffusers.utils import logging as dlog
 
@@ -121,14 +123,12 @@ def decode_run(rank: int, world: int, init_method: Optional[str], job: dict) -> 
 def run_one(job: dict, world: int) -> dict:
     import torch
 
-    if world == 1:
-        torch.set_num_threads(os.cpu_count() or 1)
-        decode_run(0, 1, None, job)
-    else:
-        from spattn.launch import LocalRanks
+    from spattn.launch import LocalRanks
 
-        with LocalRanks(decode_run, world, args=(job,), env={"OMP_WAIT_POLICY": "PASSIVE"}) as ranks:
-            ranks.wait()
+    # The one-process reference runs in a fresh process too, under the same OpenMP policy as the ranks
+    # (busy-waiting threads on a shared CPU would make whichever runs in this process look slow).
+    with LocalRanks(decode_run, world, args=(job,), env={"OMP_WAIT_POLICY": "PASSIVE"}) as ranks:
+        ranks.wait()
     return torch.load(job["result"])
 
 

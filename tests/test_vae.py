@@ -135,6 +135,21 @@ def _too_short(kind: str, shape) -> str:
     return "no error"
 
 
+def _twice(kind: str) -> str:
+    vae = build_vae(kind)
+    mesh = spattn.init_mesh(ulysses_degree=dist.get_world_size())
+    with parallelize_vae(vae, mesh):
+        try:
+            parallelize_vae(vae, mesh)
+        except RuntimeError as e:
+            return str(e)
+    return "no error"
+
+
+def test_parallelizing_twice_is_refused():
+    assert "already patched" in run_on_ranks(2, _twice, "wan")
+
+
 def test_latent_shorter_than_ranks_is_refused_on_every_rank():
     msg = run_on_ranks(4, _too_short, "flux", (1, 4, 3, 8))
     assert "3 rows cannot be split over 4 ranks" in msg and "--no-vae-parallel" in msg

@@ -68,7 +68,10 @@ _PIXEL_NORMS = ("QwenImageRMS_norm", "WanRMS_norm")
 
 
 def _plan_for(vae: nn.Module) -> Optional[VAEPlan]:
-    return VAE_PLANS.get(type(vae).__name__)
+    for cls in type(vae).__mro__:   # a subclass of a supported VAE has its layers
+        if cls.__name__ in VAE_PLANS:
+            return VAE_PLANS[cls.__name__]
+    return None
 
 
 def vae_supported(vae: Any) -> bool:
@@ -400,6 +403,9 @@ def parallelize_vae(vae: nn.Module, mesh: spattn.SPMesh, *, backend: str = "auto
     decoder = getattr(vae, plan.decoder, None)
     if not isinstance(decoder, nn.Module):
         raise TypeError(f"parallelize_vae: {type(vae).__name__} has no decoder module {plan.decoder!r}")
+    if "forward" in decoder.__dict__:
+        raise RuntimeError("parallelize_vae: this VAE's decoder is already patched (parallelize_vae applied "
+                           "twice?); call remove() on the first handle before parallelizing it again")
     # Decide every patch before touching anything (or communicating): a refusal leaves the VAE as is.
     todo: List[Tuple[nn.Module, str]] = []
     halo = 1
