@@ -246,7 +246,8 @@ def _causal_conv3d_forward(band: _Band, m: nn.Conv3d) -> Callable:
 def _group_norm_forward(band: _Band, m: nn.GroupNorm) -> Callable:
     def forward(x: Tensor) -> Tensor:
         if x.dim() < 4:
-            raise ValueError(f"spattn parallel VAE: GroupNorm on a band needs (n, c, [t,] rows, width), got {tuple(x.shape)}")
+            raise ValueError(f"spattn parallel VAE: GroupNorm on a band needs (n, c, [t,] rows, width), "
+                             f"got {tuple(x.shape)}")
         n, c = x.shape[:2]
         xf = x.float().reshape(n, m.num_groups, -1)
         # Elements per group in the whole image: this band's count x total rows / band rows (an exact int,
@@ -320,6 +321,13 @@ def _decoder_forward(band: _Band, m: nn.Module, halo: int) -> Callable:
         out = original(x.narrow(-2, start, band.rows[band.index]), *args, **kwargs)
         return band.gather_rows(out, -2)
     return forward
+
+
+# Which band-aware forward each kind of patched module gets.
+_FORWARDS: Dict[str, Callable[[_Band, nn.Module], Callable]] = {
+    "conv2d": _conv2d_forward, "causal_conv": _causal_conv3d_forward, "group_norm": _group_norm_forward,
+    "attention_block": _attention_block_forward, "attention": _attention_forward,
+}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -425,9 +433,12 @@ def parallelize_vae(vae: nn.Module, mesh: spattn.SPMesh, *, backend: str = "auto
             todo.append((m, "attention"))
         elif isinstance(m, (nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
             rows = _conv_halo(m, causal=False)
+            if rows and not isinstance(m, nn.Conv2d):
+                raise TypeError(f"parallelize_vae: decoder layer {name} ({cls}) pads rows and is not a 2-D or "
+                                f"causal 3-D convolution spattn knows how to band")
             if rows:
                 halo = max(halo, rows)
-                todo.append((m, "conv2d" if isinstance(m, nn.Conv2d) else "conv3d"))
+                todo.append((m, "conv2d"))
         elif isinstance(m, nn.GroupNorm):
             todo.append((m, "group_norm"))
         elif "norm" in cls.lower() and cls not in _PIXEL_NORMS and not isinstance(m, nn.LayerNorm):
@@ -438,12 +449,8 @@ def parallelize_vae(vae: nn.Module, mesh: spattn.SPMesh, *, backend: str = "auto
     if not dist.is_initialized():
         raise RuntimeError("parallelize_vae: torch.distributed is not initialized")
     band = _Band(mesh, backend)
-    factories = {"causal_conv": _causal_conv3d_forward, "attention_block": _attention_block_forward,
-                 "attention": _attention_forward, "conv2d": _conv2d_forward, "group_norm": _group_norm_forward}
     for m, kind in todo:
-        if kind == "conv3d":
-            raise TypeError(f"parallelize_vae: plain Conv3d with row padding ({type(m).__name__}) is not supported")
-        handle._patch(m, factories[kind](band, m))
+        handle._patch(m, _FORWARDS[kind](band, m))
     handle._patch(decoder, _decoder_forward(band, decoder, halo))
     handle.band = band
     return handle
