@@ -174,6 +174,7 @@ def plot(rows: Sequence[Dict], path: str, title: str) -> Optional[str]:
         ax_m.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=label)
     ax_m.plot(worlds, [1 / p for p in worlds], color="gray", linestyle="--", linewidth=1, label="1/P")
     ax_t.set_ylabel("decode time (s)")
+    ax_t.set_yscale("log")
     ax_m.set_ylabel("largest conv input per rank / one process's")
     for ax in (ax_t, ax_m):
         ax.set_xlabel("ranks P")
