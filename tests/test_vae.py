@@ -33,6 +33,9 @@ def build_vae(kind: str) -> torch.nn.Module:
     if kind in ("qwen", "wan"):
         cls = diffusers.AutoencoderKLQwenImage if kind == "qwen" else diffusers.AutoencoderKLWan
         vae = cls(base_dim=4, z_dim=4, dim_mult=[1, 2, 4, 4], num_res_blocks=1, temperal_downsample=[False, True, True])
+    elif kind == "wan22":   # Wan 2.2: residual up blocks (DupUp3D shortcuts), 2x2 output patches
+        vae = diffusers.AutoencoderKLWan(base_dim=4, decoder_base_dim=8, z_dim=4, num_res_blocks=1, is_residual=True,
+                                         in_channels=12, out_channels=12, patch_size=2, scale_factor_spatial=16)
     elif kind == "flux":
         vae = diffusers.AutoencoderKL(
             in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16, 16),
@@ -102,6 +105,7 @@ CASES = [
     ("qwen", (1, 4, 1, 5, 6)),     # Qwen-Image: one frame
     ("qwen", (1, 4, 2, 7, 5)),     # Qwen-Image VAE on a video latent (temporal upsampling + cache)
     ("wan", (1, 4, 3, 5, 6)),      # Wan: 3 latent frames -> 9 frames
+    ("wan22", (1, 4, 2, 5, 3)),    # Wan 2.2 VAE: 2 latent frames -> 5 frames, 16x spatial
     ("flux", (2, 4, 7, 6)),        # Flux: batch 2, GroupNorm and diffusers Attention
 ]
 
