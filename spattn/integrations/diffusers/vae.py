@@ -209,12 +209,16 @@ def _sp_group(mesh: spattn.SPMesh) -> Tuple[dist.ProcessGroup, List[int]]:
     if mesh.ring_group is None or mesh.ulysses_group is None:
         group = mesh.ulysses_group if mesh.ring_group is None else mesh.ring_group
         return group, list(dist.get_process_group_ranks(group))
+    cached = getattr(mesh, "_vae_sp_group", None)   # built once per mesh, however often a VAE is parallelized
+    if cached is not None:
+        return cached
     ring = dist.get_process_group_ranks(mesh.ring_group)         # (r, my u) for every r
     per_u: List[Any] = [None] * mesh.ulysses_degree
     dist.all_gather_object(per_u, ring, group=mesh.ulysses_group)  # (r, u) for every r, u
     ranks = [per_u[u][r] for r in range(mesh.ring_degree) for u in range(mesh.ulysses_degree)]
     # Only this branch's ranks take part (on a CFG mesh the other branch builds its own).
-    return dist.new_group(ranks, use_local_synchronization=True), ranks
+    mesh._vae_sp_group = (dist.new_group(ranks, use_local_synchronization=True), ranks)
+    return mesh._vae_sp_group
 
 
 # ---------------------------------------------------------------------------------------------------
