@@ -64,6 +64,7 @@ class Config:
     negative_prompt: Optional[str] = None
     true_cfg_scale: Optional[float] = None   # resolved: > 1 with a negative prompt, else None
     guidance_scale: Optional[float] = None   # guidance-distilled models only
+    vae_parallel: bool = True  # decode with every rank (patch-parallel VAE), when the VAE is supported
 
     @property
     def world(self) -> int:
@@ -113,6 +114,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
            "pixel deviation (default on; --no-baseline skips it)")
     g("--warmup", action=argparse.BooleanOptionalAction, default=True,
       help="one untimed 1-step generation per configuration before timing (default on)")
+    g("--vae-parallel", action=argparse.BooleanOptionalAction, default=None,
+      help="decode with every rank, each on a band of image rows (exact; default on when the latent has at "
+           "least one row per rank); --no-vae-parallel decodes on each rank alone")
 
     def one_line_error(message: str) -> None:  # argparse's usage block is not one line
         print(f"spattn generate: error: {message}", file=sys.stderr)
@@ -232,12 +236,19 @@ def validate(args: argparse.Namespace) -> Config:
             parent = Path(target).expanduser().resolve().parent
             if not parent.is_dir():
                 raise UsageError(f"{flag} {target}: directory {parent} does not exist; create it or choose another path")
+    # The parallel VAE needs a latent row per rank: on by default when it fits, an error only when asked for.
+    latent_rows = args.height // (multiple // 2)
+    vae_parallel = args.vae_parallel if args.vae_parallel is not None else latent_rows >= world
+    if vae_parallel and world > 1 and latent_rows < world:
+        raise UsageError(f"--vae-parallel: --height {args.height} gives {latent_rows} latent rows, fewer than the "
+                         f"{world} ranks; use --height {world * (multiple // 2)} or more, or --no-vae-parallel")
     return Config(
         model=model, model_label=args.model, pipeline_class=cls, prompt=args.prompt,
         ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree, width=args.width, height=args.height,
         num_inference_steps=args.num_inference_steps, seed=args.seed, dtype=dtype, backend=args.backend,
         output=args.output, json_path=args.json_path, baseline=args.baseline, warmup=args.warmup, cores=_cores(),
         cfg_degree=cfg_degree, negative_prompt=args.negative_prompt, true_cfg_scale=true_cfg, guidance_scale=guidance,
+        vae_parallel=vae_parallel,
     )
 
 
@@ -292,6 +303,18 @@ def load_pipeline(cfg: Config, device):
         pipe = DiffusionPipeline.from_pretrained(cfg.model, local_files_only=True,
                                                  **{"dtype" if new else "torch_dtype": dtype})
     return pipe.to(device)
+
+
+def parallelize_pipeline_vae(pipe, mesh, enabled: bool = True, backend: str = "auto"):
+    """Decode ``pipe``'s VAE with every SP rank of ``mesh`` (exact patch-parallel decode) when ``enabled``,
+    the VAE is supported and the mesh has more than one rank; returns the handle (``remove()`` undoes
+    it) or None when the VAE decodes on each rank alone. For Engine/serve as for generate."""
+    from spattn.integrations.diffusers import parallelize_vae, vae_supported
+
+    vae = getattr(pipe, "vae", None)
+    if not enabled or mesh.world_size == 1 or not vae_supported(vae):
+        return None
+    return parallelize_vae(vae, mesh, backend=backend)
 
 
 def _call_kwargs(cfg: Config) -> dict:
@@ -416,6 +439,7 @@ def rank_main(rank: int, world: int, cfg: Config, init_method: Optional[str]) ->
                     torch.set_num_threads(threads)
                 rows.append(_row(cfg, "Baseline (diffusers)", 1, 1, base_time, base_time, 0.0, world=1,
                                  threads=cfg.cores if not cuda else None))
+                rows[-1]["vae_parallel"] = False
             if barrier is not None:
                 barrier()
         from spattn.integrations.diffusers import parallelize_pipeline
@@ -423,14 +447,15 @@ def rank_main(rank: int, world: int, cfg: Config, init_method: Optional[str]) ->
         mesh = spattn.init_mesh(ulysses_degree=cfg.ulysses_degree, ring_degree=cfg.ring_degree,
                                 cfg_degree=cfg.cfg_degree)
         handle = parallelize_pipeline(pipe, mesh, backend=cfg.backend)   # CFG halves too, when cfg_degree 2
+        vae_handle = parallelize_pipeline_vae(pipe, mesh, cfg.vae_parallel, cfg.backend)
         try:
             desc = f"ulysses {cfg.ulysses_degree} x ring {cfg.ring_degree}"
             if cfg.cfg_degree > 1:
                 desc = f"cfg {cfg.cfg_degree} x {desc}"
-            # Only rank 0 needs the image. On CPU the other ranks skip the VAE decode (on GPUs each rank
-            # would decode on its own device at no cost to rank 0; here they would share its cores)
-            # and rank 0 decodes on all cores, as the baseline does.
-            cpu = not cuda and world > 1
+            # Parallel VAE: every rank decodes its band. Otherwise only rank 0 needs the image: on CPU
+            # the other ranks skip the VAE decode (on GPUs each rank would decode on its own device at no
+            # cost to rank 0; here they would share its cores) and rank 0 decodes on all cores.
+            cpu = not cuda and world > 1 and vae_handle is None
             with warnings.catch_warnings():   # a CFG mesh without guidance: said once below, not per rank
                 warnings.filterwarnings("ignore", message="spattn CFG parallel")
                 image, seconds = _timed(pipe, cfg, device, desc, show=rank == 0, barrier=barrier,
@@ -439,12 +464,14 @@ def rank_main(rank: int, world: int, cfg: Config, init_method: Optional[str]) ->
             idle = handle.last_run.idle_fraction if handle.last_run is not None else 0.0
         finally:
             handle.remove()
+            if vae_handle is not None:
+                vae_handle.remove()
         if rank == 0:
             diff = None if base_image is None else float(abs(image.astype("float64") - base_image).max())
             rows.append(_row(cfg, configuration_name(cfg.ulysses_degree, cfg.ring_degree, cfg.cfg_degree),
                              cfg.ulysses_degree, cfg.ring_degree, seconds, base_time, diff, world=world,
                              threads=threads if not cuda else None))
-            rows[-1].update(cfg_degree=cfg.cfg_degree, idle_fraction=idle)
+            rows[-1].update(cfg_degree=cfg.cfg_degree, idle_fraction=idle, vae_parallel=vae_handle is not None)
             _report(cfg, rows, image, device, world, threads)
         if barrier is not None:
             barrier()
@@ -505,6 +532,9 @@ def _report(cfg: Config, rows: List[dict], image, device, world: int, threads: i
               f"same work: {rows[-1]['idle_fraction']:.0%} of the ranks were idle (add --negative-prompt, or drop "
               f"--cfg-degree).")
     print("Max deviation: largest |pixel difference| (values in [0, 1]) from the single-device image.")
+    if rows and rows[-1].get("vae_parallel"):
+        print(f"VAE decode: patch-parallel, every rank decodes a band of rows ({world} ranks; --no-vae-parallel "
+              f"to decode on one)")
     print(f"image: {cfg.output}")
     if cfg.json_path:
         Path(cfg.json_path).write_text(json.dumps(rows, indent=2) + "\n")
