@@ -184,12 +184,33 @@ class Engine:
         # CPU ranks share the cores: spinning OpenMP threads would steal them (read at the children's import).
         env = {} if torch.cuda.is_available() else {"OMP_WAIT_POLICY": "PASSIVE"}
         self._seq = 0
-        self._ranks = LocalRanks(spawned_rank, self.world, args=(spec,), env=env)
+        box: Dict[str, Any] = {}
+        started, stop = threading.Event(), threading.Event()
+
+        def keeper() -> None:
+            # PR_SET_PDEATHSIG fires when the *thread* that spawned a child exits, so the spawning thread
+            # lives as long as its ranks (Engine may be built in a short-lived thread, e.g. a server's loader).
+            try:
+                box["ranks"] = LocalRanks(spawned_rank, self.world, args=(spec,), env=env)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the constructing thread
+                box["error"] = e
+            started.set()
+            stop.wait()
+
+        threading.Thread(target=keeper, name="spattn-engine-ranks", daemon=True).start()
+        started.wait()
+        if "error" in box:
+            raise box["error"]
+        self._ranks, self._keeper_stop = box["ranks"], stop
         try:
             self._wait_ready()
         except BaseException:
-            self._ranks.close()
+            self._close_ranks()
             raise
+
+    def _close_ranks(self) -> None:
+        self._ranks.close()
+        self._keeper_stop.set()
 
     def _start_launched(self, rank: int, world: int) -> None:
         """Under torchrun: rank 0 hosts the channel (its port broadcast once) and runs its rank in a thread."""
@@ -288,7 +309,7 @@ class Engine:
             req._finish("failed", error=EngineDeadError(f"spattn engine is dead: {error}", error.rank))
             self.counters["failed"] += 1
         if self._ranks is not None:  # the others may sit in a collective with the dead one: end them
-            threading.Thread(target=self._ranks.close, daemon=True).start()
+            threading.Thread(target=self._close_ranks, daemon=True).start()
 
     # --------------------------------------------------------------------------------- requests
     def submit(self, prompt: str, params: ParamsLike = None) -> Request:
@@ -469,7 +490,7 @@ class Engine:
             self._die(EngineDeadError(f"ranks out of step after a failure ({message}); restart the job"))
             return
         self._state = "restarting"
-        self._ranks.close()
+        self._close_ranks()
         try:
             self._start_spawned()
         except BaseException as e:  # noqa: BLE001 - any start failure makes the engine dead
@@ -532,7 +553,7 @@ class Engine:
             deadline = time.monotonic() + (1.0 if victims else timeout_s / 2)
             while self._ranks.dead() != list(range(self.world)) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            self._ranks.close()
+            self._close_ranks()
         elif self._local_worker is not None:
             self._local_worker.join(timeout_s)
 
@@ -545,6 +566,6 @@ class Engine:
     def __del__(self):  # a forgotten engine must not leave ranks behind
         try:
             if getattr(self, "_ranks", None) is not None and not self._closed:
-                self._ranks.close()
+                self._close_ranks()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
