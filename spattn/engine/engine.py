@@ -260,8 +260,9 @@ class Engine:
         self._beats = {r: (0, time.monotonic()) for r in range(self.world)}
         self._state = "ok"
 
-    def _rank_failure(self) -> Optional[EngineDeadError]:
-        """A dead rank, named; None while all live."""
+    def _rank_failure(self, heartbeats: bool = True) -> Optional[EngineDeadError]:
+        """A dead rank, named; None while all live. ``heartbeats``: also check torchrun ranks' heartbeats
+        (watchdog thread only: it owns that channel)."""
         if self._ranks is not None:
             f = self._ranks.failure()
             if f is None:
@@ -273,7 +274,7 @@ class Engine:
             return EngineDeadError(" ".join(first_line[:1] + first_line[-1:]) if len(first_line) > 1 else str(f), f.rank)
         if self._local_worker is not None and not self._local_worker.is_alive() and not self._closed:
             return EngineDeadError("rank 0's serving thread exited", 0)
-        if self._state == "ok":  # torchrun ranks: heartbeats
+        if heartbeats and self._state == "ok":  # torchrun ranks: heartbeats
             now = time.monotonic()
             for r in range(self.world):
                 key = f"{self._prefix}/hb/{r}"
@@ -455,6 +456,13 @@ class Engine:
                 self._desync(batch, failed[0])
                 return
             time.sleep(0.01)
+        if res["status"] == "error":
+            # A collective that failed because a peer died: the engine is dead, not just this request.
+            time.sleep(0.2)
+            failure = self._rank_failure(heartbeats=False)
+            if failure is not None:
+                self._die(failure)
+                return
         self._deliver(batch, res)
         # Every rank must have left the job (none stuck in a collective) before the next one is posted.
         deadline = time.monotonic() + DESYNC_GRACE_S

@@ -15,8 +15,8 @@ from typing import Any, Dict, List, Optional
 
 from .channel import Channel, ChannelClosed
 
-# Testing aid: "RANKS:WORD" ("all" or "0,1") makes those ranks raise at the first step end of any request
-# whose prompt contains WORD (a rank failing mid-request, symmetric or not).
+# Testing aid: "RANKS:WORD[;RANKS:WORD]" (RANKS "all" or "0,1") makes those ranks raise at the first step end
+# of any request whose prompt contains WORD (a rank failing mid-request, on every rank or on some).
 FAULT_ENV = "SPATTN_ENGINE_FAULT"
 HEARTBEAT_S = 1.0
 
@@ -127,10 +127,12 @@ def _call_kwargs(pipe, reqs: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 
 def _faulty(fault: Optional[str], rank: int, reqs: List[Dict[str, Any]]) -> bool:
-    if not fault or ":" not in fault:
-        return False
-    ranks, word = fault.split(":", 1)
-    return (ranks == "all" or str(rank) in ranks.split(",")) and any(word in r["prompt"] for r in reqs)
+    for spec in (fault or "").split(";"):
+        if ":" in spec:
+            ranks, word = spec.split(":", 1)
+            if (ranks == "all" or str(rank) in ranks.split(",")) and any(word in r["prompt"] for r in reqs):
+                return True
+    return False
 
 
 def _run_job(pipe, job: Dict[str, Any], rank: int, world: int, device, channel: Channel, prefix: str,
