@@ -242,3 +242,30 @@ def test_killed_rank_fails_in_flight_and_later_requests(engine):
     assert h["status"] == "dead" and h["dead_rank"] == 1 and not h["ranks"][1]["alive"]
     with pytest.raises(EngineDeadError):
         engine.generate("later", SamplingParams(seed=0, **SMALL))
+
+
+# ------------------------------------------------------------------------------------ torchrun
+def _torchrun_rank(rank, world, init_method, out_path):
+    """What a torchrun-launched script does: every rank builds the Engine; rank 0 drives."""
+    host, port = init_method[len("tcp://"):].rsplit(":", 1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR=host,
+                      MASTER_PORT=port)
+    engine = Engine("tiny-qwen-image", ulysses_degree=2)
+    if engine.is_driver:
+        with engine:
+            out, = engine.generate("a cat on a windowsill", SamplingParams(seed=3, **SMALL))
+            assert engine.health()["status"] == "ok"
+        np.save(out_path, out.array)
+    else:
+        with pytest.raises(RuntimeError, match="only rank 0"):
+            engine.submit("x")
+
+
+def test_torchrun_rank0_drives_the_others_serve(single_device, tmp_path):
+    from spattn.launch import LocalRanks
+
+    out = tmp_path / "rank0.npy"
+    with LocalRanks(_torchrun_rank, 2, args=(str(out),), env={"OMP_WAIT_POLICY": "PASSIVE"}) as ranks:
+        ranks.wait(timeout=900)
+    ref = single_device("a cat on a windowsill", 3)
+    assert np.abs(np.load(out)[0].astype(np.float64) - ref).max() <= 1e-3

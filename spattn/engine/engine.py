@@ -551,10 +551,9 @@ class Engine:
             self._cv.notify_all()
         for req in victims:
             req._finish("failed", error=EngineDeadError("spattn engine closed before the request finished"))
-        try:  # a clean stop when the ranks are idle; a running job is abandoned (ranks are killed)
-            seq = self._seq + 1 if not victims else None
-            if seq is not None:
-                self._channel.put(f"{self._prefix}/job/{seq}", {"kind": "stop", "seq": seq})
+        try:  # ranks stop after the job they run (spawned ranks running one are killed below instead)
+            seq = self._seq + 1
+            self._channel.put(f"{self._prefix}/job/{seq}", {"kind": "stop", "seq": seq})
         except RuntimeError:
             pass
         if self._ranks is not None:
