@@ -17,3 +17,12 @@ _ext.register_merge_if_available()
 
 __all__ = ["attention", "init_mesh", "SPMesh", "shard", "gather", "local_seq_len", "ops"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # spattn.Engine & co.: the serving layer (above this API), loaded on first use, never at import.
+    if name in ("Engine", "SamplingParams", "GenerationOutput", "EngineDeadError"):
+        from . import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'spattn' has no attribute {name!r}")
