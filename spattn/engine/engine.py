@@ -426,6 +426,9 @@ class Engine:
                 self._run(batch)
             except ChannelClosed:
                 return
+            except Exception as e:  # noqa: BLE001 - a driver bug must fail the batch, never hang its callers
+                for req in batch:
+                    req._finish("failed", error=RequestFailed(f"engine driver error: {type(e).__name__}: {e}"))
             finally:
                 with self._cv:
                     self._running = []
