@@ -178,7 +178,8 @@ def main() -> int:
     print("| --max-batch-size | requests/s | p50 | p99 | failures |")
     print("|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['max_batch_size']} | {r['requests_per_s']:.2f} | {r['p50_s']}s | {r['p99_s']}s | {r['failures']} |")
+        print(f"| {r['max_batch_size']} | {r['requests_per_s']:.2f} | {r['p50_s']}s | {r['p99_s']}s "
+              f"| {r['failures']} |")
     write_csv(rows, args.csv)
     print(f"csv: {args.csv}")
     if args.png:

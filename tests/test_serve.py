@@ -212,15 +212,17 @@ def test_sixteen_concurrent_clients(image_server):
     for t in threads:
         t.join(700)
     assert not errors and sorted(results) == list(range(100, 116))
-    assert all(r.status_code == 200 for r in results.values()), [r.text for r in results.values() if r.status_code != 200]
+    assert all(r.status_code == 200 for r in results.values()), [r.text for r in results.values()]
     assert len({r.json()["id"] for r in results.values()}) == 16
+    image = {seed: _png(r.json()["data"][0]["b64_json"]) for seed, r in results.items()}
     # Each got its own seed's image: the same request alone gives the same PNG.
     for seed in (100, 107, 115):
         alone = _post(image_server, {"prompt": f"photo {seed}", "seed": seed, **SMALL}).json()
-        assert np.abs(_png(alone["data"][0]["b64_json"]) - _png(results[seed].json()["data"][0]["b64_json"])).max() <= 1 / 255 + 1e-9
-    assert np.abs(_png(results[100].json()["data"][0]["b64_json"]) - _png(results[101].json()["data"][0]["b64_json"])).max() > 0.01
+        assert np.abs(_png(alone["data"][0]["b64_json"]) - image[seed]).max() <= 1 / 255 + 1e-9
+    assert np.abs(image[100] - image[101]).max() > 0.01
     metrics = httpx.get(image_server.url + "/metrics", timeout=10).text
-    completed = [line for line in metrics.splitlines() if line.startswith('spattn_requests_total{endpoint="images",outcome="completed"}')]
+    key = 'spattn_requests_total{endpoint="images",outcome="completed"}'
+    completed = [line for line in metrics.splitlines() if line.startswith(key)]
     assert completed and float(completed[0].split()[-1]) >= 16
     assert "spattn_queue_depth" in metrics and "spattn_request_latency_seconds_bucket" in metrics
 

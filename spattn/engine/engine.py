@@ -24,7 +24,7 @@ from .channel import Channel, ChannelClosed
 from .params import (EngineBusyError, EngineDeadError, GenerationOutput, RequestCancelled, RequestFailed,
                      SamplingParams, batch_key, resolve_params)
 from .pipelines import ModelInfo, resolve_model
-from .worker import HEARTBEAT_S, WorkerSpec, serve_rank, spawned_rank
+from .worker import WorkerSpec, serve_rank, spawned_rank
 
 MAX_CPU_RANKS = 8
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -254,7 +254,8 @@ class Engine:
                 if r not in pids and self._channel.has(f"{self._prefix}/ready/{r}"):
                     pids[r] = self._channel.get(f"{self._prefix}/ready/{r}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"spattn.Engine({self.model!r}): ranks not ready after {self.startup_timeout_s:.0f}s")
+                raise TimeoutError(f"spattn.Engine({self.model!r}): ranks not ready after "
+                                   f"{self.startup_timeout_s:.0f}s")
             time.sleep(0.05)
         self._pids = [pids[r] for r in range(self.world)]
         self._beats = {r: (0, time.monotonic()) for r in range(self.world)}
@@ -270,8 +271,8 @@ class Engine:
                 if dead:
                     return EngineDeadError(f"rank {dead[0]} (pid {self._ranks.pids[dead[0]]}) exited", dead[0])
                 return None
-            first_line = str(f).strip().splitlines()
-            return EngineDeadError(" ".join(first_line[:1] + first_line[-1:]) if len(first_line) > 1 else str(f), f.rank)
+            lines = str(f).strip().splitlines()  # "rank r failed:" + the traceback's last line
+            return EngineDeadError(" ".join(lines[:1] + lines[-1:]) if len(lines) > 1 else str(f), f.rank)
         if self._local_worker is not None and not self._local_worker.is_alive() and not self._closed:
             return EngineDeadError("rank 0's serving thread exited", 0)
         if heartbeats and self._state == "ok":  # torchrun ranks: heartbeats
@@ -333,7 +334,8 @@ class Engine:
             self._cv.notify_all()
         return req
 
-    def generate(self, prompts: Union[str, Sequence[str]], sampling_params: Union[ParamsLike, Sequence[ParamsLike]] = None,
+    def generate(self, prompts: Union[str, Sequence[str]],
+                 sampling_params: Union[ParamsLike, Sequence[ParamsLike]] = None,
                  timeout: Optional[float] = None) -> List[GenerationOutput]:
         """Generate for each prompt (one ``SamplingParams`` for all, or one per prompt); thread-safe.
         Returns the outputs in prompt order; raises the first failure (``RequestFailed``,
@@ -380,9 +382,8 @@ class Engine:
             pids = self._ranks.pids
         else:
             pids, alive = self._pids, [self._dead is None or self._dead.rank != r for r in range(self.world)]
-        out: Dict[str, Any] = {"status": self._state, "model": self.model,
-                               "ranks": [{"rank": r, "pid": pid, "alive": a} for r, (pid, a) in enumerate(zip(pids, alive))],
-                               **self.stats()}
+        ranks = [{"rank": r, "pid": pid, "alive": a} for r, (pid, a) in enumerate(zip(pids, alive))]
+        out: Dict[str, Any] = {"status": self._state, "model": self.model, "ranks": ranks, **self.stats()}
         if self._dead is not None:
             out["error"] = str(self._dead)
             out["dead_rank"] = self._dead.rank

@@ -76,7 +76,8 @@ class _Metrics:
                                  buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600, math.inf))
         stat = lambda key: (lambda: state.engine.stats()[key] if state.engine is not None else 0)  # noqa: E731
         Gauge("spattn_queue_depth", "Requests waiting", registry=self.registry).set_function(stat("queued"))
-        Gauge("spattn_running_requests", "Requests on the ranks now", registry=self.registry).set_function(stat("running"))
+        Gauge("spattn_running_requests", "Requests on the ranks now",
+              registry=self.registry).set_function(stat("running"))
         Gauge("spattn_engine_ready", "1 when the engine serves", registry=self.registry).set_function(
             lambda: 1.0 if state.engine is not None and state.engine.health()["status"] == "ok" else 0.0)
 
