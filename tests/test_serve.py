@@ -2,7 +2,8 @@
 plain HTTP (httpx). Image server: tiny-qwen-image, Ulysses 2, --max-batch-size 4, --max-queue 16 (64x64,
 2 steps); video server: tiny-wan, Ring 2. Checked: health while loading and ready, the OpenAI shapes and
 errors, 16 concurrent clients (none lost, each its own seed's image), the queue-full 429, a disconnect
-cancelling its request, SIGTERM with requests in flight, video jobs, a rank killed mid-request."""
+cancelling its request, the request timeout (504, one-rank server), SIGTERM with requests in flight, video
+jobs, a rank killed mid-request."""
 import base64
 import io
 import os
@@ -93,17 +94,18 @@ def _wait_for(cond, timeout: float, what: str):
 
 @pytest.fixture(scope="module")
 def servers():
-    """Both servers start together (their loading overlaps); both are always stopped."""
+    """The servers start together (their loading overlaps); all are always stopped."""
     image = Server("tiny-qwen-image", "--usp", "2", "--max-batch-size", "4", "--max-queue", "16")
     video = Server("--model", "tiny-wan", "--ring", "2")
+    quick = Server("tiny-qwen-image", "--request-timeout-s", "3")  # one rank, a short request timeout
     try:
-        image.wait_ready()
-        video.wait_ready()
-        yield image, video
+        for server in (image, video, quick):
+            server.wait_ready()
+        yield image, video, quick
     finally:
-        image.stop()
-        video.stop()
-        pids = image.rank_pids + video.rank_pids
+        for server in (image, video, quick):
+            server.stop()
+        pids = image.rank_pids + video.rank_pids + quick.rank_pids
         _wait_for(lambda: not any(_alive(p) for p in pids), 15, f"rank processes {pids} gone")
 
 
@@ -115,6 +117,11 @@ def image_server(servers):
 @pytest.fixture(scope="module")
 def video_server(servers):
     return servers[1]
+
+
+@pytest.fixture(scope="module")
+def quick_server(servers):
+    return servers[2]
 
 
 @pytest.fixture(scope="module")
@@ -256,6 +263,16 @@ def test_queue_full_gets_429_with_retry_after(image_server):
         t.join(120)
     _wait_for(lambda: _stats(image_server)["queued"] == 0 and _stats(image_server)["running"] == 0, 60,
               "the disconnected requests dropped")
+
+
+def test_request_timeout_is_504_and_cancels(quick_server):
+    t0 = time.monotonic()
+    r = _post(quick_server, {"prompt": "slow", "size": "64x64", "num_inference_steps": 2000}, timeout=60)
+    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+    assert 3 <= time.monotonic() - t0 < 30
+    _wait_for(lambda: _stats(quick_server)["cancelled"] == 1 and _stats(quick_server)["running"] == 0, 30,
+              "the timed-out request cancelled")
+    assert _post(quick_server, {"prompt": "quick", "seed": 2, **SMALL}).status_code == 200
 
 
 def test_sigterm_drains_in_flight_requests(image_server):
