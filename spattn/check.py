@@ -1,16 +1,30 @@
 """The cross-rank argument check: every rank of a mesh must call ``spattn.attention`` with the same
-shapes and options, or the collectives inside pair up wrongly and hang. This module makes that a
-prompt error on every rank, by default.
+shapes and options, or the collectives inside pair up wrongly and hang (or, on gloo, abort the
+process). This module makes that an error on every rank, by default, without a blocking collective on
+the hot path.
 
     per call: this rank's signature, one int64 per field (N_FIELDS of them)
-        --all-gather over a small gloo side group (fixed size: cannot hang on the mismatch itself)-->
-    (world, N_FIELDS) on every rank --> equal rows, or the same ValueError everywhere naming the
-    rank(s) and the field(s) that differ, with each rank's value.
+        --asynchronous all-gather over a small gloo side group (fixed size: cannot hang on the
+          mismatch itself)--> (world, N_FIELDS) on every rank, compared when it is needed:
+    * a signature that differs from the last one all ranks agreed on (the first call, a new shape,
+      a new option) waits for its gather before any collective of the call: equal rows, or the same
+      ValueError everywhere naming the rank(s) and the field(s) that differ, with each rank's value;
+    * a signature equal to the last agreed one does not wait: its gather completes in the background
+      and is compared at a later call (or when a collective fails). Ranks that all repeat the agreed
+      signature agree with each other, so nothing can pair up wrongly; a rank whose signature changed
+      while another's did not waits, sees the difference and raises, and the other one's collective
+      then fails and reports the same difference (never a silent wait).
+
+Inputs that a parallelized model assumes identical on every rank (latents, timestep, text
+embeddings; an LLM's full ``input_ids``) are verified the same way: ``verify_identical`` starts the
+gather of their digests (a content hash, not a copy) and the model's next attention call compares
+it, raising on every rank with the name of the input that differs.
 
 The side group lives on the host (gloo, even when the mesh talks NCCL), so the check never
-synchronizes a GPU. It is created once per mesh and carries its own timeout (``SPATTN_TIMEOUT_S``):
-a rank that raised earlier, or died, makes the others fail within that time with an error naming
-the missing rank(s), never a silent wait.
+synchronizes a GPU (``verify_identical`` reads its tensors' digests: one small device-to-host copy
+per model call). It is created once per mesh and carries its own timeout (``SPATTN_TIMEOUT_S``): a
+rank that raised earlier, or died, makes the others fail within that time with an error naming the
+missing rank(s), never a silent wait.
 
 ``SPATTN_CHECK``: unset or ``1`` = signature check (default); ``2`` = also a digest of the joint
 (text) tensors' contents, which must be identical on every rank (reads the tensors: on a GPU that
@@ -23,19 +37,23 @@ import socket
 import struct
 import time
 import zlib
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Deque, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
 from . import config
+from .comm.collectives import watched
 
 Tensor = torch.Tensor
 ProcessGroup = dist.ProcessGroup
 
 __all__ = ["check_mode", "timeout_s", "signature", "check_across_ranks", "check_signature", "side_groups", "RankFailure",
-           "FIELDS", "guard_collectives"]
+           "FIELDS", "guard_collectives", "CheckState", "verify_identical"]
 
 # Fields of the signature, in order. Shapes are spread over one field per dimension and small
 # options are encoded directly, so an error can print every rank's value, not a hash.
@@ -184,62 +202,166 @@ def new_side_group(ranks: Sequence[int], local: bool, timeout: Optional[float] =
 
 
 def side_groups(mesh) -> List[ProcessGroup]:
-    """The mesh's check groups, created on first use (by every rank of the mesh, in its first
-    checked call) when the mesh did not bring them: one gloo twin per mesh group, gathered in
-    two stages (Ulysses, then ring) so every rank sees all rows in sp_rank order."""
+    """The mesh's check group: one gloo group over every rank of the mesh (init_mesh brings it; for a
+    mesh built from the user's own groups it is made on the first checked call, by every rank of the
+    mesh). One group over all ranks, not one per mesh group: a rank waiting in a collective must be
+    able to see a mismatch between any two ranks, not only among its own peers."""
     groups = mesh.check_groups
     if groups is None:
-        groups = [new_side_group(dist.get_process_group_ranks(g), True, mesh.timeout_s) for g in mesh.groups()]
+        ranks = set(dist.get_process_group_ranks(mesh.groups()[0]))
+        if len(mesh.groups()) == 2:  # every Ulysses peer's ring group: the whole mesh
+            twin = new_side_group(sorted(ranks), True, mesh.timeout_s)
+            rings: List[Optional[List[int]]] = [None] * dist.get_world_size(twin)
+            dist.all_gather_object(rings, dist.get_process_group_ranks(mesh.ring_group), group=twin)
+            ranks = {r for ring in rings for r in ring}
+        groups = [new_side_group(sorted(ranks), True, mesh.timeout_s)]
         mesh.set_check_groups(groups)
     return groups
 
 
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+MAX_PENDING = 32  # gathers left in flight before the oldest is waited for (it finished long ago)
 
 
-def _gather(groups: Sequence[ProcessGroup], sig: Tensor) -> Tensor:
-    rows = sig.view(1, -1)
-    for g in groups:
-        out = rows.new_empty((dist.get_world_size(g) * rows.shape[0], rows.shape[1]))
-        _all_gather(out, rows.contiguous(), group=g)
-        rows = out
-    return rows
+@dataclass
+class _Gather:
+    """One row all-gathered over every side group, in flight: a call's signature, or a model's
+    input digests (``names`` then says which input each column holds)."""
+
+    number: int                   # the check's running number on this mesh (the same on every rank)
+    works: List[object]           # async work per side group
+    outs: List[Tensor]            # (group size, row length) per side group
+    names: Optional[Tuple[str, ...]] = None
+    hint: str = ""
 
 
-def check_signature(mesh, sig: Tensor) -> None:
-    """All-gather ``sig`` over the mesh's side groups; raise the same ValueError on every rank when
-    the rows differ, RankFailure when a rank does not join within ``SPATTN_TIMEOUT_S``."""
+class CheckState:
+    """Per mesh: the last signature every rank was seen to agree on, and the gathers in flight."""
+
+    def __init__(self) -> None:
+        self.agreed: Optional[Tensor] = None
+        self.pending: Deque[_Gather] = deque()
+
+
+def _start(mesh, row: Tensor, names=None, hint: str = "") -> _Gather:
+    """Start the all-gather of ``row`` over the mesh's side group; it is compared later (``_finish``)."""
     if mesh.check_broken:
         raise RankFailure(f"spattn.attention: this mesh's ranks fell out of step earlier "
                           f"({mesh.check_broken}); build a new mesh (or restart) after fixing that")
     groups = side_groups(mesh)
-    call_no = mesh.count_check()
+    row = row.view(1, -1).contiguous()
+    outs = [row.new_empty((dist.get_world_size(g), row.shape[1])) for g in groups]
+    works = [_all_gather(o, row, group=g, async_op=True) for o, g in zip(outs, groups)]
+    g = _Gather(mesh.count_check(), works, outs, names, hint)
+    mesh.check_state.pending.append(g)
+    return g
+
+
+def _finish(mesh, g: _Gather) -> None:
+    """Wait for ``g`` (RankFailure naming the missing ranks past the timeout) and compare its rows
+    (the same ValueError on every rank when they differ)."""
     t0 = time.monotonic()
+    groups = side_groups(mesh)
     try:
-        rows = _gather(groups, sig)
+        for w in g.works:
+            w.wait()
     except Exception as e:  # gloo timeout or a closed connection: name who is missing
-        ranks = [r for g in groups for r in dist.get_process_group_ranks(g)]
-        key = "check/" + "/".join(_group_name(g) for g in groups)  # the same string on every rank
-        why = describe_missing(sorted(set(ranks)), key, call_no, time.monotonic() - t0, mesh.timeout_s)
+        ranks = [r for grp in groups for r in dist.get_process_group_ranks(grp)]
+        key = "check/" + "/".join(_group_name(grp) for grp in groups)  # the same string on every rank
+        why = describe_missing(sorted(set(ranks)), key, g.number, time.monotonic() - t0, mesh.timeout_s)
         mesh.mark_broken(why)
         raise RankFailure(f"spattn.attention: the cross-rank argument check failed: {why} "
                           f"[{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}]") from e
-    ref = rows[0]
-    bad = (rows != ref).any(dim=0)
-    bad[_IDX["global_rank"]] = False
-    if not bool(bad.any()):
-        return
-    lines = []
-    for f in (FIELDS[i] for i in bad.nonzero().flatten().tolist()):
-        vals = ", ".join(f"rank {int(r[0])}: {_decode(f, int(r[_IDX[f]]))}" for r in rows)
-        lines.append(f"  {f}: {vals}")
-    odd = [int(r[0]) for r in rows if not torch.equal(r[1:], ref[1:])]
-    if len(odd) * 2 > rows.shape[0]:  # no majority in agreement with rank 0: name rank 0's side
+    by_rank = {int(r[0]): r for r in torch.cat(g.outs)}  # a rank in both side groups: one row
+    rows = torch.stack([by_rank[r] for r in sorted(by_rank)])
+    bad = (rows != rows[0]).any(dim=0)
+    bad[0] = False  # column 0 is who sent the row
+    if bool(bad.any()):
+        # A peer may be inside this call's collectives already (it repeated the agreed signature and
+        # did not wait): they are abandoned, so on every rank the mesh is done. Build a new one.
+        mesh.mark_broken("ranks called attention with different arguments")
+        raise ValueError(_mismatch(rows, bad, g))
+
+
+def _mismatch(rows: Tensor, bad: Tensor, g: _Gather) -> str:
+    cols = bad.nonzero().flatten().tolist()
+    odd = [int(r[0]) for r in rows if not torch.equal(r[1:], rows[0][1:])]
+    if len(odd) * 2 > rows.shape[0]:  # no majority in agreement with the lowest rank: name its side
         odd = [int(rows[0][0])]
-    raise ValueError("spattn.attention: ranks called attention with different arguments (the "
-                     "collectives would pair up wrongly and hang). Differing fields, per global rank:\n"
-                     + "\n".join(lines) + f"\nOdd one(s) out: ranks {odd}. Every rank of the mesh must "
-                     "pass equal-shaped shards (use spattn.shard) and the same options.")
+    if g.names is not None:
+        differ = [g.names[c - 1] for c in cols]
+        return (f"spattn: the inputs of this parallelized model differ across ranks: {', '.join(differ)} "
+                f"(ranks {odd} disagree with the rest). Sequence parallelism needs the same full inputs on "
+                f"every rank; {g.hint or 'set the same seed on every rank'}.")
+    lines = [f"  {FIELDS[c]}: " + ", ".join(f"rank {int(r[0])}: {_decode(FIELDS[c], int(r[c]))}" for r in rows)
+             for c in cols]
+    return ("spattn.attention: ranks called attention with different arguments (the "
+            "collectives would pair up wrongly and hang). Differing fields, per global rank:\n"
+            + "\n".join(lines) + f"\nOdd one(s) out: ranks {odd}. Every rank of the mesh must "
+            "pass equal-shaped shards (use spattn.shard) and the same options; then build a new mesh "
+            "(spattn.init_mesh): this one's collectives may have been left mid-way.")
+
+
+def _reap(mesh, everything: bool) -> None:
+    """Compare the gathers in flight that are done (all of them, waiting, with ``everything``);
+    input digests are always waited for: the call that follows them is where they must hold."""
+    pending = mesh.check_state.pending
+    while pending:
+        g = pending[0]
+        if not (everything or g.names is not None or all(w.is_completed() for w in g.works)
+                or len(pending) > MAX_PENDING):
+            break
+        pending.popleft()
+        _finish(mesh, g)
+
+
+def check_signature(mesh, sig: Tensor) -> None:
+    """This call's signature against every rank's (module docstring): waits only when ``sig`` is not
+    the last signature all ranks agreed on; raises the same ValueError on every rank when the rows
+    differ, RankFailure when a rank does not join within the check's timeout."""
+    st = mesh.check_state
+    _reap(mesh, everything=False)
+    _start(mesh, sig)
+    if st.agreed is None or not torch.equal(sig, st.agreed):
+        _reap(mesh, everything=True)
+        st.agreed = sig
+
+
+def verify_identical(mesh, tensors: Mapping[str, Optional[Tensor]], hint: str = "") -> None:
+    """Check that ``tensors`` (name -> tensor, the same names on every rank of ``mesh``) hold the same
+    values on every rank, without waiting: the digests' gather completes in the background and the
+    mesh's next ``spattn.attention`` call compares it, raising on every rank a ValueError that names
+    the differing inputs and ``hint`` (the likely fix). No-op with the check off or on a mesh of one.
+    Must be called by every rank of the mesh, the same number of times."""
+    if mesh.world_size == 1 or not mesh.check_mode or not dist.is_initialized():
+        return
+    names = tuple(tensors)
+    row = torch.tensor([dist.get_rank()] + [_digest((t,)) if t is not None else -1 for t in tensors.values()],
+                       dtype=torch.int64)
+    _start(mesh, row, names, hint)
+
+
+def poll(mesh) -> None:
+    """While a collective of this call waits: compare the check's gathers that have finished. A
+    mismatch abandons the collective in flight, so the mesh is broken afterwards (build a new one)."""
+    for g in list(mesh.check_state.pending):
+        if all(w.is_completed() for w in g.works):
+            mesh.check_state.pending.remove(g)
+            _finish(mesh, g)
+
+
+def diagnose(mesh) -> None:
+    """After a failed collective: raise the argument mismatch a finished gather shows, if any (the
+    real cause, rather than the peer's absence it led to)."""
+    if mesh is None:
+        return
+    for g in list(mesh.check_state.pending):
+        deadline = time.monotonic() + 1.0
+        while not all(w.is_completed() for w in g.works) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if all(w.is_completed() for w in g.works):
+            mesh.check_state.pending.remove(g)
+            _finish(mesh, g)
 
 
 def _group_name(g: ProcessGroup) -> str:
@@ -336,23 +458,25 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def guard_collectives(groups: Sequence[ProcessGroup], what: str):
-    """Context manager: a communication error inside (a peer died or timed out mid-forward or
-    mid-backward) is re-raised as RankFailure naming dead peers where that can be told."""
-    return _Guard(groups, what)
-
-
-class _Guard:
-    def __init__(self, groups, what):
-        self.groups, self.what = groups, what
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, et, e, tb):
-        if e is None or isinstance(e, (RankFailure, ValueError, TypeError)) or not _is_comm_error(e):
-            return False
-        ranks = sorted({r for g in self.groups if g is not None for r in dist.get_process_group_ranks(g)})
+@contextmanager
+def guard_collectives(groups: Sequence[ProcessGroup], what: str, mesh=None) -> Iterator[None]:
+    """Around a call's collectives: a host wait that stays blocked polls the mesh's check (a peer that
+    raised on an argument mismatch never joins: the same ValueError here instead of a hang); a
+    communication error inside (a peer died or timed out mid-forward or mid-backward) is re-raised as
+    that mismatch when the check saw one, else as RankFailure naming dead peers where that can be told."""
+    try:
+        if mesh is None or not mesh.check_mode or mesh.world_size == 1:
+            yield
+        else:
+            with watched(lambda: poll(mesh)):
+                yield
+    except (RankFailure, ValueError, TypeError):
+        raise
+    except Exception as e:
+        if not _is_comm_error(e):
+            raise
+        diagnose(mesh)  # a mismatch seen by the check is the cause: raise that instead
+        ranks = sorted({r for g in groups if g is not None for r in dist.get_process_group_ranks(g)})
         try:
             store = dist.distributed_c10d._get_default_store()
             dead = _dead(store, [r for r in ranks if r != dist.get_rank()])
@@ -360,7 +484,7 @@ class _Guard:
                 f"a peer among ranks {ranks} failed or timed out (no dead process found on this host)"
         except Exception:
             who = "the rendezvous store is unreachable: the rank hosting it (usually global rank 0) has likely died"
-        raise RankFailure(f"spattn.attention: communication failed during {self.what}: {who} "
+        raise RankFailure(f"spattn.attention: communication failed during {what}: {who} "
                           f"[{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}]") from e
 
 

@@ -15,7 +15,7 @@ from typing import Callable, List, Optional, Sequence
 import torch.distributed as dist
 
 from . import config
-from .check import new_side_group
+from .check import CheckState, new_side_group
 from .comm.ring_comm import RingCommCache
 
 ProcessGroup = dist.ProcessGroup
@@ -96,6 +96,7 @@ class SPMesh:
         self._check_groups: Optional[List[ProcessGroup]] = [check_group] if check_group is not None else None
         self._check_calls = 0
         self._check_broken: Optional[str] = None
+        self.check_state = CheckState()  # the last agreed signature and the check's gathers in flight
         # This mesh's id as an op argument (spattn.parallel.op) and the plans of its calls, by call.
         self.op_id: int = next(_MESH_IDS)
         self._plans: "OrderedDict[object, object]" = OrderedDict()

@@ -20,8 +20,9 @@ _MESHES: Dict[Tuple[int, int], spattn.SPMesh] = {}
 
 
 def get_mesh(u: int, r: int) -> spattn.SPMesh:
-    """Meshes are cached per process: creating groups per test would leak them and cost time."""
-    if (u, r) not in _MESHES:
+    """Meshes are cached per process: creating groups per test would leak them and cost time. A mesh
+    broken by an argument mismatch (every rank marks it) is rebuilt."""
+    if (u, r) not in _MESHES or _MESHES[(u, r)].check_broken:
         _MESHES[(u, r)] = spattn.init_mesh(ulysses_degree=u, ring_degree=r)
     return _MESHES[(u, r)]
 

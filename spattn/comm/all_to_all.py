@@ -6,7 +6,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .collectives import all_to_all_single
+from .collectives import all_to_all_single, wait_work
 
 Tensor = torch.Tensor
 ProcessGroup = dist.ProcessGroup
@@ -65,7 +65,7 @@ class A2AWork:
         self._work, self._finish = work, finish
 
     def wait(self) -> List[Tensor]:
-        self._work.wait()
+        wait_work(self._work)
         return self._finish()
 
 
@@ -135,8 +135,11 @@ class _Keep:
     def __init__(self, work, *keep):
         self.work, self.keep = work, keep
 
-    def wait(self):
-        self.work.wait()
+    def wait(self, timeout=None):
+        if timeout is None:
+            wait_work(self.work)
+        else:  # a slice of a watched wait (comm.collectives.wait_work): raises if not done in time
+            self.work.wait(timeout)
         self.keep = ()
 
 

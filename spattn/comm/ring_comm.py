@@ -10,7 +10,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
-from .collectives import counted_ring
+from .collectives import counted_ring, wait_work
 
 Tensor = torch.Tensor
 ProcessGroup = dist.ProcessGroup
@@ -57,7 +57,7 @@ class RingComm:
         if self._reqs is None:
             raise RuntimeError("RingComm.wait called without start()")
         for r in self._reqs:
-            r.wait()
+            wait_work(r)
         self._reqs = None
         self._free ^= 1
         recv, self._recv = self._recv, None

@@ -180,7 +180,7 @@ def _mask_lse(lse: Tensor, call: AttnCall) -> Tensor:
 
 def forward(plan: Plan, call: AttnCall, x: Inputs) -> Tuple[List[Tensor], List[Optional[Tensor]]]:
     """Results [out, (joint_out), (lse, (joint_lse))] and the saved tensors (``saved_slots`` order)."""
-    with check.guard_collectives(plan.groups, "forward"):
+    with check.guard_collectives(plan.groups, "forward", call.mesh):
         (out, lse, t_out, t_lse), saved = _pipeline_forward(plan, x)
         mesh, ret_lse = call.mesh, call.opts.return_lse
         if mesh.ulysses_degree > 1:
@@ -204,7 +204,7 @@ def backward(plan: Plan, call: AttnCall, saved: Sequence[Optional[Tensor]], dout
              dt_out: Optional[Tensor]) -> List[Tensor]:
     """[dq, dk, dv, (djq, djk, djv)] from the saved tensors: nothing recomputed, nothing re-exchanged
     but the gradients. ``dt_out``: gradient of the (replicated, all heads) joint output, or None."""
-    with check.guard_collectives(plan.groups, "backward"):
+    with check.guard_collectives(plan.groups, "backward", call.mesh):
         chunks, joint = plan.chunks, call.joint
         if joint and dt_out is not None and call.mesh.ulysses_degree > 1:
             dt_out = dt_out[:, :, chunks[0].q_heads[0]:chunks[-1].q_heads[1]]  # joint_out gathered this rank's heads

@@ -8,7 +8,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from .. import config
-from ..comm.collectives import all_gather, reduce_scatter
+from ..comm.collectives import all_gather, reduce_scatter, wait_work
 from .heads import HeadMapBackend, balanced_ranges
 from .blocks import RingSetup, Saved, blocks_backward, blocks_forward, docs_for, joint_backward, running
 
@@ -72,7 +72,7 @@ def allgather_forward(st: RingSetup, q: Tensor, k: Tensor, v: Tensor) -> Tuple[T
     work = _start_gather(st, k, v, chunks[0][1])
     for c, ((q0, q1), kh) in enumerate(chunks):
         w, parts = work
-        w.wait()
+        wait_work(w)
         if c + 1 < len(chunks):
             work = _start_gather(st, k, v, chunks[c + 1][1])
         qc, acc = q[:, :, q0:q1], [None, None]
@@ -97,7 +97,7 @@ def allgather_backward(st: RingSetup, saved: Saved, dout: Tensor, dt_out: Option
     work = _start_gather(st, k, v, chunks[0][1])
     for c, ((q0, q1), (h0, h1)) in enumerate(chunks):
         w, parts = work
-        w.wait()
+        wait_work(w)
         if c + 1 < len(chunks):
             work = _start_gather(st, k, v, chunks[c + 1][1])
         grads = [parts[0].new_zeros(parts[0].shape, dtype=torch.float32) for _ in range(st.size)]
@@ -109,7 +109,7 @@ def allgather_backward(st: RingSetup, saved: Saved, dout: Tensor, dt_out: Option
         w, mine = reduce_scatter(grads, st.group, async_op=True)
         pending.append((w, mine, (h0, h1)))
     for w, mine, (h0, h1) in pending:
-        w.wait()
+        wait_work(w)
         dkv[:, :, :, h0:h1] += mine
     joint = jq is not None
     if joint:
