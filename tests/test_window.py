@@ -131,3 +131,116 @@ def test_torch_backend_window_never_touches_keys_outside_it():
     grads = be.backward(torch.ones_like(out), q, k, v, out, lse, False, 0.25, window=(8, 8), q_offset=120)
     assert all(torch.isfinite(g).all() for g in grads)
     assert (grads[1][:, :100] == 0).all() and (grads[2][:, 200:] == 0).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# Hugging Face models: each layer's window, as the model's own mask builds it
+# ----------------------------------------------------------------------------------------------
+def _tiny(cls_name, layers=4, **kw):
+    transformers = pytest.importorskip("transformers")
+    base = dict(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                num_key_value_heads=1, head_dim=16, max_position_embeddings=64)
+    return getattr(transformers, cls_name)(**{**base, **kw})
+
+
+MOE = dict(num_experts=2, num_experts_per_tok=1, moe_intermediate_size=16, shared_expert_intermediate_size=16)
+# (config class, kwargs, expected window per layer, module causal); sliding_window 5 -> (4, 0)
+HF_CASES = {
+    "qwen2": ("Qwen2Config", dict(use_sliding_window=True, sliding_window=5, max_window_layers=2),
+              [(-1, -1), (-1, -1), (4, 0), (4, 0)]),
+    "qwen2-off": ("Qwen2Config", dict(use_sliding_window=False, sliding_window=5), [(-1, -1)] * 4),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(use_sliding_window=True, sliding_window=5, max_window_layers=3, **MOE),
+                  [(4, 0), (-1, -1), (4, 0), (-1, -1)]),
+    "qwen2_moe-off": ("Qwen2MoeConfig", dict(use_sliding_window=False, sliding_window=5, **MOE), [(-1, -1)] * 4),
+    "qwen3": ("Qwen3Config", dict(use_sliding_window=True, sliding_window=5, max_window_layers=1),
+              [(-1, -1), (4, 0), (4, 0), (4, 0)]),
+    "mistral": ("MistralConfig", dict(sliding_window=5), [(4, 0)] * 4),
+    "mistral-off": ("MistralConfig", dict(sliding_window=None), [(-1, -1)] * 4),
+    "phimoe": ("PhimoeConfig", dict(sliding_window=5, num_local_experts=2, num_experts_per_tok=1), [(4, 0)] * 4),
+    "phi3": ("Phi3Config", dict(sliding_window=5, pad_token_id=0), [(4, 0)] * 4),
+    "gemma2": ("Gemma2Config", dict(sliding_window=5), [(4, 0), (-1, -1), (4, 0), (-1, -1)]),
+    "gemma3": ("Gemma3TextConfig", dict(sliding_window=5, layers=7), [(4, 0)] * 5 + [(-1, -1), (4, 0)]),
+    "gemma3-bidirectional": ("Gemma3TextConfig", dict(sliding_window=8, use_bidirectional_attention=True, layers=7),
+                             [(4, 4)] * 5 + [(-1, -1), (4, 4)]),  # window 8 -> 8 // 2 + 1 = 5, |q - kv| < 5
+    "gpt_oss": ("GptOssConfig", dict(sliding_window=5, num_local_experts=2, num_experts_per_tok=1),
+                [(4, 0), (-1, -1), (4, 0), (-1, -1)]),
+    "llama": ("LlamaConfig", dict(), [(-1, -1)] * 4),
+}
+
+
+def _hf_config(name):
+    cls, kw, want = HF_CASES[name]
+    kw = dict(kw)
+    return _tiny(cls, kw.pop("layers", 4), **kw), want
+
+
+@pytest.mark.parametrize("name", list(HF_CASES))
+def test_hf_layer_window_per_model_family(name):
+    from spattn.integrations.hf_window import hf_layer_window
+
+    cfg, want = _hf_config(name)
+    causal = not getattr(cfg, "use_bidirectional_attention", False)
+    assert [hf_layer_window(cfg, i, causal=causal) for i in range(cfg.num_hidden_layers)] == want
+
+
+@pytest.mark.parametrize("name", ["qwen2", "qwen2_moe", "mistral", "phimoe", "gemma3", "gemma3-bidirectional",
+                                  "gpt_oss"])
+def test_hf_layer_window_is_the_mask_the_model_builds(name):
+    """Run the tiny model with an attention function that records the (materialized, eager) mask each
+    layer receives: it is exactly the window hf_layer_window gives for that layer, position by position."""
+    transformers = pytest.importorskip("transformers")
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    from spattn.backends.reference import visible
+    from spattn.integrations.hf_window import hf_layer_window
+
+    seen = {}
+
+    def record(module, q, k, v, attention_mask, **kw):
+        seen[module.layer_idx] = (attention_mask[0, 0] == 0, module.is_causal)
+        return sdpa_attention_forward(module, q, k, v, attention_mask, **kw)
+
+    AttentionInterface.register("spattn_test_record", record)
+    AttentionMaskInterface.register("spattn_test_record", eager_mask)
+    cfg, _ = _hf_config(name)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="spattn_test_record").eval()
+    s = 19
+    with torch.no_grad():
+        model(input_ids=torch.randint(0, 64, (1, s)))
+    assert sorted(seen) == list(range(cfg.num_hidden_layers))
+    for i, (mask, causal) in seen.items():
+        window = hf_layer_window(cfg, i, causal=causal)
+        want = visible(s, s, causal, window)
+        want = torch.ones(s, s, dtype=torch.bool) if want is None else want
+        assert torch.equal(mask, want), f"layer {i}: window {window}"
+
+
+def test_hf_layer_window_refuses_what_it_cannot_express():
+    from spattn.integrations.hf_window import WindowNotSupported, hf_layer_window
+
+    cfg, _ = _hf_config("qwen2")
+    with pytest.raises(WindowNotSupported, match=r"passed sliding_window=9 but the model's mask for it is sliding_window=5"):
+        hf_layer_window(cfg, 2, sliding_window=9)
+    with pytest.raises(WindowNotSupported, match="model's mask for it is full attention"):
+        hf_layer_window(cfg, 0, sliding_window=5)
+    with pytest.raises(WindowNotSupported, match="has no layer_idx"):
+        hf_layer_window(cfg, None)
+    # Qwen2-MoE sets sliding_window = 0 without use_sliding_window: sliding layers would hide every key.
+    moe = _tiny("Qwen2MoeConfig", use_sliding_window=False, sliding_window=5,
+                layer_types=["sliding_attention", "full_attention"] * 2, **MOE)
+    with pytest.raises(WindowNotSupported, match="sliding_window=0.*hides every key"):
+        hf_layer_window(moe, 0)
+    assert hf_layer_window(moe, 1) == (-1, -1)
+    llama4 = _tiny("Llama4TextConfig", attention_chunk_size=8, num_local_experts=2, intermediate_size_mlp=32)
+    kinds = set(llama4.layer_types)
+    if "chunked_attention" in kinds:
+        i = llama4.layer_types.index("chunked_attention")
+        with pytest.raises(WindowNotSupported, match="layer type 'chunked_attention'"):
+            hf_layer_window(llama4, i)
+    causal_lm_bidirectional = _tiny("MistralConfig", sliding_window=5)
+    causal_lm_bidirectional.is_causal = False
+    with pytest.raises(WindowNotSupported, match="config.is_causal=False"):
+        hf_layer_window(causal_lm_bidirectional, 0)
