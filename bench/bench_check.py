@@ -4,8 +4,8 @@
     python bench/bench_check.py -P 8 --iters 5000
 
 Per world size, prints the median and p90 microseconds of (a) building the signature, (b) the
-signature all-gather over the side group (SPATTN_CHECK=1), (c) the same with the joint-contents
-digest (SPATTN_CHECK=2, a 1x64x8x64 text), and (d) one tiny attention forward with the check off
+signature all-gather over the side group (check=1), (c) the same with the joint-contents
+digest (check=2, a 1x64x8x64 text), and (d) one tiny attention forward with the check off
 and on, as the difference a user sees.
 """
 from __future__ import annotations
@@ -33,13 +33,15 @@ def _rank_main(rank: int, world: int, port: int, iters: int, out_q) -> None:
                             timeout=timedelta(seconds=60))
     import spattn
     from spattn import check
+    from spattn.call import Inputs, Options, build_call
 
     mesh = spattn.init_mesh(ring_degree=world)
     g = torch.Generator().manual_seed(0)  # the text must be identical on every rank
     q = torch.randn(1, 16, 8, 64, generator=g)
     t = torch.randn(1, 64, 8, 64, generator=g)
-    kw = dict(mesh=mesh, causal=True, seq_len=16 * world, layout="contiguous", scale=0.125,
-              return_lse=False, backend="auto", ring_engine="auto", ulysses_chunks=4)
+    x, xj = Inputs(q, q, q), Inputs(q, q, q, t, t, t)
+    call = build_call(x, mesh, Options(causal=True, seq_len=16 * world, check=1))
+    call_j = build_call(xj, mesh, Options(seq_len=16 * world, check=2))
     res = {}
 
     def timed(fn):
@@ -53,13 +55,11 @@ def _rank_main(rank: int, world: int, port: int, iters: int, out_q) -> None:
             ts.append(time.perf_counter() - t0)
         return _stats(ts)
 
-    res["signature"] = timed(lambda: check.signature(q, q, q, **kw))
-    res["check (mode 1)"] = timed(lambda: check.check_signature(mesh, check.signature(q, q, q, **kw)))
-    res["check (mode 2, text 64)"] = timed(lambda: check.check_signature(
-        mesh, check.signature(q, q, q, joint=(t, t, t), mode=2, **{**kw, "causal": False})))
-    for mode in ("0", "1"):
-        os.environ["SPATTN_CHECK"] = mode
-        res[f"attention fwd, SPATTN_CHECK={mode}"] = timed(lambda: spattn.attention(q, q, q, mesh, causal=True))
+    res["signature"] = timed(lambda: check.signature(call, x))
+    res["check (mode 1)"] = timed(lambda: check.check_signature(mesh, check.signature(call, x)))
+    res["check (mode 2, text 64)"] = timed(lambda: check.check_signature(mesh, check.signature(call_j, xj)))
+    for mode in (0, 1):
+        res[f"attention fwd, check={mode}"] = timed(lambda: spattn.attention(q, q, q, mesh, causal=True, check=mode))
     if rank == 0:
         out_q.put(res)
     dist.barrier()

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from spattn.layout import Geometry  # noqa: E402
-from spattn.ring import RingSetup, visible_pairs  # noqa: E402
+from spattn.parallel.blocks import RingSetup, visible_pairs  # noqa: E402
 
 
 def lognormal_docs(seq: int, mean: float, sigma: float, seed: int) -> List[int]:

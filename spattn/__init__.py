@@ -7,13 +7,12 @@
 
 Layout: (batch, seq, heads, head_dim). LSE: natural log, fp32, (batch, heads, seq).
 """
-from . import _ext, ops
+from . import config, ops
 from .attention import attention
 from .layout import gather, local_seq_len, shard
 from .mesh import SPMesh, init_mesh
 
-# Fused merge kernels of the optional C++ extension; silent no-op when it is not built.
-_ext.register_merge_if_available()
+# Nothing optional loads here: the C++ extension (spattn._C) loads on first use (ring engine, merges).
 
-__all__ = ["attention", "init_mesh", "SPMesh", "shard", "gather", "local_seq_len", "ops"]
+__all__ = ["attention", "init_mesh", "SPMesh", "shard", "gather", "local_seq_len", "ops", "config"]
 __version__ = "0.1.0"

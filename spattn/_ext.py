@@ -5,8 +5,8 @@ gloo's background threads) and fused merge kernels. Everything works without it:
 (or the torch merge) and spattn says once that it uses the Python paths. When the extension is
 explicitly asked for, a missing, stale or broken build is an error that names the rebuild command.
 
-Call ``register_merge_if_available()`` once (spattn/__init__.py does) to make ``ops.merge_`` use the
-fused kernels; it is silent and does nothing when the extension is absent.
+``ops.merge_`` calls ``register_merge_if_available()`` on its first use (``import spattn`` loads
+nothing optional) to use the fused kernels; it is silent and does nothing when the extension is absent.
 """
 from __future__ import annotations
 
@@ -144,7 +144,7 @@ def _fused_merge(mod: ModuleType):
     contiguous). Anything else goes to the torch merge, so ``ops.merge_``'s contract always holds; so
     do tensors that autograd tracks (the kernels write through raw pointers, invisible to autograd).
     """
-    from . import ops  # lazy: ops must not depend on the extension at import time
+    from .backends.merges import merge_torch_  # the registry's layer: no import of ops (ops loads this module)
 
     kernels = {"cpu": mod.merge_cpu_}
     if mod.cuda_compiled():
@@ -159,7 +159,7 @@ def _fused_merge(mod: ModuleType):
                 and not (torch.is_grad_enabled() and (out.requires_grad or blk_out.requires_grad))):
             kernel(out, lse, blk_out, blk_lse)
         else:
-            ops._merge_torch_(out, lse, blk_out, blk_lse)
+            merge_torch_(out, lse, blk_out, blk_lse)
 
     return merge
 
@@ -174,10 +174,10 @@ def register_merge_if_available() -> bool:
     mod = load(required=False)
     if mod is None:
         return False
-    from . import ops
+    from .backends.merges import register_merge
 
     fn = _fused_merge(mod)
-    ops.register_merge("cpp", fn, accepts=lambda t: t.device.type == "cpu")
+    register_merge("cpp", fn, accepts=lambda t: t.device.type == "cpu")
     if mod.cuda_compiled():
-        ops.register_merge("cuda", fn, accepts=lambda t: False)
+        register_merge("cuda", fn, accepts=lambda t: False)
     return True

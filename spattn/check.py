@@ -29,10 +29,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
+from . import config
+
 Tensor = torch.Tensor
 ProcessGroup = dist.ProcessGroup
 
-__all__ = ["check_mode", "timeout_s", "signature", "check_signature", "side_groups", "RankFailure",
+__all__ = ["check_mode", "timeout_s", "signature", "check_across_ranks", "check_signature", "side_groups", "RankFailure",
            "FIELDS", "guard_collectives"]
 
 # Fields of the signature, in order. Shapes are spread over one field per dimension and small
@@ -45,6 +47,7 @@ FIELDS: Tuple[str, ...] = (
     "ulysses_degree", "ring_degree", "ulysses_chunks", "backend", "ring_engine",
     "joint_len", "joint_heads", "joint_kv_heads", "joint_strategy",
     "joint_mask",           # -1: absent; else its number of elements
+    "joint_kv_len",         # joint keys after the mask's compaction (-1: no joint tensors)
     "documents",            # cu_seqlens: -1 absent; else a hash of the boundaries (read on the host)
     "ring_impl",
     "joint_digest",         # SPATTN_CHECK=2 only: digest of the joint tensors' contents (else 0)
@@ -65,24 +68,14 @@ _ENUMS: Dict[str, Tuple[str, ...]] = {
 
 
 def check_mode() -> int:
-    """``SPATTN_CHECK`` as an int: 0 off, 1 signature (default), 2 signature + joint contents."""
-    raw = os.environ.get("SPATTN_CHECK", "1").strip() or "1"
-    if raw not in ("0", "1", "2"):
-        raise ValueError(f"spattn: SPATTN_CHECK must be 0 (off), 1 (signature check, default) or 2 "
-                         f"(also joint tensor contents), got {raw!r}")
-    return int(raw)
+    """The environment's check mode (``SPATTN_CHECK``, read once): 0 off, 1 signature (default), 2 +
+    joint contents. ``init_mesh(check=)`` / ``attention(check=)`` override it."""
+    return config.settings().check
 
 
 def timeout_s() -> float:
-    """``SPATTN_TIMEOUT_S`` (default 30): how long the check waits for the other ranks."""
-    raw = os.environ.get("SPATTN_TIMEOUT_S", "30")
-    try:
-        t = float(raw)
-    except ValueError:
-        t = -1.0
-    if not t > 0:
-        raise ValueError(f"spattn: SPATTN_TIMEOUT_S must be a positive number of seconds, got {raw!r}")
-    return t
+    """The environment's check timeout (``SPATTN_TIMEOUT_S``, read once); ``init_mesh(timeout_s=)`` overrides it."""
+    return config.settings().timeout_s
 
 
 def _enum(field: str, value: str) -> int:
@@ -127,36 +120,41 @@ def _digest(ts: Sequence[Optional[Tensor]]) -> int:
     return acc
 
 
-def signature(q: Tensor, k: Tensor, v: Tensor, *, mesh, causal: bool, seq_len: int, layout: str,
-              scale: float, return_lse: bool, backend: str, ring_engine: str, ulysses_chunks: int,
-              joint: Optional[Sequence[Tensor]] = None, joint_strategy: str = "front",
-              joint_mask: Optional[Tensor] = None, docs: Optional[Sequence[int]] = None,
-              ring_impl: str = "auto", mode: int = 1) -> Tensor:
-    """This rank's call signature: an int64 tensor of ``N_FIELDS`` on the CPU (no device sync)."""
-    jt = tuple(joint) if joint is not None else ()
-    grad = torch.is_grad_enabled()
-    rg = sum(1 << i for i, t in enumerate((q, k, v) + jt) if t.requires_grad and grad) | (int(grad) << 6)
+def signature(call, x) -> Tensor:
+    """This rank's call signature (an ``AttnCall`` and its ``Inputs``): an int64 tensor of ``N_FIELDS``
+    on the CPU (no device sync; mode 2 reads the joint tensors)."""
+    o, mesh = call.opts, call.mesh
+    (b, sq, hq, d), (_, sk, hk, _), dv = call.q_shape, call.k_shape, call.v_shape[3]
+    jt = (x.jq, x.jk, x.jv) if call.joint else ()
     sig = {
         "global_rank": dist.get_rank() if dist.is_initialized() else 0,
-        "batch": q.shape[0], "q_len": q.shape[1], "q_heads": q.shape[2], "head_dim": q.shape[3],
-        "kv_len": k.shape[1], "kv_heads": k.shape[2], "v_head_dim": v.shape[3],
-        "dtype": _DTYPES.index(q.dtype) if q.dtype in _DTYPES else 100 + zlib.crc32(str(q.dtype).encode()),
-        "device_type": _enum("device_type", q.device.type), "causal": int(bool(causal)),
-        "layout": _enum("layout", layout), "seq_len": seq_len,
-        "softmax_scale": struct.unpack("<q", struct.pack("<d", float(scale)))[0],
-        "return_lse": int(bool(return_lse)), "requires_grad": rg,
+        "batch": b, "q_len": sq, "q_heads": hq, "head_dim": d, "kv_len": sk, "kv_heads": hk, "v_head_dim": dv,
+        "dtype": _DTYPES.index(call.dtype) if call.dtype in _DTYPES else 100 + zlib.crc32(str(call.dtype).encode()),
+        "device_type": _enum("device_type", call.device.type), "causal": int(bool(o.causal)),
+        "layout": _enum("layout", call.layout), "seq_len": call.seq_len,
+        "softmax_scale": struct.unpack("<q", struct.pack("<d", float(call.scale)))[0],
+        "return_lse": int(bool(o.return_lse)), "requires_grad": call.requires_grad,
         "ulysses_degree": mesh.ulysses_degree, "ring_degree": mesh.ring_degree,
-        "ulysses_chunks": ulysses_chunks, "backend": _enum("backend", backend),
-        "ring_engine": _enum("ring_engine", ring_engine),
-        "joint_len": jt[0].shape[1] if jt else -1, "joint_heads": jt[0].shape[2] if jt else -1,
-        "joint_kv_heads": jt[1].shape[2] if jt else -1,
-        "joint_strategy": _enum("joint_strategy", joint_strategy) if jt else -1,
-        "joint_mask": joint_mask.numel() if joint_mask is not None else -1,
-        "documents": zlib.crc32(repr(tuple(docs)).encode()) if docs is not None else -1,
-        "ring_impl": _enum("ring_impl", ring_impl),
-        "joint_digest": _digest(jt + (joint_mask,)) if mode >= 2 and jt else 0,
+        "ulysses_chunks": call.ulysses_chunks, "backend": _enum("backend", o.backend),
+        "ring_engine": _enum("ring_engine", call.ring_engine),
+        "joint_len": call.joint_q_shape[1] if jt else -1, "joint_heads": call.joint_q_shape[2] if jt else -1,
+        "joint_kv_heads": call.joint_kv_shape[2] if jt else -1,
+        "joint_strategy": _enum("joint_strategy", o.joint_strategy) if jt else -1,
+        "joint_mask": call.joint_q_shape[0] * call.joint_q_shape[1] if call.joint_masked else -1,
+        "joint_kv_len": call.joint_kv_shape[1] if jt else -1,
+        "documents": zlib.crc32(repr(tuple(call.docs)).encode()) if call.docs is not None else -1,
+        "ring_impl": _enum("ring_impl", o.ring_impl),
+        "joint_digest": _digest(jt + (x.jlens,)) if call.check >= 2 and jt else 0,
+        # window_size: (3) one entry here (and in FIELDS) if ranks must agree on it
     }
     return torch.tensor([int(sig[f]) for f in FIELDS], dtype=torch.int64)
+
+
+def check_across_ranks(call, x) -> None:
+    """The per-call cross-rank signature check, on by default; check mode 0 skips it."""
+    if not call.check or call.mesh.world_size == 1:
+        return
+    check_signature(call.mesh, signature(call, x))
 
 
 class RankFailure(RuntimeError):
@@ -176,11 +174,12 @@ def _register_self() -> None:
         pass
 
 
-def new_side_group(ranks: Sequence[int], local: bool) -> ProcessGroup:
-    """A gloo group over ``ranks`` with the check's timeout. Collective like ``dist.new_group``:
-    with ``local`` only the members call it."""
+def new_side_group(ranks: Sequence[int], local: bool, timeout: Optional[float] = None) -> ProcessGroup:
+    """A gloo group over ``ranks`` with the check's timeout (default: the environment's). Collective
+    like ``dist.new_group``: with ``local`` only the members call it."""
     _register_self()
-    return dist.new_group(list(ranks), backend="gloo", timeout=timedelta(seconds=timeout_s()),
+    t = timeout_s() if timeout is None else timeout
+    return dist.new_group(list(ranks), backend="gloo", timeout=timedelta(seconds=t),
                           use_local_synchronization=local)
 
 
@@ -188,10 +187,10 @@ def side_groups(mesh) -> List[ProcessGroup]:
     """The mesh's check groups, created on first use (by every rank of the mesh, in its first
     checked call) when the mesh did not bring them: one gloo twin per mesh group, gathered in
     two stages (Ulysses, then ring) so every rank sees all rows in sp_rank order."""
-    groups = getattr(mesh, "_check_groups", None)
+    groups = mesh.check_groups
     if groups is None:
-        groups = [new_side_group(dist.get_process_group_ranks(g), local=True) for g in mesh.groups()]
-        mesh._check_groups = groups
+        groups = [new_side_group(dist.get_process_group_ranks(g), True, mesh.timeout_s) for g in mesh.groups()]
+        mesh.set_check_groups(groups)
     return groups
 
 
@@ -210,19 +209,19 @@ def _gather(groups: Sequence[ProcessGroup], sig: Tensor) -> Tensor:
 def check_signature(mesh, sig: Tensor) -> None:
     """All-gather ``sig`` over the mesh's side groups; raise the same ValueError on every rank when
     the rows differ, RankFailure when a rank does not join within ``SPATTN_TIMEOUT_S``."""
-    if getattr(mesh, "_check_broken", None):
+    if mesh.check_broken:
         raise RankFailure(f"spattn.attention: this mesh's ranks fell out of step earlier "
-                          f"({mesh._check_broken}); build a new mesh (or restart) after fixing that")
+                          f"({mesh.check_broken}); build a new mesh (or restart) after fixing that")
     groups = side_groups(mesh)
-    mesh._check_calls = getattr(mesh, "_check_calls", 0) + 1
+    call_no = mesh.count_check()
     t0 = time.monotonic()
     try:
         rows = _gather(groups, sig)
     except Exception as e:  # gloo timeout or a closed connection: name who is missing
         ranks = [r for g in groups for r in dist.get_process_group_ranks(g)]
         key = "check/" + "/".join(_group_name(g) for g in groups)  # the same string on every rank
-        why = describe_missing(sorted(set(ranks)), key, mesh._check_calls, time.monotonic() - t0)
-        mesh._check_broken = why
+        why = describe_missing(sorted(set(ranks)), key, call_no, time.monotonic() - t0, mesh.timeout_s)
+        mesh.mark_broken(why)
         raise RankFailure(f"spattn.attention: the cross-rank argument check failed: {why} "
                           f"[{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}]") from e
     ref = rows[0]
@@ -248,7 +247,8 @@ def _group_name(g: ProcessGroup) -> str:
     return str(name) if name else "-".join(map(str, dist.get_process_group_ranks(g)))
 
 
-def describe_missing(ranks: Sequence[int], key: str, call: int, waited: float) -> str:
+def describe_missing(ranks: Sequence[int], key: str, call: int, waited: float,
+                     timeout: Optional[float] = None) -> str:
     """Best-effort names for the ranks that failed a collective: dead processes (same host, pid
     gone) and ranks that did not report this call within a short grace period."""
     try:
@@ -265,7 +265,8 @@ def describe_missing(ranks: Sequence[int], key: str, call: int, waited: float) -
     # moment. What was learned survives the store going away (its host, rank 0, may exit first).
     pids = _pids(store, [r for r in ranks if r != me])
     reported, store_lost = {me}, False
-    deadline = time.monotonic() + min(3.0, timeout_s())
+    timeout = timeout_s() if timeout is None else timeout
+    deadline = time.monotonic() + min(3.0, timeout)
     while not store_lost:
         for r in ranks:
             if r in reported:
@@ -294,7 +295,7 @@ def describe_missing(ranks: Sequence[int], key: str, call: int, waited: float) -
         parts.append("the rendezvous store went away while asking (its host, usually rank 0, exited)")
     if not parts:
         parts.append(f"every rank reached the call but the exchange failed after {waited:.1f}s")
-    return "; ".join(parts) + f" (waited {waited:.1f}s; SPATTN_TIMEOUT_S={timeout_s():g})"
+    return "; ".join(parts) + f" (waited {waited:.1f}s; check timeout {timeout:g}s)"
 
 
 def _pids(store, ranks: Sequence[int]) -> Dict[int, Tuple[str, int]]:

@@ -98,9 +98,35 @@ class Geometry:
         docs = self.docs if self.docs is not None else (0, self.seq_len)
         return balanced_assignment(self.seq_len, R, self.ulysses * self.chunk, self.pieces_per_rank, docs)[i]
 
+    def padded_rows(self, sp_rank: int) -> List[Tuple[int, int]]:
+        """This rank's local row ranges that are padding."""
+        return padded_rows([cid * self.chunk for cid in self.chunk_ids(sp_rank)], self.chunk, self.seq_len)
+
+    def ring_starts(self, ring_degree: int, ulysses_degree: int) -> Tuple[Tuple[int, ...], ...]:
+        """Per ring rank, the global start of each of its post-Ulysses segments (length U * chunk)."""
+        L = ulysses_degree * self.chunk
+        return tuple(tuple(s * L for s in self.ring_segments(r, ring_degree)) for r in range(ring_degree))
+
     def valid(self, start: int, length: int) -> int:
         """How many of positions [start, start+length) are real (not padding)."""
         return max(0, min(length, self.seq_len - start))
+
+
+def padded_rows(starts: Sequence[int], seg_len: int, seq_len: int) -> List[Tuple[int, int]]:
+    """Local row ranges that are padding, for a shard made of segments of ``seg_len`` positions at
+    global ``starts`` (padding is every position >= ``seq_len``): the one rule for padded rows."""
+    rows = [(a * seg_len + max(0, min(seg_len, seq_len - s)), (a + 1) * seg_len) for a, s in enumerate(starts)]
+    return [r for r in rows if r[0] < r[1]]
+
+
+def ulysses_order(geo: "Geometry", ulysses_degree: int) -> List[Tuple[int, int]]:
+    """The head-sharded sequence after the Ulysses all-to-all, as (source Ulysses rank, local piece)
+    pairs in global order: piece 0 of every rank, then (zigzag) piece 1 in reverse rank order;
+    contiguous / balanced: every local piece j is super-chunk j's U-th part u."""
+    U = ulysses_degree
+    if geo.layout == "zigzag":
+        return [(r, 0) for r in range(U)] + [(r, 1) for r in reversed(range(U))]
+    return [(r, j) for j in range(geo.pieces_per_rank) for r in range(U)]
 
 
 def causal_work(seq_len: int, seg: int, n: int, docs: Sequence[int]) -> List[int]:

@@ -8,14 +8,18 @@ of classifier-free guidance; ``cfg_group`` joins the ranks of equal ``sp_rank`` 
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+import itertools
+from collections import OrderedDict
+from typing import Callable, List, Optional, Sequence
 
 import torch.distributed as dist
 
-from .check import check_mode, new_side_group
-from .comm import RingCommCache
+from . import config
+from .check import new_side_group
+from .comm.ring_comm import RingCommCache
 
 ProcessGroup = dist.ProcessGroup
+_MESH_IDS = itertools.count(1)
 
 __all__ = ["SPMesh", "init_mesh"]
 
@@ -51,8 +55,11 @@ class SPMesh:
         sp_rank: this rank's position in the global sequence (0 .. world_size-1).
     """
 
+    PLAN_CACHE_SIZE = 64  # plans of distinct calls kept (a model has a handful of attention shapes)
+
     def __init__(self, ulysses_group: Optional[ProcessGroup] = None, ring_group: Optional[ProcessGroup] = None,
-                 *, check_group: Optional[ProcessGroup] = None, cfg_group: Optional[ProcessGroup] = None):
+                 *, check_group: Optional[ProcessGroup] = None, cfg_group: Optional[ProcessGroup] = None,
+                 check: Optional[int] = None, timeout_s: Optional[float] = None):
         for name, g in (("ulysses_group", ulysses_group), ("ring_group", ring_group), ("cfg_group", cfg_group)):
             if g is not None and not dist.is_initialized():
                 raise RuntimeError(f"spattn.SPMesh: {name} given but torch.distributed is not initialized; "
@@ -81,9 +88,67 @@ class SPMesh:
         self.comm_backend: Optional[str] = backends.pop() if len(backends) == 1 else (
             None if not backends else "mixed")
         self.comm_cache = RingCommCache()  # ring exchanges (and their buffers) reused across calls
-        # Gloo side group(s) for the cross-rank argument check (spattn.check); init_mesh passes one
-        # over the whole mesh, otherwise they are made on the first checked call.
+        # The cross-rank argument check (spattn.check): its mode and timeout (None: the environment's),
+        # its gloo side group(s) (init_mesh passes one over the whole mesh, otherwise they are made on
+        # the first checked call), how many checks ran, and why the ranks fell out of step, if they did.
+        self._check = None if check is None else config.check_mode_of(check, "SPMesh(check=...)")
+        self._timeout_s = None if timeout_s is None else config.timeout_of(timeout_s, "SPMesh(timeout_s=...)")
         self._check_groups: Optional[List[ProcessGroup]] = [check_group] if check_group is not None else None
+        self._check_calls = 0
+        self._check_broken: Optional[str] = None
+        # This mesh's id as an op argument (spattn.parallel.op) and the plans of its calls, by call.
+        self.op_id: int = next(_MESH_IDS)
+        self._plans: "OrderedDict[object, object]" = OrderedDict()
+
+    @property
+    def check_calls(self) -> int:
+        """How many cross-rank checks this mesh ran (every rank counts the same)."""
+        return self._check_calls
+
+    @property
+    def check_broken(self) -> Optional[str]:
+        """Why this mesh's ranks fell out of step (a failed check), or None."""
+        return self._check_broken
+
+    def count_check(self) -> int:
+        """One more cross-rank check: its number (the same on every rank)."""
+        self._check_calls += 1
+        return self._check_calls
+
+    def mark_broken(self, why: str) -> None:
+        """The ranks fell out of step: every later call on this mesh fails fast with ``why``."""
+        self._check_broken = why
+
+    @property
+    def check_mode(self) -> int:
+        """Cross-rank check mode: 0 off, 1 signature, 2 + joint contents (default ``SPATTN_CHECK``)."""
+        return config.settings().check if self._check is None else self._check
+
+    @property
+    def timeout_s(self) -> float:
+        """How long the cross-rank check waits for the other ranks (default ``SPATTN_TIMEOUT_S``)."""
+        return config.settings().timeout_s if self._timeout_s is None else self._timeout_s
+
+    @property
+    def check_groups(self) -> Optional[List[ProcessGroup]]:
+        return self._check_groups
+
+    def set_check_groups(self, groups: List[ProcessGroup]) -> None:
+        """The check's side groups, made on this mesh's first checked call (spattn.check)."""
+        self._check_groups = list(groups)
+
+    def plan_for(self, call, build: Callable):
+        """The plan of ``call`` (an ``AttnCall``), built by ``build(call)`` once per distinct call."""
+        key = call.plan_key()
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = build(call)
+            if len(self._plans) >= self.PLAN_CACHE_SIZE:
+                self._plans.popitem(last=False)
+            self._plans[key] = plan
+        else:
+            self._plans.move_to_end(key)
+        return plan
 
     def groups(self) -> List[ProcessGroup]:
         """The non-trivial groups, inner (Ulysses) first."""
@@ -96,7 +161,7 @@ class SPMesh:
 
 
 def init_mesh(ulysses_degree: int = 1, ring_degree: int = 1, group: Optional[ProcessGroup] = None,
-              cfg_degree: int = 1) -> SPMesh:
+              cfg_degree: int = 1, *, check: Optional[int] = None, timeout_s: Optional[float] = None) -> SPMesh:
     """Build the ``cfg_degree x ulysses_degree x ring_degree`` mesh over ``group`` (default: the world).
 
     Ulysses groups are contiguous ranks (they exchange the most data: give them the fastest links);
@@ -105,13 +170,20 @@ def init_mesh(ulysses_degree: int = 1, ring_degree: int = 1, group: Optional[Pro
     ``mesh.cfg_group`` joins the ranks holding the same sequence shard in every part (they exchange
     only the branches' outputs, the least data: the outermost, slowest links). Must be called by
     every rank of ``group``.
+
+    ``check``: the cross-rank argument check's mode (0 off, 1 signature, 2 + joint contents; default
+    ``$SPATTN_CHECK`` or 1); ``timeout_s``: how long it waits for the other ranks (default
+    ``$SPATTN_TIMEOUT_S`` or 30). ``attention(check=...)`` overrides the mode per call.
     """
     for name, d in (("ulysses_degree", ulysses_degree), ("ring_degree", ring_degree), ("cfg_degree", cfg_degree)):
         if not isinstance(d, int) or isinstance(d, bool) or d < 1:
             raise ValueError(f"spattn.init_mesh: {name} must be a positive int, got {d!r}")
     sp = ulysses_degree * ring_degree
+    opts = dict(check=check, timeout_s=timeout_s)
+    mode = config.check_mode_of(check, "init_mesh(check=...)") if check is not None else config.settings().check
+    timeout = config.timeout_of(timeout_s, "init_mesh(timeout_s=...)") if timeout_s is not None else None
     if sp * cfg_degree == 1 and not dist.is_initialized():
-        return SPMesh()
+        return SPMesh(**opts)
     if not dist.is_initialized():
         raise RuntimeError("spattn.init_mesh: torch.distributed is not initialized; call "
                            "torch.distributed.init_process_group(backend=...) first")
@@ -154,11 +226,11 @@ def init_mesh(ulysses_degree: int = 1, ring_degree: int = 1, group: Optional[Pro
     # The check's host-side twin of this rank's SP mesh, created here where every rank is known to
     # call (group creation is itself collective); skipped when the check is off.
     side = None
-    if check_mode() and sp > 1:
+    if mode and sp > 1:
         for p in parts:
             if local and me not in p:
                 continue
-            g = new_side_group(p, local)
+            g = new_side_group(p, local, timeout)
             if me in p:
                 side = g
-    return SPMesh(ulysses_group=ug, ring_group=rg, check_group=side, cfg_group=cg)
+    return SPMesh(ulysses_group=ug, ring_group=rg, check_group=side, cfg_group=cg, **opts)

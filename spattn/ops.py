@@ -12,11 +12,11 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from .backends import MERGE_ORDER, MERGES, get_backend, register_merge
+from .backends import MERGE_ORDER, MERGES, get_backend, merge_torch_, register_merge
 
 Tensor = torch.Tensor
 
-__all__ = ["attention_with_lse", "merge", "merge_", "merge_ref", "merge_impls", "register_merge", "check_qkv"]
+__all__ = ["attention_with_lse", "block_forward", "block_backward", "merge", "merge_", "merge_ref", "merge_impls", "register_merge", "check_qkv"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,6 +66,18 @@ def block_forward(backend, q: Tensor, k: Tensor, v: Tensor, causal: bool, scale:
     if q.device.type == "cpu":
         out, lse = _poison_nan_rows(q, out, lse)
     return out, lse
+
+
+def block_backward(backend, rows: Tuple[Tensor, Tensor, Tensor, Tensor], kv: Tuple[Tensor, Tensor], causal: bool,
+                   scale: float, acc: Optional[Tuple[Tensor, Tensor, Tensor]] = None,
+                   **kw: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Backend backward of one block. rows = (dout, q, out, lse) of the query rows (out/lse: the
+    *final*, merged ones); kv = (k, v). With ``acc`` = (dq, dk, dv) the gradients are added into them
+    in place (any float dtype) and returned. ``kw``: ``k_lens`` / ``q_doc`` / ``k_doc`` as for forward."""
+    dout, q, out, lse = rows
+    if acc is None:
+        return backend.backward(dout, q, kv[0], kv[1], out, lse, causal, scale, **kw)
+    return backend.backward(dout, q, kv[0], kv[1], out, lse, causal, scale, dq=acc[0], dk=acc[1], dv=acc[2], **kw)
 
 
 def _poison_nan_rows(q: Tensor, out: Tensor, lse: Tensor) -> Tuple[Tensor, Tensor]:
@@ -134,18 +146,24 @@ def merge_ref(out: Tensor, lse: Tensor, blk_out: Tensor, blk_lse: Tensor) -> Tup
     return new_out, new_lse
 
 
-def _merge_torch_(out: Tensor, lse: Tensor, blk_out: Tensor, blk_lse: Tensor) -> None:
-    # merge_ref's math, with the two passes over the (large) output done in place.
-    new_lse = torch.logaddexp(lse, blk_lse)
-    safe = new_lse.masked_fill(torch.isinf(new_lse), 0.0)
-    w_a = torch.exp(lse - safe).transpose(1, 2).unsqueeze(-1)      # (B, S, H, 1)
-    w_b = torch.exp(blk_lse - safe).transpose(1, 2).unsqueeze(-1)
-    out.mul_(w_a).addcmul_(blk_out, w_b)
-    lse.copy_(new_lse)
+_merge_torch_ = merge_torch_  # the plain-torch in-place merge (lives with the merge registry)
+
+
+_EXT_MERGES = [False]  # whether the optional C++ extension's fused merges were looked for
+
+
+def _load_ext_merges() -> None:
+    """Register the C++ extension's fused merges on first use (silent no-op when it is not built):
+    ``import spattn`` never loads the extension or hashes its sources."""
+    _EXT_MERGES[0] = True
+    from . import _ext
+    _ext.register_merge_if_available()
 
 
 def merge_impls() -> Dict[str, Callable[[Tensor, Tensor, Tensor, Tensor], None]]:
     """Every merge usable by name: "torch" (always) and the fused ones kernels registered."""
+    if not _EXT_MERGES[0]:
+        _load_ext_merges()
     return {"torch": _merge_torch_, **MERGES}
 
 
@@ -155,6 +173,8 @@ def merge_(out: Tensor, lse: Tensor, blk_out: Tensor, blk_lse: Tensor, impl: str
     out: (B, S, H, D) running output (fp32 in the ring); lse: (B, H, S) fp32.
     blk_out: same shape as out, any float dtype; blk_lse: (B, H, S) fp32.
     """
+    if not _EXT_MERGES[0]:
+        _load_ext_merges()
     if impl == "auto":
         fn = next((MERGES[n] for n, acc in MERGE_ORDER if acc(out)), _merge_torch_)
     else:

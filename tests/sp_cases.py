@@ -43,7 +43,7 @@ class Case:
     joint_strategy: str = "front"
     backend: str = "auto"
     engine: str = "python"
-    chunks: Optional[int] = None  # Ulysses pipeline head chunks (SPATTN_ULYSSES_CHUNKS)
+    chunks: Optional[int] = None  # Ulysses pipeline head chunks (attention(ulysses_chunks=...))
     seed: int = 0
     mask: str = ""                # joint_mask: "" none, "pad", "short", "hole", "empty" (see text_mask)
 
@@ -148,21 +148,13 @@ def gather_checked(mesh, seq: int, kw: dict, out, lse, dq, dk, dv) -> Dict[str, 
     return got
 
 
-def run_case(c: Case) -> Optional[dict]:
-    """Run on every rank. Returns, on rank 0, {name: (err, sdpa_err, ref_max)}."""
-    old = os.environ.get("SPATTN_ULYSSES_CHUNKS")
-    if c.chunks is not None:
-        os.environ["SPATTN_ULYSSES_CHUNKS"] = str(c.chunks)
-    try:
-        return _run_case(c)
-    finally:
-        if old is None:
-            os.environ.pop("SPATTN_ULYSSES_CHUNKS", None)
-        else:
-            os.environ["SPATTN_ULYSSES_CHUNKS"] = old
+def run_case(c: Case, **options) -> Optional[dict]:
+    """Run on every rank. Returns, on rank 0, {name: (err, sdpa_err, ref_max)}. ``options``: more
+    keyword options of spattn.attention (e.g. ring_impl, allgather_bytes)."""
+    return _run_case(c, options)
 
 
-def _run_case(c: Case) -> Optional[dict]:
+def _run_case(c: Case, options: dict) -> Optional[dict]:
     mesh = get_mesh(c.u, c.r)
     q, k, v, dout, joint = _inputs(c)
     kw = dict(seq_len=c.seq, layout=c.layout)
@@ -174,7 +166,7 @@ def _run_case(c: Case) -> Optional[dict]:
         args = dict(joint_q=jts[0], joint_k=jts[1], joint_v=jts[2], joint_strategy=c.joint_strategy,
                     joint_mask=text_mask(c))
     res = spattn.attention(ql, kl, vl, mesh, causal=c.causal, return_lse=True, backend=c.backend,
-                           ring_engine=c.engine, **args, **kw)
+                           ring_engine=c.engine, ulysses_chunks=c.chunks, **args, **kw, **options)
     if joint:
         out, jout, lse, _ = res
         loss = (out * dl).sum() + (jout * joint[3]).sum()
@@ -312,19 +304,16 @@ def subgroup_mesh(u: int, r: int) -> list:
 
 
 def mismatched_shards(u: int, r: int) -> str:
-    """Rank 0 passes a longer shard than the others. With SPATTN_CHECK=1 every rank must raise the
+    """Rank 0 passes a longer shard than the others. With check=1 every rank must raise the
     same clear error instead of entering a mismatched collective."""
     mesh = get_mesh(u, r)
     n = 12 if dist.get_rank() == 0 else 8
     x = torch.randn(1, n, 4, 16)
-    os.environ["SPATTN_CHECK"] = "1"
     try:
-        spattn.attention(x, x, x, mesh)
+        spattn.attention(x, x, x, mesh, check=1)
     except ValueError as e:
         dist.barrier()
         return str(e)
-    finally:
-        os.environ.pop("SPATTN_CHECK")
     raise AssertionError("mismatched shards were not detected")
 
 

@@ -11,7 +11,7 @@ import spattn
 from dist_harness import run_on_ranks
 from sp_cases import expect_error, mesh_info, mismatched_shards, shard_gather_roundtrip, subgroup_mesh
 from spattn.ops import merge_ref
-from spattn.ring import RingSetup
+from spattn.parallel.blocks import RingSetup
 
 
 # -- mesh ---------------------------------------------------------------------------------------------
@@ -185,7 +185,7 @@ def test_padding_trims_keys_noncausal():
 
 
 def test_pipeline_plans_never_send_kv_twice():
-    from spattn.ulysses import head_plan, pipeline_plans
+    from spattn.parallel.heads import head_plan, pipeline_plans
 
     for hq, hkv, u, target in [(8, 8, 2, 2), (24, 8, 4, 4), (8, 1, 2, 4), (24, 8, 16, 2), (6, 3, 2, 3), (3, 1, 8, 2)]:
         plan = head_plan(hq, hkv, u)

@@ -8,7 +8,8 @@ import torch
 import spattn
 from dist_harness import run_on_ranks
 from sp_cases import get_mesh
-from spattn import _ext, comm
+from spattn import _ext
+from spattn.comm import collectives as comm
 
 
 def counted_step(u: int, r: int, heads: int, kv_heads: int, seq: int, dim: int, engine: str, text: int = 0):
@@ -38,7 +39,7 @@ def test_ring_p2p_bytes(engine):
     seq, h, d, r = 32, 4, 8, 2
     fwd, bwd = run_on_ranks(2, counted_step, 1, r, h, h, seq, d, engine)
     blk = (seq // r) * h * d * 4  # one fp32 K (or V) block
-    assert fwd == {"ring_p2p": (r - 1) * 2 * blk, "all_to_all": 0, "all_gather": 0, "all_reduce": 0}
+    assert fwd == {"ring_p2p": (r - 1) * 2 * blk, "all_to_all": 0, "all_gather": 0, "all_reduce": 0, "reduce_scatter": 0}
     # Backward: K/V travel r-1 steps again; the fp32 (dK, dV) accumulators make a full lap (r sends).
     assert bwd["ring_p2p"] == (r - 1) * 2 * blk + r * 2 * blk
     assert bwd["all_to_all"] == 0
@@ -51,8 +52,8 @@ def test_ulysses_all_to_all_bytes_gqa():
     # (U-1)/U of q, k, v goes out, and of out on the way back; backward mirrors it (dout in; dq, dk, dv back).
     per_head = local * d * 4 * (u - 1) // u
     want = (2 * h + 2 * hkv) * per_head
-    assert fwd == {"ring_p2p": 0, "all_to_all": want, "all_gather": 0, "all_reduce": 0}
-    assert bwd == {"ring_p2p": 0, "all_to_all": want, "all_gather": 0, "all_reduce": 0}
+    assert fwd == {"ring_p2p": 0, "all_to_all": want, "all_gather": 0, "all_reduce": 0, "reduce_scatter": 0}
+    assert bwd == {"ring_p2p": 0, "all_to_all": want, "all_gather": 0, "all_reduce": 0, "reduce_scatter": 0}
 
 
 def test_joint_tokens_count_all_gather_and_all_reduce():

@@ -167,20 +167,25 @@ def test_compiled_attention_changing_lengths():
 
 
 def test_traced_attention_takes_every_argument_of_attention():
-    """The compile path must see every option of spattn.attention: a new keyword added to attention()
-    without being passed at its dispatch to traced_attention would be silently dropped under compile."""
+    """The compile path must see every option of spattn.attention: eager and compiled calls share one
+    op, so every keyword of attention() must reach it (as an option or an op input), or it would be
+    silently dropped in both."""
     import inspect
 
     import spattn
-    from spattn.compile import traced_attention
+    from spattn.call import Inputs, Options
 
-    want = set(inspect.signature(spattn.attention).parameters)
-    have = set(inspect.signature(traced_attention).parameters) - {"newer"}
-    assert want == have, f"spattn.compile.traced_attention is missing {want - have} (pass them at the dispatch)"
+    want = set(inspect.signature(spattn.attention).parameters) - {"q", "k", "v", "mesh"}
+    tensors = {"joint_q", "joint_k", "joint_v", "joint_mask", "cu_seqlens"}
+    assert want - tensors == {f.name for f in __import__("dataclasses").fields(Options)}, \
+        "spattn.call.Options must have a field for every keyword option of attention()"
     src = inspect.getsource(spattn.attention)
-    call = src[src.index("traced_attention("):src.index(")", src.index("traced_attention("))]
-    missing = [p for p in want - {"q", "k", "v", "mesh"} if f"{p}={p}" not in call]
-    assert not missing, f"attention() does not pass {missing} to traced_attention"
+    call = src[src.index("options_id("):src.index(")", src.index("options_id("))]
+    missing = [p for p in want - tensors - {"seq_len"} if f"{p}={p}" not in call]
+    assert not missing, f"attention() does not pass {missing} to the op's options"
+    # seq_len travels as an op argument of its own (it may be a dynamic int under torch.compile)
+    assert "Inputs(q, k, v, joint_q, joint_k, joint_v, jlens, cu_seqlens), mesh, opts, seq_len)" in src
+    assert len(Inputs._fields) == 8
 
 
 class TinyJoint(nn.Module):
@@ -267,3 +272,47 @@ def test_compiled_joint_mask_matches_eager(world, u, r, mask):
     assert n_graphs == 1, "a graph break at the attention (or no spattn op in the graph: -1)"
     assert d <= 1e-6, d
     assert d_rerun == 0.0, d_rerun
+
+
+def compiled_documents_vs_eager(u: int, r: int, ring_impl: str):
+    """Packed documents (cu_seqlens) and an explicit ring_impl under torch.compile(fullgraph=True) vs
+    eager: max abs difference of out, LSE and dq/dk/dv over two document layouts (the boundaries are
+    data: one graph for both), and the number of graphs."""
+    import spattn
+
+    mesh = spattn.init_mesh(ulysses_degree=u, ring_degree=r)
+    S = 24
+    torch.manual_seed(3)
+    q, k, v = (spattn.shard(torch.randn(1, S, h, 8), mesh, layout="zigzag") for h in (4, 2, 2))
+    graphs = []
+
+    def counting(gm, example_inputs):
+        from torch._dynamo.backends.debugging import aot_eager
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    def f(q, k, v, cu):
+        return spattn.attention(q, k, v, mesh, causal=True, layout="zigzag", cu_seqlens=cu, ring_impl=ring_impl,
+                                return_lse=True)
+
+    torch._dynamo.reset()
+    cf = torch.compile(f, fullgraph=True, backend=counting)
+    worst = 0.0
+    for cu in (torch.tensor([0, 5, 13, 24]), torch.tensor([0, 2, 20, 24])):
+        res = []
+        for fn in (f, cf):
+            qi, ki, vi = (t.clone().requires_grad_() for t in (q, k, v))
+            out, lse = fn(qi, ki, vi, cu)
+            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+            res.append([out.detach(), lse.nan_to_num(neginf=0), qi.grad, ki.grad, vi.grad])
+        worst = max(worst, max(float((a - b).abs().max()) for a, b in zip(*res)))
+    n_graphs = len(graphs) if all("spattn.attention_fwd" in str(gm.graph) for gm in graphs) else -1
+    return worst, n_graphs
+
+
+@pytest.mark.parametrize("world,u,r,impl", [(2, 1, 2, "p2p"), (2, 1, 2, "allgather"), (4, 2, 2, "p2p")])
+def test_compiled_documents_match_eager(world, u, r, impl):
+    """cu_seqlens and ring_impl work under torch.compile: the same op as eager, so the same numbers."""
+    worst, n_graphs = run_on_ranks(world, compiled_documents_vs_eager, u, r, impl, timeout=600)
+    assert n_graphs == 1, "a graph break at the attention (or no spattn op in the graph: -1)"
+    assert worst == 0.0, worst

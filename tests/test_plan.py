@@ -207,7 +207,7 @@ def test_presets_and_table_output(capsys):
 
 
 def test_ring_impl_auto_says_what_the_library_picks_and_why():
-    from spattn.ring import choose_ring_impl
+    from spattn.parallel.ring_allgather import choose_ring_impl
 
     import torch
 

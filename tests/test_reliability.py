@@ -121,19 +121,15 @@ def test_hand_built_mesh_is_checked():
 
 
 def joint_content_body(mode: str) -> str:
-    """Joint tensors that differ between ranks: caught by SPATTN_CHECK=2 only (it reads them)."""
+    """Joint tensors that differ between ranks: caught by check mode 2 only (it reads them)."""
     mesh = get_mesh(2, 1)
-    os.environ["SPATTN_CHECK"] = mode
+    x = torch.randn(1, 4, 2, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.randn(1, 3, 2, 8, generator=torch.Generator().manual_seed(dist.get_rank()))
     try:
-        x = torch.randn(1, 4, 2, 8, generator=torch.Generator().manual_seed(0))
-        t = torch.randn(1, 3, 2, 8, generator=torch.Generator().manual_seed(dist.get_rank()))
-        try:
-            spattn.attention(x, x, x, mesh, joint_q=t, joint_k=t, joint_v=t)
-        except ValueError as e:
-            return str(e)
-        return "no error"
-    finally:
-        _no_check_env()
+        spattn.attention(x, x, x, mesh, joint_q=t, joint_k=t, joint_v=t, check=int(mode))
+    except ValueError as e:
+        return str(e)
+    return "no error"
 
 
 def test_joint_contents_checked_in_mode_2():
@@ -143,15 +139,11 @@ def test_joint_contents_checked_in_mode_2():
 
 
 def check_off_body() -> bool:
-    os.environ["SPATTN_CHECK"] = "0"
-    try:
-        mesh = get_mesh(2, 1)
-        x = torch.randn(1, 4, 2, 8)
-        calls = getattr(mesh, "_check_calls", 0)
-        spattn.attention(x, x, x, mesh)
-        return getattr(mesh, "_check_calls", 0) == calls  # no gather was made
-    finally:
-        _no_check_env()
+    mesh = get_mesh(2, 1)
+    x = torch.randn(1, 4, 2, 8)
+    calls = mesh.check_calls
+    spattn.attention(x, x, x, mesh, check=0)
+    return mesh.check_calls == calls  # no gather was made
 
 
 def test_check_can_be_turned_off():
@@ -161,17 +153,16 @@ def test_check_can_be_turned_off():
 # ----------------------------------------------------------------------------------------------
 # 2. A rank that dies or raises: the others fail within the bound, naming it; no process left
 # ----------------------------------------------------------------------------------------------
-BOUND_S = 8.0  # SPATTN_TIMEOUT_S and the process group timeout of these tests
+BOUND_S = 8.0  # the check's timeout (init_mesh(timeout_s=)) and the process group timeout of these tests
 
 
 def _dying_rank(rank, world, port, u, r, victim, when, results):
-    os.environ["SPATTN_TIMEOUT_S"] = str(BOUND_S)
     _no_check_env()
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=timedelta(seconds=BOUND_S))
-        mesh = spattn.init_mesh(ulysses_degree=u, ring_degree=r)
+        mesh = spattn.init_mesh(ulysses_degree=u, ring_degree=r, timeout_s=BOUND_S)
         x = torch.randn(1, 8, 4, 16, generator=torch.Generator().manual_seed(rank)).requires_grad_()
         spattn.attention(x, x, x, mesh, causal=True, backend="torch").sum().backward()  # warm-up call
         be = spattn.backends.get_backend("torch", x.device)
@@ -382,9 +373,10 @@ def test_bad_input_single_process():
     with pytest.raises(ValueError, match="SPATTN_CHECK must be"):
         os.environ["SPATTN_CHECK"] = "yes"
         try:
-            spattn.check.check_mode()
+            spattn.config.reload()  # the environment is read once; a changed one is read again on request
         finally:
             _no_check_env()
+            spattn.config.reload()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import spattn
 from dist_harness import run_on_ranks
 from sp_cases import DTYPES, Case, gather_checked, get_mesh, run_case
 from spattn.layout import Geometry
-from spattn.ring import RingSetup, visible_pairs
+from spattn.parallel.blocks import RingSetup, visible_pairs
 from test_sp import assert_within_tolerance
 
 FACTORS = {2: [(2, 1), (1, 2)], 4: [(4, 1), (2, 2), (1, 4)], 8: [(8, 1), (4, 2), (2, 4), (1, 8)]}
@@ -278,19 +278,10 @@ def test_varlen_allgather(mesh, layout):
 def run_case_impl(c: Case, impl: str, budget: Optional[int] = None):
     """sp_cases.run_case with ``ring_impl="auto"`` resolved to ``impl`` (and, optionally, a small
     all-gather budget so the K/V are gathered in several head chunks)."""
-    env = {"SPATTN_RING_IMPL": impl}
+    options = {"ring_impl": impl}
     if budget is not None:
-        env["SPATTN_ALLGATHER_BYTES"] = str(budget)
-    old = {n: os.environ.get(n) for n in env}
-    os.environ.update(env)
-    try:
-        return run_case(c)
-    finally:
-        for n, val in old.items():
-            if val is None:
-                os.environ.pop(n, None)
-            else:
-                os.environ[n] = val
+        options["allgather_bytes"] = budget
+    return run_case(c, **options)
 
 
 def check_impl(c: Case, impl: str, budget: Optional[int] = None) -> None:
@@ -354,17 +345,23 @@ def test_varlen_errors(kind, words):
 
 
 def test_choose_ring_impl(monkeypatch):
-    from spattn.ring import choose_ring_impl
+    from spattn.parallel.ring_allgather import choose_ring_impl
 
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.delenv("SPATTN_RING_IMPL", raising=False)
+    spattn.config.reload()
     assert choose_ring_impl(2, 128, cpu) == "allgather"      # short sequence on CPU
     assert choose_ring_impl(4, 1024, cpu) == "p2p"
     assert choose_ring_impl(2, 128, cuda) == "p2p"
     assert choose_ring_impl(1, 128, cpu) == "p2p"            # no ring
     assert choose_ring_impl(2, 128, cpu, ring_engine="python") == "p2p"
     monkeypatch.setenv("SPATTN_RING_IMPL", "allgather")
-    assert choose_ring_impl(4, 1 << 20, cuda) == "allgather"
+    spattn.config.reload()  # the environment is read once: a process that changes it re-reads it
+    try:
+        assert choose_ring_impl(4, 1 << 20, cuda) == "allgather"
+    finally:
+        monkeypatch.delenv("SPATTN_RING_IMPL")
+        spattn.config.reload()
 
 
 def test_varlen_auto_impl():
@@ -519,19 +516,16 @@ def test_cu_seqlens_from_position_ids():
 
 
 def mismatched_documents(u: int, r: int) -> str:
-    """Rank 0 passes other document boundaries: SPATTN_CHECK=1 reports it on every rank."""
+    """Rank 0 passes other document boundaries: check=1 reports it on every rank."""
     mesh = get_mesh(u, r)
     S = 8 * mesh.world_size
     cu = torch.tensor([0, 3 if dist.get_rank() == 0 else 5, S])
     x = torch.randn(1, 8, 2, 8)
-    os.environ["SPATTN_CHECK"] = "1"
     try:
-        spattn.attention(x, x, x, mesh, cu_seqlens=cu)
+        spattn.attention(x, x, x, mesh, cu_seqlens=cu, check=1)
     except ValueError as e:
         dist.barrier()
         return str(e)
-    finally:
-        os.environ.pop("SPATTN_CHECK")
     raise AssertionError("mismatched cu_seqlens were not detected")
 
 

@@ -90,18 +90,9 @@ def _instance(name: str) -> Backend:
     return _INSTANCES[name]
 
 
-# Fused in-place merges ``fn(out, lse, blk_out, blk_lse)`` that kernels provide (C++, Triton). They are
-# registered here, in the backend layer, so a backend never imports ``ops`` (ops sits above it and
-# falls back to its plain-torch merge when nothing registered accepts the tensors).
-MERGES: Dict[str, Callable[[Tensor, Tensor, Tensor, Tensor], None]] = {}
-MERGE_ORDER: list = []  # (name, accepts) in registration order; the first that accepts wins under "auto"
-
-
-def register_merge(name: str, fn: Callable[[Tensor, Tensor, Tensor, Tensor], None],
-                   accepts: Callable[[Tensor], bool]) -> None:
-    """Register a fused in-place merge; ``accepts(out)`` says whether ``auto`` may use it for ``out``."""
-    MERGES[name] = fn
-    MERGE_ORDER[:] = [(n, a) for n, a in MERGE_ORDER if n != name] + [(name, accepts)]
+# Fused in-place merges that kernels provide (C++, Triton) register in .merges (a backend module
+# imports that, never this package); re-exported here for ops and callers.
+from .merges import MERGE_ORDER, MERGES, merge_torch_, register_merge  # noqa: E402
 
 
 def _register_builtin() -> None:

@@ -29,7 +29,7 @@ import torch
 
 from ..kernels import flash_attn as _fa
 from ..kernels import merge as _merge
-from . import register_merge
+from .merges import register_merge
 
 Tensor = torch.Tensor
 

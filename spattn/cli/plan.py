@@ -211,13 +211,13 @@ RING_IMPLS: Dict[str, Callable[[Workload, Hardware, int, int, float], RingCost]]
 
 
 def resolve_ring_impl(w: Workload, u: int, r: int, ring_impl: str) -> Tuple[str, str]:
-    """(implementation, reason): "auto" asks spattn's own rule (``spattn.ring.choose_ring_impl``,
+    """(implementation, reason): "auto" asks spattn's own rule (``spattn.parallel.ring_allgather.choose_ring_impl``,
     measured) what ``ring_impl="auto"`` would pick on a GPU for this ring's local sequence."""
     if ring_impl != "auto":
         return ring_impl, "chosen with --ring-impl"
     import torch
 
-    from spattn.ring import choose_ring_impl  # the rule the library applies at run time
+    from spattn.parallel.ring_allgather import choose_ring_impl  # the rule the library applies at run time
 
     local = math.ceil((w.image_tokens + (w.text_tokens if w.joint_text else 0)) / r)
     impl = choose_ring_impl(r, local, torch.device("cuda"))

@@ -1,4 +1,4 @@
-"""Ulysses head distribution: which heads each rank of the Ulysses group computes.
+"""Head plans: which query/KV heads each rank of the Ulysses group computes, per pipeline chunk.
 
 Query heads are split into contiguous, balanced ranges: with H heads on U ranks, H % U ranks get
 ceil(H/U) heads and the others floor(H/U). That is exact for any H (no padded heads, no zero heads

@@ -1,0 +1,243 @@
+"""Block plans and block execution: which (query, key) blocks of a ring step are visible, and running them.
+
+``RingSetup`` is the planner of one ring call on this rank: each rank's post-Ulysses sequence is a
+list of segments of length L at known global starts (1 segment contiguous, 2 zigzag, up to 16
+balanced), so a (query, key) segment pair is either fully visible, the causal diagonal, or masked;
+``plan(src)`` turns that into as few backend calls as possible and skips masked work entirely.
+
+Packed documents (``RingSetup.docs``): a backend that masks documents itself (``supports_docs``, the
+Triton kernels) gets one call per visible (query segment, key segment) pair with the pair's per-token
+document ids; any other backend gets one call per visible document sub-block (``_plan_docs``).
+
+The block runners fold each call into the running (out, lse) with ``ops.merge_`` (forward) or
+accumulate its gradients (backward); they are shared by the P2P and the all-gather rings.
+"""
+from __future__ import annotations
+
+from bisect import bisect_left, bisect_right
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ..comm.ring_comm import RingCommCache
+from ..layout import padded_rows
+from ..ops import block_backward, block_forward, merge_
+
+Tensor = torch.Tensor
+Call = Tuple[int, int, int, int, bool]  # q_lo, q_hi, k_lo, k_hi, causal (local sequence indices)
+
+
+@dataclass(frozen=True)
+class RingSetup:
+    """Static description of one ring attention call on this rank."""
+
+    group: Optional[dist.ProcessGroup]
+    size: int                 # ring degree R
+    rank: int                 # this rank's index in the ring
+    seg_len: int              # L: length of one segment
+    starts: Tuple[Tuple[int, ...], ...]  # per ring rank: global start of each of its segments
+    seq_len: int              # global number of real positions (>= that is padding)
+    causal: bool
+    scale: float
+    backend: object
+    engine: str = "auto"
+    joint_lens: Optional[Tensor] = None  # int32 (B,): valid joint keys per batch element (None: all)
+    docs: Optional[Tuple[int, ...]] = None  # packed documents: global boundaries 0 = b_0 < ... < b_n
+    impl: str = "p2p"         # "p2p" (K/V blocks travel the ring) or "allgather" (gather, one pass)
+    comm_cache: Optional[RingCommCache] = None  # the mesh's: ring buffers reused across calls
+    allgather_bytes: int = 256 << 20  # all-gather ring: K/V budget of one head chunk
+
+    def valid(self, start: int) -> int:
+        return max(0, min(self.seg_len, self.seq_len - start))
+
+    def kv_valid(self, r: int) -> int:
+        """Real keys of rank r's block: padding is a global suffix, so they are a prefix."""
+        return sum(self.valid(s) for s in self.starts[r])
+
+    def pad_rows(self) -> List[Tuple[int, int]]:
+        """Local row ranges of this rank that are padding."""
+        return padded_rows(self.starts[self.rank], self.seg_len, self.seq_len)
+
+    @property
+    def kernel_docs(self) -> bool:
+        """Packed documents masked inside the backend (it takes ``q_doc`` / ``k_doc``)."""
+        return self.docs is not None and bool(getattr(self.backend, "supports_docs", False))
+
+    def doc_ids(self, r: int, device: torch.device) -> Tensor:
+        """int32 (n_segments * L,): document of each local position of ring rank r (padding: the last
+        document; no call reaches it). Non-decreasing within a segment, which is all one call spans."""
+        pos = torch.tensor(self.starts[r], dtype=torch.int64)[:, None] + torch.arange(self.seg_len)
+        bounds = torch.tensor(self.docs[1:-1], dtype=torch.int64)
+        return torch.bucketize(pos.reshape(-1), bounds, right=True).to(device=device, dtype=torch.int32)
+
+    def plan(self, src: int) -> List[Call]:
+        """Backend calls for the local queries against ring rank ``src``'s key block."""
+        if self.docs is not None:
+            return self._plan_doc_pairs(src) if self.kernel_docs else self._plan_docs(src)
+        L, qs, ks = self.seg_len, self.starts[self.rank], self.starts[src]
+
+        def vis(a: int, b: int) -> str:
+            if self.valid(qs[a]) == 0 or self.valid(ks[b]) == 0:
+                return ""
+            if not self.causal or ks[b] < qs[a]:
+                return "full"
+            return "diag" if ks[b] == qs[a] else ""
+
+        grid = [[vis(a, b) for b in range(len(ks))] for a in range(len(qs))]
+        rows = [a for a in range(len(qs)) if any(grid[a])]
+        cols = [b for b in range(len(ks)) if any(grid[a][b] for a in range(len(qs)))]
+        if not rows:
+            return []
+        contiguous = rows == list(range(rows[0], rows[-1] + 1)) and cols == list(range(cols[0], cols[-1] + 1))
+        q_lo, q_hi = rows[0] * L, (rows[-1] + 1) * L
+        if contiguous and all(grid[a][b] == "full" for a in rows for b in cols):
+            # Trimming the keys to the real ones is what keeps padding out of non-causal attention.
+            return [(q_lo, q_hi, cols[0] * L, cols[-1] * L + self.valid(ks[cols[-1]]), False)]
+        if contiguous and rows == cols and all(qs[a] == ks[a] for a in rows):
+            # Same segments on both sides, in increasing global order: one top-left causal call.
+            # (Causal queries never see padded keys, so no trimming is needed.)
+            return [(q_lo, q_hi, q_lo, q_hi, True)]
+        calls = []
+        for a in rows:
+            for b in range(len(ks)):
+                if grid[a][b] == "full":
+                    calls.append((a * L, (a + 1) * L, b * L, b * L + self.valid(ks[b]), False))
+                elif grid[a][b] == "diag":
+                    calls.append((a * L, (a + 1) * L, b * L, (b + 1) * L, True))
+        return calls
+
+    def _plan_doc_pairs(self, src: int) -> List[Call]:
+        """Packed documents masked by the backend: one call per (query segment, key segment) pair that
+        shares a document and is causally visible (keys of an earlier segment: full; the same segment:
+        top-left causal); the kernel masks and skips inside it by the document ids."""
+        L, qs, ks, docs = self.seg_len, self.starts[self.rank], self.starts[src], self.docs
+
+        def doc(p: int) -> int:
+            return bisect_right(docs, p) - 1
+
+        calls: List[Call] = []
+        for a, qa in enumerate(qs):
+            nq = self.valid(qa)
+            for b, ka in enumerate(ks):
+                nk = self.valid(ka)
+                if not nq or not nk or (self.causal and ka > qa):
+                    continue
+                if doc(ka) > doc(qa + nq - 1) or doc(ka + nk - 1) < doc(qa):
+                    continue  # no document in common
+                calls.append((a * L, a * L + nq, b * L, b * L + nk, self.causal and ka == qa))
+        return calls
+
+    def _plan_docs(self, src: int) -> List[Call]:
+        """Packed documents: for every (query segment, key segment) pair, one call per visible
+        (document piece x document piece) sub-block, nothing for invisible ones. A causal
+        sub-block is cut into keys before the first query (full), a square aligned diagonal
+        (top-left causal) and, when the keys end before the queries do, the rows below it (full)."""
+        L, qs, ks, docs = self.seg_len, self.starts[self.rank], self.starts[src], self.docs
+        calls: List[Call] = []
+        for a, qa in enumerate(qs):
+            qb = qa + self.valid(qa)
+            for b, ka in enumerate(ks):
+                kb = ka + self.valid(ka)
+                if qa >= qb or ka >= kb or (self.causal and ka >= qb):
+                    continue
+                # Only documents overlapping both segments can hold a visible pair.
+                first = max(bisect_right(docs, qa), bisect_right(docs, ka)) - 1
+                for d in range(first, min(bisect_left(docs, qb), bisect_left(docs, kb))):
+                    d0, d1 = docs[d], docs[d + 1]
+                    x0, x1, y0, y1 = max(qa, d0), min(qb, d1), max(ka, d0), min(kb, d1)
+                    if x0 >= x1 or y0 >= y1:
+                        continue
+                    qo, ko = a * L - qa, b * L - ka  # global position -> local index
+                    if not self.causal:
+                        calls.append((x0 + qo, x1 + qo, y0 + ko, y1 + ko, False))
+                        continue
+                    if y0 >= x1:
+                        continue
+                    if y0 < x0:
+                        calls.append((x0 + qo, x1 + qo, y0 + ko, min(y1, x0) + ko, False))
+                    s0, s1 = max(x0, y0), min(y1, x1)
+                    if s0 < s1:
+                        calls.append((s0 + qo, s1 + qo, s0 + ko, s1 + ko, True))
+                        if s1 < x1:
+                            calls.append((s1 + qo, x1 + qo, s0 + ko, s1 + ko, False))
+        return calls
+
+
+def visible_pairs(calls: Sequence[Call]) -> int:
+    """(query, key) pairs a list of calls computes: q*k for a full call, k*(k+1)/2 + (q-k)*k for a
+    top-left causal one (the work measure of bench_varlen's balance figures)."""
+    n = 0
+    for q0, q1, k0, k1, causal in calls:
+        sq, sk = q1 - q0, k1 - k0
+        n += (min(sq, sk) * (min(sq, sk) + 1) // 2 + max(0, sq - sk) * sk) if causal else sq * sk
+    return n
+
+
+def doc_kw(docs: Optional[Tuple[Tensor, Tensor]], q0: int, q1: int, k0: int, k1: int) -> dict:
+    """The call's document ids (``docs``: local query ids, the key block's ids), {} without them."""
+    return {} if docs is None else {"q_doc": docs[0][q0:q1], "k_doc": docs[1][k0:k1]}
+
+
+def blocks_forward(be, q: Tensor, kv, calls: Sequence[Call], scale: float, acc: List,
+                    docs: Optional[Tuple[Tensor, Tensor]] = None) -> None:
+    """Fold the calls' results into the running ``acc = [out, lse]``. While nothing is folded in
+    (``acc == [None, None]``) a block covering every row becomes the accumulator itself: no zero
+    fill, no copy, no merge. ``docs``: (query, key) document ids for a backend that masks them."""
+    for q0, q1, k0, k1, causal in calls:
+        o, l = block_forward(be, q[:, q0:q1], kv[0][:, k0:k1], kv[1][:, k0:k1], causal, scale,
+                             **doc_kw(docs, q0, q1, k0, k1))
+        if acc[0] is None:
+            if q0 == 0 and q1 == q.shape[1]:
+                acc[:] = [o.float().contiguous(), l.contiguous()]
+                continue
+            acc[:] = running(q, q.shape[2])
+        merge_(acc[0][:, q0:q1], acc[1][:, :, q0:q1], o, l)
+
+
+def blocks_backward(st: "RingSetup", rows: Tuple[Tensor, Tensor, Tensor, Tensor], kv, calls: Sequence[Call],
+                    acc: Tuple[Tensor, Tensor], docs: Optional[Tuple[Tensor, Tensor]] = None) -> None:
+    """Add the calls' gradients into ``acc`` = (dq, dkv): rows = (dout, q, out, lse) of the local
+    queries, kv = the key block (k, v) (stacked or a pair), dkv its (dk, dv) accumulators."""
+    dout, q, out, lse = rows
+    dq, dkv = acc
+    for q0, q1, k0, k1, causal in calls:
+        block_backward(st.backend, (dout[:, q0:q1], q[:, q0:q1], out[:, q0:q1], lse[:, :, q0:q1]),
+                       (kv[0][:, k0:k1], kv[1][:, k0:k1]), causal, st.scale,
+                       (dq[:, q0:q1], dkv[0][:, k0:k1], dkv[1][:, k0:k1]), **doc_kw(docs, q0, q1, k0, k1))
+
+
+def docs_for(st: RingSetup, device: torch.device):
+    """src -> (local query ids, src's key ids), or src -> None when the backend does not mask documents."""
+    if not st.kernel_docs:
+        return lambda src: None
+    ids = [st.doc_ids(r, device) for r in range(st.size)]
+    return lambda src: (ids[st.rank], ids[src])
+
+
+def running(q: Tensor, heads: int) -> Tuple[Tensor, Tensor]:
+    """Empty running result: out 0 (fp32), lse -inf."""
+    b, s = q.shape[:2]
+    return (q.new_zeros((b, s, heads, q.shape[3]), dtype=torch.float32),
+            torch.full((b, heads, s), float("-inf"), dtype=torch.float32, device=q.device))
+
+
+Saved = Tuple[Optional[Tensor], ...]
+
+
+def joint_backward(st: RingSetup, saved: Saved, dout: Tensor, dt_out: Tensor, dq: Tensor,
+                    djoint: Tuple[Tensor, Tensor, Tensor], dkv_own) -> None:
+    """Joint-token gradients of this rank: image queries x joint K/V, text queries x this rank's
+    own image K/V (into ``dkv_own``, the own block's (dk, dv) accumulators) and, on ring rank 0,
+    text queries x joint K/V."""
+    q, k, v, out, lse, jq, jk, jv, t_out, t_lse = saved
+    be, (djq, djk, djv) = st.backend, djoint
+    jkw = {} if st.joint_lens is None else {"k_lens": st.joint_lens}
+    block_backward(be, (dout, q, out, lse), (jk, jv), False, st.scale, (dq, djk, djv), **jkw)
+    n = st.kv_valid(st.rank)
+    if n:
+        block_backward(be, (dt_out, jq, t_out, t_lse), (k[:, :n], v[:, :n]), False, st.scale,
+                       (djq, dkv_own[0][:, :n], dkv_own[1][:, :n]))
+    if st.rank == 0:
+        block_backward(be, (dt_out, jq, t_out, t_lse), (jk, jv), False, st.scale, (djq, djk, djv), **jkw)
