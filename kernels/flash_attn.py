@@ -598,6 +598,14 @@ _DOCS_CONFIGS: Dict[Tuple[str, int, int, bool], TileConfig] = {
     ("dq", 80, 64, True): T(32, 16, 8, 1),
     ("dq", 90, 64, True): T(32, 16, 8, 1),
 }
+# Sliding-window specializations (HAS_WINDOW) likewise, where the window's masks made the shipped config spill
+# (bench/kernel_report.py --kinds fwd_window dkdv_window dq_window; checked: head_dim 64/128, fp16/fp32).
+_WINDOW_CONFIGS: Dict[Tuple[str, int, int, bool], TileConfig] = {
+    ("fwd", 80, 128, False): T(128, 32, 8, 3),
+    ("fwd", 90, 128, False): T(128, 32, 8, 3),
+    ("dkdv", 80, 64, False): T(16, 128, 8, 3),
+    ("dkdv", 90, 128, True): T(16, 32, 8, 2),
+}
 del T
 
 
@@ -621,19 +629,22 @@ def arch_key(capability: Tuple[int, int]) -> int:
     return 90 if capability[0] >= 9 else 80
 
 
-def tile_config(kind: str, arch: int, head_dim: int, dtype: torch.dtype, docs: bool = False) -> TileConfig:
+def tile_config(kind: str, arch: int, head_dim: int, dtype: torch.dtype, docs: bool = False,
+                window: bool = False) -> TileConfig:
     """The shipped config of kernel ``kind`` ("fwd", "dkdv", "dq") for ``arch`` (80 or 90); ``docs``: of
-    its packed-document specialization."""
+    its packed-document specialization; ``window``: of its sliding-window one (documents win a tie)."""
     bd, fp32 = block_d_for(head_dim), dtype == torch.float32
     if docs and (kind, arch, bd, fp32) in _DOCS_CONFIGS:
         return _DOCS_CONFIGS[(kind, arch, bd, fp32)]
+    if window and (kind, arch, bd, fp32) in _WINDOW_CONFIGS:
+        return _WINDOW_CONFIGS[(kind, arch, bd, fp32)]
     return (_FP32_CONFIGS if fp32 else _CONFIGS)[kind][bd][ARCHS.index(arch)]
 
 
-def _config(kind: str, t: Tensor, head_dim: int, docs: bool = False) -> TileConfig:
+def _config(kind: str, t: Tensor, head_dim: int, docs: bool = False, window: bool = False) -> TileConfig:
     if t.device.type != "cuda":  # CPU tensors only run under TRITON_INTERPRET=1
         return INTERPRET_CONFIG
-    return tile_config(kind, arch_key(torch.cuda.get_device_capability(t.device)), head_dim, t.dtype, docs)
+    return tile_config(kind, arch_key(torch.cuda.get_device_capability(t.device)), head_dim, t.dtype, docs, window)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -744,7 +755,7 @@ def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale:
     if Sk == 0:
         return out.zero_(), lse.fill_(float("-inf"))
     has_win, win_left, win_right = _window_args(window, Sq, Sk, int(q_offset) - int(k_offset))
-    cfg = config or _config("fwd", q, D, q_doc is not None)
+    cfg = config or _config("fwd", q, D, q_doc is not None, has_win)
     grid = (triton.cdiv(Sq, cfg.block_m), B * Hq)
     _flash_fwd_kernel[grid](
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
@@ -816,8 +827,8 @@ def flash_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     bd = block_d_for(D)
     delta = flash_attn_bwd_preprocess(out, dout)
     docs = q_doc is not None
-    cfg_kv, cfg_q = config or (_config("dkdv", q, D, docs), _config("dq", q, D, docs))
     has_win, win_left, win_right = _window_args(window, Sq, Sk, int(q_offset) - int(k_offset))
+    cfg_kv, cfg_q = config or (_config("dkdv", q, D, docs, has_win), _config("dq", q, D, docs, has_win))
     common = dict(HEAD_DIM=D, BLOCK_D=bd, IS_CAUSAL=bool(causal), DOT_PREC=dot_precision(q.dtype),
                   HAS_KLENS=k_lens is not None, HAS_DOCS=q_doc is not None, HAS_WINDOW=has_win)
     lens_arg = delta if k_lens is None else k_lens  # any pointer when unused

@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 import spattn
 
-from .hf_window import FULL, WindowNotSupported, hf_layer_window
+from .hf_window import WindowNotSupported, hf_layer_window
 
 Tensor = torch.Tensor
 IGNORE_INDEX = -100
@@ -112,9 +112,6 @@ def register(mesh: "spattn.SPMesh", name: str = "spattn") -> str:
                                      causal=bool(causal), sliding_window=kwargs.get("sliding_window"))
         except WindowNotSupported as e:
             raise NotImplementedError(f"{where}: {e}") from None
-        if window != FULL:
-            raise NotImplementedError(f"{where}: this layer uses a sliding window {window} (left, right); "
-                                      "spattn.attention does not take window_size yet")
         if dropout and module.training:
             raise NotImplementedError(f"{where}: attention dropout is not supported; set config.attention_dropout=0")
         if key.shape[2] != query.shape[2]:
@@ -122,7 +119,8 @@ def register(mesh: "spattn.SPMesh", name: str = "spattn") -> str:
                                       "a KV cache is not supported (call the model with use_cache=False)")
         q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))  # -> (B, s, H, D)
         out = spattn.attention(q, k, v, mesh, causal=bool(causal), softmax_scale=scaling,
-                               seq_len=int(spattn_seq_len), layout=spattn_layout, cu_seqlens=spattn_cu_seqlens)
+                               seq_len=int(spattn_seq_len), layout=spattn_layout, cu_seqlens=spattn_cu_seqlens,
+                               window_size=window)
         return out, None
 
     AttentionInterface.register(name, spattn_attention_forward)
