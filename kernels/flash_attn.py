@@ -604,7 +604,7 @@ _WINDOW_CONFIGS: Dict[Tuple[str, int, int, bool], TileConfig] = {
     ("fwd", 80, 128, False): T(128, 32, 8, 3),
     ("fwd", 90, 128, False): T(128, 32, 8, 3),
     ("dkdv", 80, 64, False): T(16, 128, 8, 3),
-    ("dkdv", 90, 128, True): T(16, 32, 8, 2),
+    ("dkdv", 90, 128, True): T(16, 32, 8, 1),
 }
 del T
 
