@@ -8,6 +8,7 @@ validates into an ``AttnCall`` (``spattn.call``) and runs the hybrid strategy (`
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple, Union
 
 import torch
@@ -179,11 +180,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
         seq_local; fp32, natural log, -inf on padded rows) and ``joint_lse`` (batch, heads_q,
         text_len) if ``return_lse``. LSEs carry no gradient.
     """
-    window = tuple(window_size) if isinstance(window_size, (list, tuple)) else window_size
+    window_size = tuple(window_size) if isinstance(window_size, (list, tuple)) else window_size
     opts = op.options_id(causal=causal, softmax_scale=softmax_scale, return_lse=return_lse, backend=backend,
                          layout=layout, joint_strategy=joint_strategy, ring_engine=ring_engine,
                          ring_impl=ring_impl, ulysses_chunks=ulysses_chunks, allgather_bytes=allgather_bytes,
-                         check=check, window_size=window)  # (1) a new option is passed here
+                         check=check, window_size=window_size)  # (1) a new option is passed here
     if seq_len is not None and (not isinstance(seq_len, (int, torch.SymInt)) or isinstance(seq_len, bool) or seq_len < 1):
         raise ValueError(f"spattn.attention: seq_len must be a positive int, got {seq_len!r}")
     # Anything that cannot even be an op argument gets its clear error here (the rest: in the op).
@@ -208,15 +209,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
             raise ValueError("spattn.attention: joint_q and joint_k must have the same text length")
         check_joint_mask(joint_mask, True, q, joint_q.shape[1] if isinstance(joint_q, Tensor) and joint_q.dim() else 0)
         if joint_mask is not None:  # real keys first; eager cuts to the longest prompt, tracing keeps them all
-            _check_window_mask(joint_mask, window)
+            _check_window_mask(joint_mask, window_size)
             joint_k, joint_v, jlens = _compact_joint(joint_mask, joint_k, joint_v)
     else:
         check_joint_mask(joint_mask, False, q, 0)
-    x = Inputs(q, k, v, joint_q, joint_k, joint_v, jlens, cu_seqlens)
-    if autocast is None:
-        res = op.run(x, mesh, opts, seq_len)
-    else:  # inside, every op runs in the dtypes chosen here (no autocast of the kernels' own math)
-        with torch.autocast(q.device.type, enabled=False):
-            res = op.run(x, mesh, opts, seq_len)
+    # Under autocast, every op inside runs in the dtypes chosen here (no autocast of the kernels' own math).
+    with torch.autocast(q.device.type, enabled=False) if autocast is not None else contextlib.nullcontext():
+        res = op.run(Inputs(q, k, v, joint_q, joint_k, joint_v, jlens, cu_seqlens), mesh, opts, seq_len)
     n = (2 if joint_q is not None else 1) * (2 if return_lse else 1)
     return res[0] if n == 1 else tuple(res[:n])

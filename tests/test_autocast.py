@@ -23,8 +23,8 @@ from sp_cases import get_mesh
 BF16 = torch.bfloat16
 
 
-def _autocast():
-    return torch.autocast("cpu", dtype=BF16)
+def _autocast(dtype=BF16):
+    return torch.autocast("cpu", dtype=dtype)
 
 
 def _err(a, b) -> float:
@@ -43,7 +43,7 @@ def _sdpa(q, k, v, causal, joint=None):
     return o[:, t:], o[:, :t]
 
 
-def body_attention(u: int, r: int, causal: bool, joint: bool, layout: str) -> dict:
+def body_attention(u: int, r: int, causal: bool, joint: bool, layout: str, dtype: torch.dtype = BF16) -> dict:
     """Errors of spattn under autocast (bf16) and of SDPA under autocast, both vs fp64 math on the
     fp32 inputs; dtypes of outputs and gradients."""
     mesh = get_mesh(u, r)
@@ -60,7 +60,7 @@ def body_attention(u: int, r: int, causal: bool, joint: bool, layout: str) -> di
     # torch: SDPA on the full sequence under autocast (what the model without spattn computes)
     xs = [t.clone().requires_grad_() for t in full]
     js = [t.clone().requires_grad_() for t in jt] if joint else None
-    with _autocast():
+    with _autocast(dtype):
         ref_o, ref_jo = _sdpa(*xs, causal, js)
     loss(ref_o, ref_jo if joint else None).backward()
     # truth: fp64 math on the same fp32 inputs
@@ -73,10 +73,10 @@ def body_attention(u: int, r: int, causal: bool, joint: bool, layout: str) -> di
     shards = [spattn.shard(t, mesh, seq_len=S, layout=layout).requires_grad_() for t in full]
     jl = [t.clone().requires_grad_() for t in jt] if joint else None
     kw = dict(joint_q=jl[0], joint_k=jl[1], joint_v=jl[2]) if joint else {}
-    with _autocast():
+    with _autocast(dtype):
         res = spattn.attention(*shards, mesh, causal=causal, seq_len=S, layout=layout, **kw)
     o, jo = res if joint else (res, None)
-    dtypes = {"out": str(o.dtype), "joint_out": str(jo.dtype) if joint else "torch.bfloat16"}
+    dtypes = {"out": str(o.dtype), "joint_out": str(jo.dtype) if joint else str(dtype)}
     o_full = spattn.gather(o, mesh, seq_len=S, layout=layout)
     loss(o_full, jo).backward()
     grads = [spattn.gather(s.grad, mesh, seq_len=S, layout=layout) for s in shards]
@@ -90,7 +90,7 @@ def body_attention(u: int, r: int, causal: bool, joint: bool, layout: str) -> di
         for name, mine, theirs, truth in zip("qkv", jl, js, js64):
             err["dj" + name] = (_err(mine.grad, truth.grad), _err(theirs.grad, truth.grad))
     # fp64 inputs: autocast leaves them alone, for SDPA and for spattn
-    with _autocast():
+    with _autocast(dtype):
         o64_sp = spattn.attention(*(s.detach().double() for s in shards), mesh, causal=causal, seq_len=S,
                                   layout=layout)
     dtypes["fp64"] = str(o64_sp.dtype)
@@ -111,6 +111,15 @@ def _check_errors(res):
 def test_attention_under_autocast_matches_sdpa(u, r, causal, joint, layout):
     res = run_on_ranks(2, body_attention, u, r, causal, joint, layout, timeout=300)
     assert res["dtypes"] == {"out": "torch.bfloat16", "joint_out": "torch.bfloat16", "grad": "torch.float32",
+                             "fp64": "torch.float64"}, res["dtypes"]
+    _check_errors(res)
+
+
+def test_attention_under_fp16_autocast():
+    """fp16 autocast (the CUDA path's usual dtype; the front reads the autocast dtype of q's device
+    type, so this CPU run takes the same code): fp16 out, SDPA-like errors."""
+    res = run_on_ranks(2, body_attention, 1, 2, False, True, "contiguous", torch.float16, timeout=300)
+    assert res["dtypes"] == {"out": "torch.float16", "joint_out": "torch.float16", "grad": "torch.float32",
                              "fp64": "torch.float64"}, res["dtypes"]
     _check_errors(res)
 

@@ -480,3 +480,69 @@ def test_hf_sliding_window_models_match_sdpa(u, r, layout):
     assert set(errs) == set(names)
     for name, (e_logits, e_loss, e_grad) in errs.items():
         assert e_logits <= 1e-5 and e_loss <= 1e-5 and e_grad <= 1e-4, (name, e_logits, e_loss, e_grad)
+
+
+def window_errors() -> dict:
+    """Bad window_size values raise before any collective; ranks with different windows all raise
+    naming the field (the cross-rank check)."""
+    import torch.distributed as dist
+
+    import spattn
+    from sp_cases import get_mesh
+
+    mesh = get_mesh(1, 2)
+    q = torch.randn(1, 8, 2, 16)
+    msgs = {}
+    for bad in ((-2, 0), (1.5, 0), (3,), "3,0"):
+        try:
+            spattn.attention(q, q, q, mesh, window_size=bad)
+        except (ValueError, TypeError) as e:
+            msgs[repr(bad)] = str(e)
+    try:
+        spattn.attention(q, q, q, mesh, causal=True, window_size=(4 + dist.get_rank(), 0))
+    except ValueError as e:
+        msgs["mismatch"] = str(e)
+    return msgs
+
+
+def test_window_size_errors():
+    from dist_harness import run_on_ranks
+
+    msgs = run_on_ranks(2, window_errors)
+    for bad in ("(-2, 0)", "(1.5, 0)", "(3,)", "'3,0'"):
+        assert "window_size must be a pair of ints" in msgs.get(bad, ""), (bad, msgs)
+    assert "window_left" in msgs.get("mismatch", ""), msgs
+
+
+def compiled_window(u: int, r: int) -> float:
+    """Max abs difference of out and gradients between compiled (fullgraph, aot_eager) and eager
+    windowed attention, autocast included (bf16)."""
+    import torch._dynamo
+
+    import spattn
+    from sp_cases import get_mesh
+
+    mesh = get_mesh(u, r)
+    g = torch.Generator().manual_seed(0)
+    full = [torch.randn(1, 37, 4, 16, generator=g) for _ in range(3)]
+
+    def fn(q, k, v):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return spattn.attention(q, k, v, mesh, causal=True, window_size=(6, 0), seq_len=37, layout="zigzag")
+
+    def run(f):
+        xs = [spattn.shard(t, mesh, seq_len=37, layout="zigzag").requires_grad_() for t in full]
+        o = f(*xs)
+        o.float().square().sum().backward()
+        return [o.detach().float()] + [x.grad for x in xs]
+
+    eager = run(fn)
+    torch._dynamo.reset()
+    compiled = run(torch.compile(fn, fullgraph=True, backend="aot_eager"))
+    return max(float((a - b).abs().max()) for a, b in zip(eager, compiled))
+
+
+def test_window_and_autocast_under_torch_compile():
+    from dist_harness import run_on_ranks
+
+    assert run_on_ranks(2, compiled_window, 1, 2, timeout=600) == 0.0
