@@ -11,12 +11,13 @@ and on, as the difference a user sees.
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
-import socket
 import statistics
+import sys
 import time
-from datetime import timedelta
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from spattn.launch import LocalRanks, init_rank  # noqa: E402
 
 
 def _stats(ts):
@@ -24,13 +25,11 @@ def _stats(ts):
     return statistics.median(ts) * 1e6, ts[int(0.9 * (len(ts) - 1))] * 1e6
 
 
-def _rank_main(rank: int, world: int, port: int, iters: int, out_q) -> None:
+def _rank_main(rank: int, world: int, init_method: str, iters: int):
     import torch
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    init_rank(rank, world, init_method, backend="gloo", timeout_s=60, threads=1)
     import spattn
     from spattn import check
     from spattn.call import Inputs, Options, build_call
@@ -60,16 +59,9 @@ def _rank_main(rank: int, world: int, port: int, iters: int, out_q) -> None:
     res["check (mode 2, text 64)"] = timed(lambda: check.check_signature(mesh, check.signature(call_j, xj)))
     for mode in (0, 1):
         res[f"attention fwd, check={mode}"] = timed(lambda: spattn.attention(q, q, q, mesh, causal=True, check=mode))
-    if rank == 0:
-        out_q.put(res)
     dist.barrier()
     dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return res if rank == 0 else None
 
 
 def main(argv=None) -> None:
@@ -77,17 +69,10 @@ def main(argv=None) -> None:
     p.add_argument("-P", type=int, nargs="+", default=[2, 4], help="world sizes")
     p.add_argument("--iters", type=int, default=2000)
     args = p.parse_args(argv)
-    ctx = mp.get_context("spawn")
     print(f"{'P':>2}  {'what':<32} {'median us':>10} {'p90 us':>10}")
     for world in args.P:
-        q = ctx.Queue()
-        port = _free_port()
-        procs = [ctx.Process(target=_rank_main, args=(r, world, port, args.iters, q)) for r in range(world)]
-        for pr in procs:
-            pr.start()
-        res = q.get(timeout=600)
-        for pr in procs:
-            pr.join()
+        with LocalRanks(_rank_main, world, args=(args.iters,)) as ranks:
+            res = ranks.wait(timeout=600)
         for name, (med, p90) in res.items():
             print(f"{world:>2}  {name:<32} {med:>10.1f} {p90:>10.1f}")
 

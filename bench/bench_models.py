@@ -32,18 +32,17 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import multiprocessing as mp
 import os
-import queue
-import socket
 import statistics
-import time
-from datetime import timedelta
+import sys
 
 import torch
 import torch.distributed as dist
 
-from spattn.demo import _timeit as _timeit_all, factorizations  # shared with bench_sp
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from demo import timeit as _timeit_all  # noqa: E402  (bench/demo.py, shared with bench_sp)
+from spattn.cli.costmodel import factorizations  # noqa: E402
+from spattn.launch import LocalRanks, RankFailed, init_rank  # noqa: E402
 
 
 VARIANTS = {"none": [False], "text": [True], "both": [False, True]}   # --mask -> with a text mask?
@@ -104,13 +103,11 @@ def _patch_diffusers_for_cpu() -> None:
 
 # ---- ranks ----------------------------------------------------------------------------------------------
 
-def _rank_main(rank: int, world: int, port: int, args, results) -> None:
+def _rank_main(rank: int, world: int, init_method: str, args):
     import spattn
     from spattn.integrations.diffusers import parallelize
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=args.timeout))
+    init_rank(rank, world, init_method, backend="gloo", timeout_s=args.timeout)
     _patch_diffusers_for_cpu()
     model = build(args)
     rows = []
@@ -138,26 +135,19 @@ def _rank_main(rank: int, world: int, port: int, args, results) -> None:
 
     for masked in VARIANTS[args.mask]:
         kw = inputs(args, masked)
-        for u, r in factorizations(world):
+        for u, r in factorizations(world, exact=True):
             mesh = spattn.init_mesh(ulysses_degree=u, ring_degree=r)
             with parallelize(model, mesh, backend=args.backend):
                 run("spattn", u, r, model, kw, masked)
         if not args.no_diffusers:
             from diffusers import ContextParallelConfig
 
-            for u, r in factorizations(world):
+            for u, r in factorizations(world, exact=True):
                 m = copy.deepcopy(model)   # enable_parallelism cannot be undone
                 m.enable_parallelism(config=ContextParallelConfig(ulysses_degree=u, ring_degree=r))
                 run("diffusers", u, r, m, kw, masked)
-    if rank == 0:
-        results.put(rows)
     dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return rows if rank == 0 else None
 
 
 def main() -> None:
@@ -191,25 +181,11 @@ def main() -> None:
             if masked not in base or t < base[masked][0]:
                 base[masked] = (t, threads)
 
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, args.world, port, args, results)) for r in range(args.world)]
-    for pr in procs:
-        pr.start()
-    deadline = time.monotonic() + args.timeout
-    while True:   # wait for rank 0's rows, but not for a rank that died
-        try:
-            raw = results.get(timeout=5)
-            break
-        except queue.Empty:
-            dead = [i for i, pr in enumerate(procs) if not pr.is_alive() and pr.exitcode != 0]
-            if dead or time.monotonic() > deadline:
-                for pr in procs:
-                    pr.kill()
-                raise SystemExit(f"ranks {dead} failed (see their traceback above)" if dead else "timed out")
-    for pr in procs:
-        pr.join(timeout=60)
+    with LocalRanks(_rank_main, args.world, args=(args,)) as ranks:
+        try:  # rank 0's rows; a rank that dies or raises is named, with its traceback
+            raw = ranks.wait(timeout=args.timeout)
+        except (RankFailed, TimeoutError) as e:
+            raise SystemExit(f"bench_models: {e}")
 
     rows = []
     for masked in sorted(base):

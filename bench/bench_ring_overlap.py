@@ -12,20 +12,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
+import sys
 import time
 from typing import Callable, Dict, List
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from spattn.launch import LocalRanks, init_rank  # noqa: E402
 
 
 def _sync(device: torch.device) -> None:
@@ -50,15 +46,8 @@ def _median_ms(fn: Callable[[], None], iters: int, warmup: int, device: torch.de
     return float(t)
 
 
-def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out_q) -> None:
-    cuda = args.device == "cuda"
-    if cuda:
-        torch.cuda.set_device(rank)
-    else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    device = torch.device("cuda", rank) if cuda else torch.device("cpu")
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=world, device_id=device if cuda else None)
+def _rank_main(rank: int, world: int, init_method: str, args: argparse.Namespace):
+    device = init_rank(rank, world, init_method, backend="nccl" if args.device == "cuda" else "gloo")
     from spattn import _ext, ops
     from spattn.comm import make_ring_comm
 
@@ -103,10 +92,9 @@ def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out_q
             t = torch.tensor([statistics.median(launch)], dtype=torch.float64)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             rows[engine]["start"] = float(t)
-    if rank == 0:
-        out_q.put(rows)
     dist.barrier()
     dist.destroy_process_group()
+    return rows if rank == 0 else None
 
 
 def _table(rows: Dict[str, Dict[str, float]], args: argparse.Namespace) -> str:
@@ -144,11 +132,8 @@ def main() -> None:
     args = p.parse_args()
     if args.device == "cuda" and torch.cuda.device_count() < args.ranks:
         raise SystemExit(f"--device cuda needs {args.ranks} GPUs, found {torch.cuda.device_count()}")
-    ctx = mp.get_context("spawn")
-    q = ctx.Queue()
-    mp.start_processes(_rank_main, args=(args.ranks, _free_port(), args, q), nprocs=args.ranks,
-                       start_method="spawn")
-    print(_table(q.get(timeout=10), args))
+    with LocalRanks(_rank_main, args.ranks, args=(args,)) as ranks:
+        print(_table(ranks.wait(), args))
 
 
 if __name__ == "__main__":

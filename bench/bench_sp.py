@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import multiprocessing as mp
 import os
 import platform
 import statistics
@@ -30,7 +29,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -38,15 +37,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from spattn.demo import DTYPES, _free_port, _timeit, factorizations  # noqa: E402
+from demo import DTYPES, timeit  # noqa: E402  (bench/demo.py)
+from spattn.cli.costmodel import factorizations, mode_name  # noqa: E402
+from spattn.launch import LocalRanks, init_rank  # noqa: E402
 
 OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "out")
 PASSES = ("fwd", "fwd+bwd")
 Shape = Tuple[int, int, int]  # seq, heads, head_dim
-
-
-def mode_name(u: int, r: int) -> str:
-    return "ulysses" if r == 1 else "ring" if u == 1 else f"hybrid {u}x{r}"
 
 
 def min_bytes(u: int, r: int, seq: int, heads: int, kv_heads: int, dim: int, elem: int, pas: str) -> float:
@@ -133,7 +130,7 @@ def baseline(args, shape: Shape, device: torch.device) -> Dict[str, Tuple[float,
     for pas, fn in (("fwd", fwd), ("fwd+bwd", fwdbwd)):
         if pas not in args.passes:
             continue
-        t = statistics.median(_timeit(fn, args.iters, args.warmup, sync))
+        t = statistics.median(timeit(fn, args.iters, args.warmup, sync))
         _reset_peak(device)
         fn()
         out[pas] = (t, _peak_mib(device))
@@ -143,22 +140,15 @@ def baseline(args, shape: Shape, device: torch.device) -> Dict[str, Tuple[float,
 # ----------------------------------------------------------------------------------------------
 # ranks
 # ----------------------------------------------------------------------------------------------
-def _rank_main(rank: int, world: int, port: int, args, shapes: Sequence[Shape], results) -> None:
+def _rank_main(rank: int, world: int, init_method: str, args, shapes: Sequence[Shape]):
     import spattn
     from spattn import comm
 
     use_cuda = args.device == "cuda"
-    if use_cuda:
-        torch.cuda.set_device(rank)
-        device = torch.device("cuda", rank)
-    else:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-        device = torch.device("cpu")
-    dist.init_process_group("nccl" if use_cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=300))
+    device = init_rank(rank, world, init_method, backend="nccl" if use_cuda else "gloo", timeout_s=300)
     sync = (lambda: (torch.cuda.synchronize(), dist.barrier())) if use_cuda else dist.barrier
     meshes: Dict[Tuple[int, int], spattn.SPMesh] = {}
-    modes = [m for m in factorizations(world) if mode_name(*m).split()[0] in args.modes]
+    modes = [m for m in factorizations(world, exact=True) if mode_name(*m).split()[0] in args.modes]
     rows = []
     for shape in shapes:
         kvh = args.kv_heads or shape[1]
@@ -184,7 +174,7 @@ def _rank_main(rank: int, world: int, port: int, args, shapes: Sequence[Shape], 
             for pas, fn in (("fwd", fwd), ("fwd+bwd", fwdbwd)):
                 if pas not in args.passes:
                     continue
-                t = statistics.median(_timeit(fn, args.iters, args.warmup, sync=sync))
+                t = statistics.median(timeit(fn, args.iters, args.warmup, sync=sync))
                 _reset_peak(device)
                 with comm.count_comm() as counter:
                     res = fn()
@@ -206,27 +196,14 @@ def _rank_main(rank: int, world: int, port: int, args, shapes: Sequence[Shape], 
                         min_bytes_per_rank=min_bytes(u, r, shape[0] * args.batch, shape[1], kvh, shape[2],
                                                      q.element_size(), pas),
                         peak_mem_mib=max((e[4] or 0) for e in every), max_err=err))
-    if rank == 0:
-        results.put(rows)
     dist.barrier()
     dist.destroy_process_group()
+    return rows if rank == 0 else None
 
 
 def run_degree(args, world: int, shapes: Sequence[Shape]) -> List[Dict]:
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, args, shapes, results)) for r in range(world)]
-    for p in procs:
-        p.start()
-    try:
-        rows = results.get(timeout=args.timeout)
-    finally:
-        for p in procs:
-            p.join(timeout=60)
-            if p.is_alive():
-                p.kill()
-    return rows
+    with LocalRanks(_rank_main, world, args=(args, shapes)) as ranks:
+        return ranks.wait(timeout=args.timeout)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from spattn.launch import LocalRanks, init_rank  # noqa: E402
 from spattn.layout import Geometry  # noqa: E402
 from spattn.parallel.blocks import RingSetup, visible_pairs  # noqa: E402
 
@@ -89,13 +90,12 @@ def balance(args) -> None:
 # ----------------------------------------------------------------------------------------------
 # Timing on gloo ranks
 # ----------------------------------------------------------------------------------------------
-def _rank(rank: int, world: int, port: int, cfg: dict, results) -> None:
+def _rank(rank: int, world: int, init_method: str, cfg: dict):
     import torch.distributed as dist
 
     import spattn
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    init_rank(rank, world, init_method, backend="gloo")
     mesh = spattn.init_mesh(ulysses_degree=1, ring_degree=world)
     rows = []
     for seq in cfg["seqs"]:
@@ -126,33 +126,20 @@ def _rank(rank: int, world: int, port: int, cfg: dict, results) -> None:
             for impl, (tf, tb) in times.items():
                 rows.append((seq, packing, len(docs) if cs is not None else 1, impl,
                              statistics.median(tf) * 1e3, statistics.median(tb) * 1e3))
-    if rank == 0:
-        results.put(rows)
     dist.destroy_process_group()
+    return rows if rank == 0 else None
 
 
 def timing(args) -> None:
-    import multiprocessing as mp
-    import socket
-
     packings = {"both": slice(0, 2), "packed": slice(0, 1), "one-doc": slice(1, 2)}[args.packing]
     cfg = dict(seqs=args.seqs, heads=args.heads, head_dim=args.head_dim, reps=args.reps, mean=args.mean,
                packings=packings, layout=args.layout)
     print(f"causal, {args.layout}, fp32, heads {args.heads}, head_dim {args.head_dim}, packed = lognormal docs "
           f"mean {args.mean}; median of {args.reps}; times in ms (wall, rank 0, gloo CPU)")
     print(f"{'world':>5} {'seq':>6} {'packing':>8} {'docs':>5} {'impl':>10} {'fwd':>9} {'fwd+bwd':>9}")
-    ctx = mp.get_context("spawn")
     for world in args.worlds:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        q = ctx.Queue()
-        procs = [ctx.Process(target=_rank, args=(r, world, port, cfg, q)) for r in range(world)]
-        for p in procs:
-            p.start()
-        rows = q.get()
-        for p in procs:
-            p.join()
+        with LocalRanks(_rank, world, args=(cfg,)) as ranks:
+            rows = ranks.wait()
         for seq, packing, nd, impl, f, b in rows:
             print(f"{world:>5} {seq:>6} {packing:>8} {nd:>5} {impl:>10} {f:>9.1f} {b:>9.1f}")
 

@@ -99,6 +99,7 @@ class SPMesh:
         # This mesh's id as an op argument (spattn.parallel.op) and the plans of its calls, by call.
         self.op_id: int = next(_MESH_IDS)
         self._plans: "OrderedDict[object, object]" = OrderedDict()
+        self._calls: "OrderedDict[tuple, object]" = OrderedDict()  # validated calls by inputs' metadata
 
     @property
     def check_calls(self) -> int:
@@ -136,6 +137,17 @@ class SPMesh:
     def set_check_groups(self, groups: List[ProcessGroup]) -> None:
         """The check's side groups, made on this mesh's first checked call (spattn.check)."""
         self._check_groups = list(groups)
+
+    def call_for(self, key: tuple, build: Callable):
+        """The validated call (``AttnCall``) for inputs with metadata ``key``, built by ``build()`` once
+        (validation reads only metadata: a forward and its backward, or a model's layers, share it)."""
+        hit = self._calls.get(key)
+        if hit is None:
+            hit = build()
+            if len(self._calls) >= 4 * self.PLAN_CACHE_SIZE:
+                self._calls.popitem(last=False)
+            self._calls[key] = hit
+        return hit
 
     def plan_for(self, call, build: Callable):
         """The plan of ``call`` (an ``AttnCall``), built by ``build(call)`` once per distinct call."""

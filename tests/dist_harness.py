@@ -4,7 +4,8 @@
     result = run_on_ranks(4, my_module_level_fn, arg1, arg2)   # rank 0's return value
 
 The function runs on every rank after ``torch.distributed`` is initialized (gloo, CPU, torch threads =
-cores // N). An exception on any rank fails the call with that rank's traceback; a call that does
+cores // N). The ranks are started, and reaped or killed, by ``spattn.launch.LocalRanks``: they die with
+the test process and ignore the Ctrl-C that interrupts a test run. An exception on any rank fails the call with that rank's traceback; a call that does
 not finish within ``timeout`` seconds fails too, and the pool is killed and rebuilt on the next call,
 so a hang costs one test, never the CI run.
 """
@@ -14,40 +15,33 @@ import atexit
 import multiprocessing as mp
 import os
 import queue
-import socket
 import time
 import traceback
-from datetime import timedelta
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
+
+from spattn.launch import LocalRanks
 
 # A collective stuck because another rank died gives up after this long instead of 30 minutes.
 GLOO_TIMEOUT_S = float(os.environ.get("SPATTN_TEST_GLOO_TIMEOUT", "60"))
 DEFAULT_TIMEOUT_S = float(os.environ.get("SPATTN_TEST_TIMEOUT", "180"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, tasks, results) -> None:
+def _worker(rank: int, world: int, init_method: str, tasks, results) -> None:
     import faulthandler
 
-    import torch
-    import torch.distributed as dist
+    from spattn.launch import init_rank
 
     faulthandler.enable()  # a crashing rank prints where it died instead of vanishing
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=GLOO_TIMEOUT_S))
+        init_rank(rank, world, init_method, backend="gloo", timeout_s=GLOO_TIMEOUT_S)
         results.put((rank, "ready", None))
     except BaseException:
         results.put((rank, "error", traceback.format_exc()))
         return
+    import torch.distributed as dist
+
     while True:
-        item = tasks.get()
+        item = tasks[rank].get()
         if item is None:
             break
         fn, args, kwargs = item
@@ -59,37 +53,47 @@ def _worker(rank: int, world: int, port: int, tasks, results) -> None:
 
 
 class RankPool:
+    """``world`` long-lived gloo ranks (started by spattn.launch.LocalRanks) that run one task at a time."""
+
     def __init__(self, world: int, start_timeout: float = 300.0):
         ctx = mp.get_context("spawn")
         self.world = world
         self.results = ctx.Queue()
         self.tasks = [ctx.Queue() for _ in range(world)]
-        port = _free_port()
-        self.procs = [ctx.Process(target=_worker, args=(r, world, port, self.tasks[r], self.results), daemon=True)
-                      for r in range(world)]
-        for p in self.procs:
-            p.start()
+        self.ranks: Optional[LocalRanks] = LocalRanks(_worker, world, args=(self.tasks, self.results))
         self._collect("startup", start_timeout)
 
+    @property
+    def procs(self) -> list:
+        return self.ranks.procs if self.ranks is not None else []
+
     def alive(self) -> bool:
-        return all(p.is_alive() for p in self.procs)
+        return bool(self.procs) and all(p.is_alive() for p in self.procs)
 
     def _collect(self, what: str, timeout: float) -> Dict[int, Any]:
         deadline = time.monotonic() + timeout
         got: Dict[int, Any] = {}
         errors: Dict[int, str] = {}
+        first_error: Optional[float] = None
         while len(got) + len(errors) < self.world:
-            # After a failure, give the others a short grace period, not the full timeout.
+            if errors:  # after a failure, give the others a short grace period, not the full timeout
+                deadline = min(deadline, first_error + 5.0)
             left = deadline - time.monotonic()
-            if errors:
-                left = min(left, 5.0)
             if left <= 0:
                 break
-            try:
-                rank, status, payload = self.results.get(timeout=left)
+            try:  # short waits: a rank that died (segfault, os._exit) fails the call at once
+                rank, status, payload = self.results.get(timeout=min(left, 1.0))
             except queue.Empty:
-                break
+                dead = [r for r in range(self.world) if r not in got and r not in errors
+                        and not self.procs[r].is_alive()]
+                for r in dead:
+                    errors[r] = f"rank {r} died (exit code {self.procs[r].exitcode}) without an answer\n"
+                if dead and first_error is None:
+                    first_error = time.monotonic()
+                continue
             (errors if status == "error" else got)[rank] = payload
+            if status == "error" and first_error is None:
+                first_error = time.monotonic()
         if errors or len(got) < self.world:
             self.close()
             missing = sorted(set(range(self.world)) - set(got) - set(errors))
@@ -107,16 +111,19 @@ class RankPool:
         return self._collect(getattr(fn, "__name__", "task"), timeout)[0]
 
     def close(self) -> None:
+        """Ask the ranks to leave their process group, then let the launcher reap (or kill) them."""
+        if self.ranks is None:
+            return
         for t in self.tasks:
             try:
                 t.put(None)
             except (ValueError, OSError):
                 pass
+        deadline = time.monotonic() + 2.0
         for p in self.procs:
-            p.join(timeout=2)
-            if p.is_alive():
-                p.kill()
-        self.procs = []
+            p.join(timeout=max(0.0, deadline - time.monotonic()))
+        self.ranks.close(grace_s=0.5)
+        self.ranks = None
 
 
 _POOLS: Dict[int, RankPool] = {}
@@ -125,7 +132,7 @@ _POOLS: Dict[int, RankPool] = {}
 def run_on_ranks(world: int, fn: Callable, *args, timeout: float = DEFAULT_TIMEOUT_S, **kwargs) -> Any:
     """Run module-level ``fn(*args, **kwargs)`` on ``world`` gloo ranks; return rank 0's result."""
     pool = _POOLS.get(world)
-    if pool is None or not pool.procs or not pool.alive():
+    if pool is None or not pool.alive():
         if pool is not None:
             pool.close()
         pool = _POOLS[world] = RankPool(world)

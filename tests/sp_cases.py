@@ -15,8 +15,7 @@ import torch.nn.functional as F
 
 import spattn
 from spattn.backends.reference import attention_ref
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+from spattn.testing import DTYPES, assert_within_tolerance, error_table, gather_checked
 _MESHES: Dict[Tuple[int, int], spattn.SPMesh] = {}
 
 
@@ -134,20 +133,6 @@ def _full_reference(c: Case, q, k, v, dout, joint, dtype, impl: str):
     return res
 
 
-def gather_checked(mesh, seq: int, kw: dict, out, lse, dq, dk, dv) -> Dict[str, torch.Tensor]:
-    """Assert this rank's padded positions are zero output, -inf lse and zero gradient, then gather
-    out, dq, dk, dv and lse (sharded with ``kw``: seq_len, layout, ...) to full tensors."""
-    named = (("out", out), ("dq", dq), ("dk", dk), ("dv", dv))
-    if spattn.local_seq_len(seq, mesh, kw.get("layout", "contiguous")) * mesh.world_size > seq:
-        mask = spattn.shard(torch.ones(1, seq), mesh, **kw)[0] == 0
-        for name, t in named:
-            assert (t[:, mask] == 0).all(), f"padded rows of {name} are not zero"
-        assert torch.isneginf(lse[:, :, mask]).all(), "padded rows of lse are not -inf"
-    got = {n: spattn.gather(t.detach(), mesh, **kw) for n, t in named}
-    got["lse"] = spattn.gather(lse, mesh, dim=2, **kw)
-    return got
-
-
 def run_case(c: Case, **options) -> Optional[dict]:
     """Run on every rank. Returns, on rank 0, {name: (err, sdpa_err, ref_max)}. ``options``: more
     keyword options of spattn.attention (e.g. ring_impl, allgather_bytes)."""
@@ -193,17 +178,32 @@ def _run_case(c: Case, options: dict) -> Optional[dict]:
         return None
     ref = _full_reference(c, q, k, v, dout, joint, torch.float64, "ref")
     base = _full_reference(c, q, k, v, dout, joint, DTYPES[c.dtype], "sdpa")
-    out = {}
-    for n, t in got.items():
-        r = ref[n].double()
-        if n == "lse":
-            err = (t.double() - r).abs().max().item()
-            out[n] = (err, 0.0, r.abs().max().item())
-            continue
-        err = (t.double() - r).abs().max().item()
-        berr = (base[n].double() - r).abs().max().item()
-        out[n] = (err, berr, r.abs().max().item())
-    return out
+    return error_table(got, ref, base)
+
+
+def check(c: Case) -> None:
+    """Run ``c`` on its ranks and hold every result to the one tolerance rule (spattn.testing)."""
+    from dist_harness import run_on_ranks
+
+    assert_within_tolerance(run_on_ranks(c.u * c.r, run_case, c), c.dtype, c)
+
+
+def cpp_available() -> bool:
+    try:
+        from spattn import _ext
+        return _ext.ring_engine_class(required=False) is not None
+    except Exception:  # noqa: BLE001 - any import problem means "not built"
+        return False
+
+
+def triton_available() -> bool:
+    try:
+        from spattn.backends import get_backend
+
+        get_backend("triton", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        return True
+    except Exception:  # noqa: BLE001 - not installed, or no interpreter / GPU
+        return False
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from spattn.cli import plan
+from spattn.cli import costmodel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,13 +21,13 @@ def test_bench_sp_quick(tmp_path):
     assert "forward output vs SDPA: OK" in proc.stdout
     rows = list(csv.DictReader(open(out_csv)))
     modes = {(r["mode"], r["pass"]) for r in rows}
-    assert modes == {(m, p) for m in ("sdpa (1 proc)", "ulysses", "ring") for p in ("fwd", "fwd+bwd")}
+    assert modes == {(m, p) for m in ("sdpa (1 proc)", "ulysses 2", "ring 2") for p in ("fwd", "fwd+bwd")}
     for r in rows:
         assert r["device"] and r["torch"] and float(r["time_s"]) > 0
         if r["mode"] == "sdpa (1 proc)":
             continue
         sent, least = float(r["bytes_per_rank"]), float(r["min_bytes_per_rank"])
-        if r["pass"] == "fwd" or r["mode"] == "ulysses":
+        if r["pass"] == "fwd" or r["mode"] == "ulysses 2":
             assert sent == least, r  # forward and Ulysses send exactly the minimum
         else:
             # ring backward: (dK, dV) partials make a full lap (R hops, not R-1); fp32 here = input dtype
@@ -35,5 +35,5 @@ def test_bench_sp_quick(tmp_path):
         if r["pass"] == "fwd":
             assert float(r["max_err"]) < 1e-5
     assert png.stat().st_size > 0
-    measured = plan.read_measurements(str(out_csv), ["pass=fwd"])
+    measured = costmodel.read_measurements(str(out_csv), ["pass=fwd"])
     assert sorted((u, r) for u, r, _ in measured) == [(1, 1), (1, 2), (2, 1)]

@@ -1,4 +1,5 @@
-"""`spattn doctor [--selftest]`: the report's sections, the selftest on this CPU, topology advice."""
+"""`spattn doctor [--selftest]`: the report's sections, the selftest on this CPU (the test suite's
+tolerance rule, the shared launcher), topology advice."""
 from __future__ import annotations
 
 import os
@@ -9,7 +10,7 @@ import torch
 
 from spattn import backends
 from spattn.backends.reference import ReferenceBackend
-from spattn.cli import doctor
+from spattn.cli import doctor_report, selftest, topology
 from spattn.cli.main import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,7 +29,7 @@ def test_report_sections(capsys):
 
 
 def test_missing_package_says_not_installed():
-    assert doctor._version("surely-not-a-package-spattn") == "not installed"
+    assert doctor_report._version("surely-not-a-package-spattn") == "not installed"
 
 
 def test_auto_on_cuda_prefers_torch_until_triton_is_verified():
@@ -36,7 +37,7 @@ def test_auto_on_cuda_prefers_torch_until_triton_is_verified():
     assert backends._AUTO_ORDER["cuda"][0] == "torch"
     assert "triton" not in backends._AUTO_ORDER["cuda"]
     assert backends.TRITON_GPU_VERIFIED is None
-    assert "opt-in" in doctor.triton_policy()
+    assert "opt-in" in doctor_report.triton_policy()
 
 
 def test_selftest_on_cpu_passes():
@@ -51,7 +52,7 @@ def test_selftest_on_cpu_passes():
     passes = [ln for ln in lines if ln.startswith("PASS")]
     assert not [ln for ln in lines if ln.startswith("FAIL")]
     # backends x {fp32, bf16} x cases, merges, and the three SP modes
-    assert sum(" torch     cpu " in ln for ln in passes) == 2 * len(doctor.ATTN_CASES)
+    assert sum(" torch     cpu " in ln for ln in passes) == 2 * len(selftest.ATTN_CASES)
     assert any(ln.startswith("PASS  merge torch") for ln in passes)
     for mode in ("ulysses", "ring", "hybrid 2x2"):
         assert any(ln.startswith(f"PASS  {mode}") for ln in passes), mode
@@ -111,13 +112,13 @@ GPU1\tPHB\t X \t0-31
 
 
 def test_topology_parsing_and_advice():
-    m = doctor.parse_topo(NV8)
+    m = topology.parse_topo(NV8)
     assert len(m) == 4 and m[0] == ["X", "NV18", "NV18", "NV18"]
-    assert "Ulysses first (ulysses_degree=4)" in doctor.recommend_for_topology(m)
-    adv = doctor.recommend_for_topology(doctor.parse_topo(ISLANDS))
+    assert "Ulysses first (ulysses_degree=4)" in topology.recommend_for_topology(m)
+    adv = topology.recommend_for_topology(topology.parse_topo(ISLANDS))
     assert "hybrid with Ulysses inside an island (ulysses_degree=2, ring_degree=2)" in adv
     assert "not contiguous" not in adv
-    shuffled = [[r[i] for i in (0, 2, 1, 3)] for r in (doctor.parse_topo(ISLANDS)[j] for j in (0, 2, 1, 3))]
-    assert "not contiguous" in doctor.recommend_for_topology(shuffled)
-    pcie = doctor.recommend_for_topology(doctor.parse_topo(PCIE))
+    shuffled = [[r[i] for i in (0, 2, 1, 3)] for r in (topology.parse_topo(ISLANDS)[j] for j in (0, 2, 1, 3))]
+    assert "not contiguous" in topology.recommend_for_topology(shuffled)
+    pcie = topology.recommend_for_topology(topology.parse_topo(PCIE))
     assert pcie.startswith("PCIe only (PHB): Ring (ring_degree=2)")

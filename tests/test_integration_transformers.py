@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from dist_harness import run_on_ranks
+from spattn.testing import rel_err
 
 pytest.importorskip("transformers")
 
@@ -28,9 +29,6 @@ def tiny_config(family: str):
         num_key_value_heads=2, max_position_embeddings=256, attention_dropout=0.0, tie_word_embeddings=False)
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach(), b.detach()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
 def sp_llm_case(u: int, r: int, families, seqs, layouts):
@@ -68,10 +66,10 @@ def sp_llm_case(u: int, r: int, families, seqs, layouts):
                 logits = spattn.gather(out.logits, mesh, seq_len=S, layout=layout)
                 loss = global_loss(out.loss, mesh)
                 # sp_loss from the logits is the same rank share as transformers' loss with num_items_in_batch
-                share_err = _rel(sp_loss(out.logits, inputs["labels"], mesh), out.loss)
+                share_err = rel_err(sp_loss(out.logits, inputs["labels"], mesh), out.loss)
                 assert share_err <= 1e-6, (fam, S, layout, share_err)
-                gerr = max(_rel(p.grad, q.grad) for p, q in zip(sp.parameters(), ref.parameters()))
-                errs[(fam, S, layout)] = (_rel(logits, out_ref.logits), _rel(loss, out_ref.loss.detach()), gerr)
+                gerr = max(rel_err(p.grad, q.grad) for p, q in zip(sp.parameters(), ref.parameters()))
+                errs[(fam, S, layout)] = (rel_err(logits, out_ref.logits), rel_err(loss, out_ref.loss.detach()), gerr)
     dist.barrier()
     return errs
 
@@ -112,7 +110,7 @@ def compiled_llm_case(u: int, r: int, S: int, layout: str):
     torch._dynamo.reset()
     l1, loss1, g1 = run(torch.compile(model, fullgraph=True, backend="aot_eager"))
     dist.barrier()
-    return _rel(l1, l0), _rel(loss1, loss0), max(_rel(a, b) for a, b in zip(g1, g0))
+    return rel_err(l1, l0), rel_err(loss1, loss0), max(rel_err(a, b) for a, b in zip(g1, g0))
 
 
 def test_compiled_llm_matches_eager():

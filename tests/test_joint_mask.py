@@ -10,8 +10,7 @@ from __future__ import annotations
 import pytest
 
 from dist_harness import run_on_ranks
-from sp_cases import Case, expect_error
-from test_sp import check, triton_available
+from sp_cases import Case, check, expect_error, triton_available
 
 MESHES = [(2, 1), (1, 2), (4, 1), (1, 4), (2, 2)]
 IDS = [f"u{u}r{r}" for u, r in MESHES]

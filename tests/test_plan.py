@@ -10,11 +10,12 @@ import contextlib
 import csv
 import io
 import json
+import re
 
 import pytest
 from dataclasses import replace
 
-from spattn.cli import plan
+from spattn.cli import costmodel, plan
 from spattn.cli.main import main
 
 # (hardware, width, steps, ulysses, ring, guide seconds, guide speedup, role)
@@ -48,7 +49,8 @@ def _plan_json(*argv: str):
 def _guide_rows(hw: str):
     width = 2048 if hw == "h800" else 1024
     rows = _plan_json("--model", "qwen-image", "--width", str(width), "--height", str(width),
-                      "--num-inference-steps", "50", "--gpus", str(GPUS[hw]), "--hardware", hw)
+                      "--num-inference-steps", "50", "--gpus", str(GPUS[hw]), "--hardware", hw,
+                      "--no-vae-parallel")   # the guide's runs decoded on one rank
     return {(r["ulysses_degree"], r["ring_degree"]): r for r in rows}
 
 
@@ -82,11 +84,11 @@ def test_preset_constants_are_the_fit_to_two_guide_rows(hw):
     """The hard-coded constants are what fit_constants returns for the baseline + the one parallel
     row named in the module docstring, nothing else."""
     width = 2048 if hw == "h800" else 1024
-    a = _args("--width", str(width), "--height", str(width), "--hardware", hw)
+    a = _args("--width", str(width), "--height", str(width), "--hardware", hw, "--no-vae-parallel")
     used = [(u, r, s) for h, _, u, r, s, _, role in GUIDE if h == hw and role.startswith("calibration")]
     assert len(used) == 2
-    fit = plan.fit_constants(plan.workload_from_args(a), plan.hardware_from_args(a), used)
-    preset = plan.HARDWARE[hw]
+    fit = costmodel.fit_constants(plan.workload_from_args(a), plan.hardware_from_args(a), used)
+    preset = costmodel.HARDWARE[hw]
     assert fit["efficiency"] == pytest.approx(preset.efficiency, rel=2e-3)
     assert fit["serial_s_per_mpix"] == pytest.approx(preset.serial_s_per_mpix, rel=2e-3)
     assert 0 < preset.efficiency <= 1  # below the nominal peak
@@ -103,7 +105,7 @@ def test_rows_cover_every_factorization_and_fields():
         for key in ("total_s", "speedup", "attention_s", "linear_s", "comm_s", "comm_exposed_s", "comm_hidden_s",
                     "serial_s", "a2a_bytes_per_rank", "ring_bytes_per_rank", "ring_impl"):
             assert key in r
-        parts = r["serial_s"] + r["attention_s"] + r["linear_s"] + r["merge_s"] + r["comm_exposed_s"]
+        parts = r["serial_s"] + r["attention_s"] + r["linear_s"] + r["merge_s"] + r["comm_exposed_s"] + r["launch_s"]
         assert r["total_s"] == pytest.approx(parts)
         assert r["comm_exposed_s"] <= r["comm_s"] + 1e-12
         assert (r["ring_impl"] == "p2p") == (r["ring_degree"] > 1)
@@ -134,23 +136,23 @@ def test_calibrate_recovers_synthetic_constants(tmp_path):
     four rows, one of them noisy-free duplicates), and the refit is used for the table."""
     a = _args("--width", "1024", "--height", "1024", "--hardware", "a100", "--gpus", "4")
     w = plan.workload_from_args(a)
-    true = replace(plan.HARDWARE["a100"], efficiency=0.55, serial_s_per_mpix=9.0)
+    true = replace(costmodel.HARDWARE["a100"], efficiency=0.55, serial_s_per_mpix=9.0)
     path = tmp_path / "bench.csv"
     with open(path, "w", newline="") as f:
         wr = csv.DictWriter(f, fieldnames=["mode", "ulysses_degree", "ring_degree", "time_s", "seq"])
         wr.writeheader()
         for u, r in [(1, 1), (2, 1), (1, 2), (2, 2), (1, 4)]:
-            t = plan.predict_row(w, true, u, r)["total_s"]
+            t = costmodel.predict_row(w, true, u, r)["total_s"]
             wr.writerow(dict(mode="x", ulysses_degree=u, ring_degree=r, time_s=t, seq=4096))
             wr.writerow(dict(mode="x", ulysses_degree=u, ring_degree=r, time_s=t * 50, seq=999))  # filtered out
-    measured = plan.read_measurements(str(path), ["seq=4096"])
-    fit = plan.fit_constants(w, plan.HARDWARE["a100"], measured)
+    measured = costmodel.read_measurements(str(path), ["seq=4096"])
+    fit = costmodel.fit_constants(w, costmodel.HARDWARE["a100"], measured)
     assert fit["efficiency"] == pytest.approx(0.55, rel=1e-6)
     assert fit["serial_s_per_mpix"] == pytest.approx(9.0, rel=1e-6)
     assert max(abs(r["error"]) for r in fit["rows"]) < 1e-9
     rows = _plan_json("--width", "1024", "--height", "1024", "--hardware", "a100", "--gpus", "4",
                       "--calibrate", str(path), "--where", "seq=4096")
-    want = plan.predict(w, true, 4)
+    want = costmodel.predict(w, true, 4)
     assert [r["total_s"] for r in rows] == pytest.approx([r["total_s"] for r in want], rel=1e-6)
 
 
@@ -164,10 +166,11 @@ def test_calibrate_s_plus_p_over_p_from_generate_json(tmp_path):
             for u, r in [(1, 1), (2, 1), (4, 1)]]
     path = tmp_path / "gen.json"
     path.write_text(json.dumps(rows))
-    fit = plan.fit_constants(w, plan.HARDWARE["a100"], plan.read_measurements(str(path)))
-    # Ulysses adds a little exposed communication, so the fit is close to, not exactly, (s, p).
-    assert fit["serial_s"] == pytest.approx(s, rel=0.05)
-    one = plan.predict_row(w, fit["hardware"], 1, 1)
+    fit = costmodel.fit_constants(w, costmodel.HARDWARE["a100"], costmodel.read_measurements(str(path)))
+    # Ulysses adds a little exposed communication, so the fit is close to, not exactly, (s, p). The
+    # undivided part is the serial constant plus the per-layer kernel gaps (the same on every rank).
+    one = costmodel.predict_row(w, fit["hardware"], 1, 1)
+    assert fit["serial_s"] + one["launch_s"] == pytest.approx(s, rel=0.05)
     assert one["attention_s"] + one["linear_s"] == pytest.approx(p, rel=0.05)
 
 
@@ -178,8 +181,8 @@ def test_calibrate_attention_only_fits_a_fixed_serial_time():
     w = plan.workload_from_args(a)
     hw = plan.hardware_from_args(a)
     true = replace(hw, efficiency=0.3, serial_s_fixed=0.002)
-    measured = [(u, r, plan.predict_row(w, true, u, r)["total_s"]) for u, r in [(1, 1), (2, 1), (1, 2), (2, 2)]]
-    fit = plan.fit_constants(w, hw, measured)
+    measured = [(u, r, costmodel.predict_row(w, true, u, r)["total_s"]) for u, r in [(1, 1), (2, 1), (1, 2), (2, 2)]]
+    fit = costmodel.fit_constants(w, hw, measured)
     assert fit["efficiency"] == pytest.approx(0.3, rel=1e-6)
     assert fit["serial_s"] == pytest.approx(0.002, rel=1e-6)
     assert fit["hardware"].serial_s_per_mpix == 0.0
@@ -197,8 +200,51 @@ def test_bad_input_is_one_line(argv, fix, capsys):
     assert fix in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize("flag", ["--heads", "--layers", "--head-dim", "--patch", "--frames", "--link-gbps",
+                                  "--tflops", "--vae-factor", "--width", "--tokens"])
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_meaningless_values_are_rejected_not_replaced_by_the_preset(flag, value, capsys):
+    # 0 used to fall back to the preset's value silently (``a.heads or spec.heads``) and exit 0.
+    assert main(["plan", "--model", "wan", flag, value]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"spattn plan: {flag} must be") and value in err[0], err
+
+
+def test_every_bad_flag_gets_its_own_line(capsys):
+    assert main(["plan", "--heads", "0", "--layers", "0", "--link-gbps", "-1", "--where", "pass=fwd"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 4 and all(line.startswith("spattn plan: ") for line in err), err
+    assert [line.split()[2] for line in err] == ["--heads", "--layers", "--link-gbps", "--where"]
+    # --where filters --calibrate's rows: alone it would be ignored, so it is refused.
+    assert "--calibrate" in err[3]
+    # --frames means nothing for an image model.
+    assert main(["plan", "--model", "qwen-image", "--frames", "81"]) == 2
+    assert "video" in capsys.readouterr().err
+
+
+def test_table_columns_stay_apart_at_large_degrees(capsys):
+    assert main(["plan", "--gpus", "1000"]) == 0
+    lines = [x for x in capsys.readouterr().out.splitlines() if not x.startswith(("#", "recommend"))]
+    # Columns are separated by at least two spaces (names hold single spaces: "hybrid 2x2", "attn s").
+    head, body = re.split(r"\s{2,}", lines[0]), [re.split(r"\s{2,}", x) for x in lines[1:]]
+    factor_rows = len(costmodel.factorizations(1000))
+    assert len(body) == factor_rows == 100  # sum of the divisor counts of 1000's 16 divisors
+    for cells in body:
+        assert len(cells) == len(head) == 14, cells
+        u, r = int(cells[1]), int(cells[2])
+        assert 1000 % (u * r) == 0
+    assert body[-1][:4] == ["ring 1000", "1", "1000", "p2p"]
+
+
+def test_factorizations_and_mode_names_are_the_ones_every_tool_uses():
+    assert costmodel.factorizations(4) == [(1, 1), (2, 1), (1, 2), (4, 1), (2, 2), (1, 4)]
+    assert costmodel.factorizations(4, exact=True) == [(4, 1), (2, 2), (1, 4)]
+    assert [costmodel.mode_name(u, r) for u, r in costmodel.factorizations(4)] == [
+        "1 device", "ulysses 2", "ring 2", "ulysses 4", "hybrid 2x2", "ring 4"]
+
+
 def test_presets_and_table_output(capsys):
-    for model in plan.MODELS:
+    for model in costmodel.MODELS:
         assert main(["plan", "--model", model, "--gpus", "4"]) == 0
         out = capsys.readouterr().out
         assert "MODELED" in out and "recommend: ulysses" in out and "1 device" in out

@@ -13,8 +13,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, note, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from sp_cases import Case  # noqa: E402
-from test_sp import check  # noqa: E402  (the tolerance rule, shared with test_sp)
+from sp_cases import Case, check  # noqa: E402  (the one tolerance rule: spattn.testing)
 
 WORLDS = (1, 2, 4, 8)
 

@@ -10,7 +10,6 @@ import math
 import multiprocessing as mp
 import os
 import queue
-import socket
 import time
 import traceback
 from datetime import timedelta
@@ -22,6 +21,7 @@ import torch.nn.functional as F
 
 import spattn
 from dist_harness import run_on_ranks
+from spattn.launch import LocalRanks
 from sp_cases import get_mesh
 
 MODES = {"ulysses": (2, 1), "ring": (1, 2), "hybrid": (2, 2)}
@@ -156,11 +156,11 @@ def test_check_can_be_turned_off():
 BOUND_S = 8.0  # the check's timeout (init_mesh(timeout_s=)) and the process group timeout of these tests
 
 
-def _dying_rank(rank, world, port, u, r, victim, when, results):
+def _dying_rank(rank, world, init_method, u, r, victim, when, results):
     _no_check_env()
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
                                 timeout=timedelta(seconds=BOUND_S))
         mesh = spattn.init_mesh(ulysses_degree=u, ring_degree=r, timeout_s=BOUND_S)
         x = torch.randn(1, 8, 4, 16, generator=torch.Generator().manual_seed(rank)).requires_grad_()
@@ -192,21 +192,12 @@ def _dying_rank(rank, world, port, u, r, victim, when, results):
     os._exit(0)  # no atexit/destroy: a survivor leaves at once, as a failing job would
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_with_victim(u, r, victim, when):
     """Own processes (not the shared pools). Returns {rank: (seconds from start to error, message)}."""
     ctx = mp.get_context("spawn")
     world, results = u * r, ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_dying_rank, args=(i, world, port, u, r, victim, when, results), daemon=True)
-             for i in range(world)]
-    for p in procs:
-        p.start()
+    ranks = LocalRanks(_dying_rank, world, args=(u, r, victim, when, results))
+    procs = ranks.procs
     start, errors, finished = {}, {}, []
     deadline = time.monotonic() + 240  # process start-up (torch import) on a busy machine
     try:
@@ -225,13 +216,13 @@ def run_with_victim(u, r, victim, when):
                 errors[rank] = (payload[0] - start[rank], payload[1])
             elif what == "finished" and rank != victim:
                 finished.append(rank)
-        for p in procs:  # every process must be gone by itself shortly after
-            p.join(timeout=2 * BOUND_S)
+        gone_by = time.monotonic() + 2 * BOUND_S
+        for i, p in enumerate(procs):  # every survivor must be gone by itself shortly after
+            if i != victim:  # (a "raise" victim sleeps on; waiting for it would only cost time)
+                p.join(timeout=max(0.0, gone_by - time.monotonic()))
         left_behind = [i for i, p in enumerate(procs) if p.is_alive() and i != victim]
     finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
+        ranks.close(grace_s=0.0)
     assert not finished, f"ranks {finished} finished although rank {victim} died"
     assert not left_behind, f"processes of ranks {left_behind} were left behind"
     return errors

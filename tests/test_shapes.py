@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from test_sp import check
-from sp_cases import Case
+from sp_cases import Case, check
 
 HYBRIDS = [(2, 1), (1, 2), (4, 1), (2, 2), (1, 4), (8, 1), (4, 2), (2, 4), (1, 8)]
 IDS = [f"u{u}r{r}" for u, r in HYBRIDS]

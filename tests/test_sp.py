@@ -1,7 +1,7 @@
 """Sequence-parallel attention (Ulysses, Ring, hybrid) vs full-sequence references on gloo ranks.
 
-Tolerance (flash-attention's rule): our error against an fp64 reference may be at most 2x the error
-of torch's own SDPA in the same dtype, plus a rounding floor; fp32 must match to ~1e-5.
+Tolerance: the one rule of spattn.testing (flash-attention's: at most 2x the error of torch's own SDPA
+in the same dtype against fp64, plus a rounding floor; fp32 must match to ~1e-5).
 """
 from __future__ import annotations
 
@@ -9,35 +9,10 @@ from __future__ import annotations
 import pytest
 
 from dist_harness import run_on_ranks
-from sp_cases import Case, engines_identical, run_case
+from sp_cases import Case, check, cpp_available, engines_identical, triton_available
 
 MESHES = [(1, 1), (2, 1), (1, 2), (4, 1), (2, 2), (1, 4), (8, 1), (4, 2), (2, 4), (1, 8)]
 MESH_IDS = [f"u{u}r{r}" for u, r in MESHES]
-FLOOR = {"fp32": 1e-5, "fp16": 2e-3, "bf16": 1.6e-2}  # relative to max |reference|, plus 1e-6
-
-
-def assert_within_tolerance(res, dtype: str, label) -> None:
-    """res: name -> (error vs fp64 reference, SDPA's own error, max |reference|). Within 2x SDPA's
-    error plus a rounding floor (LSE: a fixed relative bound), or fail listing every miss."""
-    bad = []
-    for name, (err, base, scale) in res.items():
-        floor = FLOOR[dtype] * max(scale, 1.0) + 1e-6
-        tol = (2 * base + floor) if name != "lse" else (2e-5 if dtype == "fp32" else 2e-2) * max(scale, 1.0)
-        if not err <= tol:
-            bad.append(f"{name}: err {err:.3g} > tol {tol:.3g} (sdpa err {base:.3g}, |ref| {scale:.3g})")
-    assert not bad, f"{label}:\n" + "\n".join(bad)
-
-
-def check(c: Case) -> None:
-    assert_within_tolerance(run_on_ranks(c.u * c.r, run_case, c), c.dtype, c)
-
-
-def cpp_available() -> bool:
-    try:
-        from spattn import _ext
-        return _ext.ring_engine_class(required=False) is not None
-    except Exception:  # noqa: BLE001 - any import problem means "not built"
-        return False
 
 
 # -- every factorization of world sizes 1, 2, 4, 8; causal and not; three dtypes -----------------
@@ -93,18 +68,6 @@ def test_ulysses_pipeline_chunks(mesh, chunks):
 
 
 # -- the same suite on the Triton kernels (interpreter on CPU; reduced shapes, it is slow) ----------
-def triton_available() -> bool:
-    try:
-        import torch
-
-        from spattn.backends import get_backend
-
-        get_backend("triton", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-        return True
-    except Exception:  # noqa: BLE001 - not installed, or no interpreter / GPU
-        return False
-
-
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("mesh", [(1, 1), (2, 1), (1, 2), (2, 2), (4, 1), (1, 4)],
                          ids=["u1r1", "u2r1", "u1r2", "u2r2", "u4r1", "u1r4"])

@@ -21,10 +21,10 @@ from hypothesis import strategies as st
 
 import spattn
 from dist_harness import run_on_ranks
-from sp_cases import DTYPES, Case, gather_checked, get_mesh, run_case
+from sp_cases import Case, get_mesh, run_case
 from spattn.layout import Geometry
 from spattn.parallel.blocks import RingSetup, visible_pairs
-from test_sp import assert_within_tolerance
+from spattn.testing import DTYPES, assert_within_tolerance, error_table, gather_checked
 
 FACTORS = {2: [(2, 1), (1, 2)], 4: [(4, 1), (2, 2), (1, 4)], 8: [(8, 1), (4, 2), (2, 4), (1, 8)]}
 
@@ -96,12 +96,7 @@ def varlen_case(c: VCase):
         return None
     ref = _reference(c, q, k, v, dout, torch.float64, "ref")
     base = _reference(c, q, k, v, dout, dt, "sdpa")
-    res = {}
-    for n, t in got.items():
-        r = ref[n].double()
-        err = (t.double() - r).abs().max().item()
-        res[n] = (err, 0.0 if n == "lse" else (base[n].double() - r).abs().max().item(), r.abs().max().item())
-    return res
+    return error_table(got, ref, base)
 
 
 def vcheck(c: VCase) -> None:

@@ -5,7 +5,8 @@
 Every rank runs the same diffusers pipeline with the same seed (identical full inputs); the
 transformer, parallelized by ``spattn.integrations.diffusers.parallelize``, splits the image tokens
 internally and returns the full output on every rank, so the scheduler, VAE and text encoder run
-unchanged. Rank 0 times the generation, writes the PNG, the table and the ``--json`` rows. With
+unchanged. With ``--cfg-degree 2`` and a ``--negative-prompt`` the two guidance branches run at the
+same time on two halves of the ranks (``parallelize_pipeline``; world = cfg x ulysses x ring). Rank 0 times the generation, writes the PNG, the table and the ``--json`` rows. With
 ``--baseline`` rank 0 first runs the unmodified pipeline on one device with the same seed (all the
 CPU cores on CPU) and the table gives the speedup and the largest pixel deviation from it.
 
@@ -19,9 +20,9 @@ import argparse
 import dataclasses
 import json
 import os
-import socket
 import sys
 import time
+import warnings
 from datetime import timedelta
 from pathlib import Path
 from typing import List, Optional
@@ -58,10 +59,15 @@ class Config:
     baseline: bool
     warmup: bool
     cores: int
+    # Guidance (CFG): the two branches run at once on two halves of the ranks with cfg_degree 2.
+    cfg_degree: int = 1
+    negative_prompt: Optional[str] = None
+    true_cfg_scale: Optional[float] = None   # resolved: > 1 with a negative prompt, else None
+    guidance_scale: Optional[float] = None   # guidance-distilled models only
 
     @property
     def world(self) -> int:
-        return self.ulysses_degree * self.ring_degree
+        return self.cfg_degree * self.ulysses_degree * self.ring_degree
 
 
 def _positive_int(text: str) -> int:
@@ -84,6 +90,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="ranks splitting attention heads by all-to-all (default 1; 2 when neither degree is given)")
     g("--ring-degree", "--ring", dest="ring_degree", type=_positive_int, default=None,
       help="ranks passing K/V around a ring (default 1); ranks used = ulysses x ring")
+    g("--cfg-degree", "--cfg-parallel", dest="cfg_degree", type=_positive_int, default=1,
+      help="2: run the conditional and unconditional branches of classifier-free guidance at the same time "
+           "on two halves of the ranks (needs --negative-prompt); ranks used = cfg x ulysses x ring (default 1)")
+    g("--negative-prompt", default=None,
+      help="negative prompt: turns on true classifier-free guidance (two transformer calls per step)")
+    g("--true-cfg-scale", type=float, default=None,
+      help="true CFG scale, > 1 (default 4.0 with --negative-prompt, as Qwen-Image's pipeline)")
+    g("--guidance-scale", type=float, default=None,
+      help="embedded guidance of guidance-distilled models (e.g. FLUX.1-dev); the pipeline default otherwise")
     g("--width", type=_positive_int, default=512, help="image width, a multiple of 16 (default 512)")
     g("--height", type=_positive_int, default=512, help="image height, a multiple of 16 (default 512)")
     g("--num-inference-steps", type=_positive_int, default=20, help="denoising steps (default 20)")
@@ -186,13 +201,18 @@ def validate(args: argparse.Namespace) -> Config:
     # As in the guide each degree defaults to 1; with neither given, show sequence parallelism: Ulysses
     # over the launched ranks under torchrun, else over 2 local ranks.
     launched = _launched_world()
+    cfg_degree = getattr(args, "cfg_degree", 1)
+    true_cfg, guidance = _guidance(args, cls, model)
     if args.ulysses_degree is None and args.ring_degree is None:
-        args.ulysses_degree = launched or 2
+        # With CFG parallel the halves already use the ranks: Ulysses only over what is left.
+        args.ulysses_degree = (launched // cfg_degree or 1) if launched else (2 if cfg_degree == 1 else 1)
     args.ulysses_degree = args.ulysses_degree or 1
     args.ring_degree = args.ring_degree or 1
-    world = args.ulysses_degree * args.ring_degree
+    world = cfg_degree * args.ulysses_degree * args.ring_degree
     cuda = torch.cuda.is_available()
     degrees = f"--ulysses-degree {args.ulysses_degree} x --ring-degree {args.ring_degree} = {world} ranks"
+    if cfg_degree > 1:
+        degrees = f"--cfg-degree {cfg_degree} x {degrees}"
     if launched is not None and launched != world:
         raise UsageError(f"{degrees}, but the launcher started {launched}; pick degrees whose product is "
                          f"{launched} or launch {world} processes (torchrun --nproc-per-node {world})")
@@ -217,7 +237,40 @@ def validate(args: argparse.Namespace) -> Config:
         ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree, width=args.width, height=args.height,
         num_inference_steps=args.num_inference_steps, seed=args.seed, dtype=dtype, backend=args.backend,
         output=args.output, json_path=args.json_path, baseline=args.baseline, warmup=args.warmup, cores=_cores(),
+        cfg_degree=cfg_degree, negative_prompt=args.negative_prompt, true_cfg_scale=true_cfg, guidance_scale=guidance,
     )
+
+
+def _guidance(args: argparse.Namespace, cls: str, model: str):
+    """-> (true_cfg_scale or None, guidance_scale or None) after the guidance flags' checks."""
+    cfg_degree = getattr(args, "cfg_degree", 1)
+    neg, scale, guidance = (getattr(args, n, None) for n in ("negative_prompt", "true_cfg_scale", "guidance_scale"))
+    if cfg_degree > 2:
+        raise UsageError(f"--cfg-degree {cfg_degree}: classifier-free guidance has two branches; use --cfg-degree 2 "
+                         f"and give the other ranks to --ulysses-degree / --ring-degree")
+    if scale is not None and neg is None:
+        raise UsageError(f"--true-cfg-scale {scale} needs --negative-prompt (an empty one is \" \")")
+    if neg is not None:
+        scale = 4.0 if scale is None else scale
+        if scale <= 1:
+            raise UsageError(f"--true-cfg-scale {scale}: the pipeline ignores --negative-prompt unless the scale is "
+                             f"> 1; use e.g. --true-cfg-scale 4")
+    if guidance is not None and not _guidance_distilled(model):
+        raise UsageError(f"--guidance-scale {guidance}: this {cls} is not guidance-distilled (no guidance "
+                         f"embedding), so the pipeline would ignore it; use --negative-prompt with --true-cfg-scale")
+    return (scale if neg is not None else None), guidance
+
+
+def _guidance_distilled(model: str) -> bool:
+    """Whether the transformer embeds a guidance scale (FLUX.1-dev, distilled Qwen-Image variants)."""
+    from .tiny import TINY_MODELS
+
+    if model in TINY_MODELS:
+        return False   # both tiny transformers are built with guidance_embeds=False
+    try:
+        return bool(json.loads((Path(model) / "transformer" / "config.json").read_text()).get("guidance_embeds"))
+    except (OSError, ValueError):
+        return False
 
 
 # ---------------------------------------------------------------------------------------------- ranks
@@ -243,8 +296,12 @@ def load_pipeline(cfg: Config, device):
 
 def _call_kwargs(cfg: Config) -> dict:
     kw = {}
-    if cfg.pipeline_class == "QwenImagePipeline":
+    if cfg.negative_prompt is not None:   # true CFG (Qwen-Image, Flux): two transformer calls per step
+        kw.update(negative_prompt=cfg.negative_prompt, true_cfg_scale=cfg.true_cfg_scale)
+    elif cfg.pipeline_class == "QwenImagePipeline":
         kw.setdefault("true_cfg_scale", 1.0)  # no negative prompt: plain conditional sampling
+    if cfg.guidance_scale is not None:
+        kw["guidance_scale"] = cfg.guidance_scale
     return kw
 
 
@@ -306,7 +363,10 @@ def _timed(pipe, cfg: Config, device, desc: str, show: bool, barrier=None, decod
     return image, seconds
 
 
-def configuration_name(ulysses_degree: int, ring_degree: int) -> str:
+def configuration_name(ulysses_degree: int, ring_degree: int, cfg_degree: int = 1) -> str:
+    if cfg_degree > 1:
+        sp = configuration_name(ulysses_degree, ring_degree)
+        return "CFG-Parallel" if sp.startswith("Single") else f"CFG-Parallel + {sp}"
     if ulysses_degree > 1 and ring_degree > 1:
         return "Hybrid"
     if ring_degree > 1:
@@ -358,26 +418,33 @@ def rank_main(rank: int, world: int, cfg: Config, init_method: Optional[str]) ->
                                  threads=cfg.cores if not cuda else None))
             if barrier is not None:
                 barrier()
-        from spattn.integrations.diffusers import parallelize
+        from spattn.integrations.diffusers import parallelize_pipeline
 
-        mesh = spattn.init_mesh(ulysses_degree=cfg.ulysses_degree, ring_degree=cfg.ring_degree)
-        handle = parallelize(pipe.transformer, mesh, backend=cfg.backend)
+        mesh = spattn.init_mesh(ulysses_degree=cfg.ulysses_degree, ring_degree=cfg.ring_degree,
+                                cfg_degree=cfg.cfg_degree)
+        handle = parallelize_pipeline(pipe, mesh, backend=cfg.backend)   # CFG halves too, when cfg_degree 2
         try:
             desc = f"ulysses {cfg.ulysses_degree} x ring {cfg.ring_degree}"
+            if cfg.cfg_degree > 1:
+                desc = f"cfg {cfg.cfg_degree} x {desc}"
             # Only rank 0 needs the image. On CPU the other ranks skip the VAE decode (on GPUs each rank
             # would decode on its own device at no cost to rank 0; here they would share its cores)
             # and rank 0 decodes on all cores, as the baseline does.
             cpu = not cuda and world > 1
-            image, seconds = _timed(pipe, cfg, device, desc, show=rank == 0, barrier=barrier,
-                                    decode=rank == 0 or not cpu,
-                                    decode_threads=cfg.cores if cpu and rank == 0 else None)
+            with warnings.catch_warnings():   # a CFG mesh without guidance: said once below, not per rank
+                warnings.filterwarnings("ignore", message="spattn CFG parallel")
+                image, seconds = _timed(pipe, cfg, device, desc, show=rank == 0, barrier=barrier,
+                                        decode=rank == 0 or not cpu,
+                                        decode_threads=cfg.cores if cpu and rank == 0 else None)
+            idle = handle.last_run.idle_fraction if handle.last_run is not None else 0.0
         finally:
             handle.remove()
         if rank == 0:
             diff = None if base_image is None else float(abs(image.astype("float64") - base_image).max())
-            rows.append(_row(cfg, configuration_name(cfg.ulysses_degree, cfg.ring_degree), cfg.ulysses_degree,
-                             cfg.ring_degree, seconds, base_time, diff, world=world,
+            rows.append(_row(cfg, configuration_name(cfg.ulysses_degree, cfg.ring_degree, cfg.cfg_degree),
+                             cfg.ulysses_degree, cfg.ring_degree, seconds, base_time, diff, world=world,
                              threads=threads if not cuda else None))
+            rows[-1].update(cfg_degree=cfg.cfg_degree, idle_fraction=idle)
             _report(cfg, rows, image, device, world, threads)
         if barrier is not None:
             barrier()
@@ -393,7 +460,8 @@ def _row(cfg: Config, name: str, u: int, r: int, seconds: float, base_time: Opti
         "speedup": None if base_time is None else round(base_time / seconds, 4), "max_abs_diff": diff,
         "ranks": world, "threads_per_rank": threads, "model": cfg.model_label, "width": cfg.width,
         "height": cfg.height, "num_inference_steps": cfg.num_inference_steps, "dtype": cfg.dtype,
-        "backend": cfg.backend, "seed": cfg.seed,
+        "backend": cfg.backend, "seed": cfg.seed, "cfg_degree": 1, "idle_fraction": 0.0,
+        "negative_prompt": cfg.negative_prompt, "true_cfg_scale": cfg.true_cfg_scale,
     }
 
 
@@ -407,15 +475,18 @@ def _device_label(device, world: int, threads: int, cores: int) -> str:
 
 def format_table(rows: List[dict]) -> str:
     """The guide's benchmark table plus the deviation column."""
-    head = "| Configuration | Ulysses degree | Ring degree | Generation Time | Speedup | Max deviation |"
-    lines = [head, "|---|---|---|---|---|---|"]
+    cfg_col = any(row.get("cfg_degree", 1) > 1 for row in rows)   # the guide's columns unless CFG parallel ran
+    head = "| Configuration |" + (" CFG degree |" if cfg_col else "") + \
+        " Ulysses degree | Ring degree | Generation Time | Speedup | Max deviation |"
+    lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for row in rows:
         base = row["configuration"].startswith("Baseline")
         u = "-" if base else str(row["ulysses_degree"])
         r = "-" if base else str(row["ring_degree"])
+        c = f" {'-' if base else row.get('cfg_degree', 1)} |" if cfg_col else ""
         sp = "-" if row["speedup"] is None else f"{row['speedup']:.2f}x"
         dev = "-" if row["max_abs_diff"] is None else f"{row['max_abs_diff']:.1e}"
-        lines.append(f"| {row['configuration']} | {u} | {r} | {row['time_s']:.2f}s | {sp} | {dev} |")
+        lines.append(f"| {row['configuration']} |{c} {u} | {r} | {row['time_s']:.2f}s | {sp} | {dev} |")
     return "\n".join(lines)
 
 
@@ -426,7 +497,13 @@ def _report(cfg: Config, rows: List[dict], image, device, world: int, threads: i
     Image.fromarray((np.clip(image, 0, 1) * 255).round().astype("uint8")).save(cfg.output, format="PNG")
     print(f"\n{cfg.model_label} ({cfg.pipeline_class}), {cfg.width}x{cfg.height}, {cfg.num_inference_steps} steps, "
           f"{cfg.dtype}, backend {cfg.backend}, seed {cfg.seed}; {_device_label(device, world, threads, cfg.cores)}")
+    if cfg.negative_prompt is not None:
+        print(f"guidance: true CFG {cfg.true_cfg_scale:g}, negative prompt {cfg.negative_prompt!r}")
     print(format_table(rows))
+    if rows and rows[-1].get("idle_fraction"):
+        print(f"Note: no classifier-free guidance in this request, so the {cfg.cfg_degree} CFG halves repeated the "
+              f"same work: {rows[-1]['idle_fraction']:.0%} of the ranks were idle (add --negative-prompt, or drop "
+              f"--cfg-degree).")
     print("Max deviation: largest |pixel difference| (values in [0, 1]) from the single-device image.")
     print(f"image: {cfg.output}")
     if cfg.json_path:
@@ -439,14 +516,8 @@ def _report(cfg: Config, rows: List[dict], image, device, world: int, threads: i
     sys.stdout.flush()
 
 
-def _spawned(rank: int, world: int, cfg: Config, init_method: str) -> None:
+def _spawned(rank: int, world: int, init_method: str, cfg: Config) -> None:
     rank_main(rank, world, cfg, init_method)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -463,18 +534,15 @@ def run(args: argparse.Namespace) -> int:
         rank_main(0, 1, cfg, None)
     else:
         import torch
-        import torch.multiprocessing as mp
 
-        if not torch.cuda.is_available():
+        from spattn.launch import run_ranks
+
+        env = {}
+        if not torch.cuda.is_available() and "OMP_WAIT_POLICY" not in os.environ:
             # The ranks share the cores: OpenMP threads spinning while they wait would steal them from
             # the other ranks (and from the baseline). The children read this at their torch import.
-            os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        try:
-            mp.spawn(_spawned, args=(cfg.world, cfg, f"tcp://127.0.0.1:{_free_port()}"), nprocs=cfg.world)
-        except mp.ProcessRaisedException as e:  # the rank's traceback is in the message
-            print(f"spattn generate: a rank failed:\n{e}", file=sys.stderr)
-            return 1
-        except mp.ProcessExitedException as e:
-            print(f"spattn generate: a rank died: {e}", file=sys.stderr)
-            return 1
+            env["OMP_WAIT_POLICY"] = "PASSIVE"
+        # SIGINT/SIGTERM (or Ctrl-C to the group) stops the ranks at once with one line; a failed
+        # rank is named with its traceback.
+        return run_ranks(_spawned, cfg.world, (cfg,), prog="spattn generate", env=env)
     return 0

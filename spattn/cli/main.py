@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 from typing import List, Optional
 
@@ -26,6 +27,18 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from spattn.launch import signals_as_exit
+
+    try:  # Ctrl-C or SIGTERM anywhere (loading, a single-process run): one line, not a traceback
+        with signals_as_exit():
+            return _main(argv)
+    except KeyboardInterrupt as e:
+        name = e.args[0] if e.args else "SIGINT"
+        print(f"spattn: interrupted ({name})", file=sys.stderr, flush=True)
+        return 128 + int(getattr(signal, name, signal.SIGINT))
+
+
+def _main(argv: Optional[List[str]]) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = _Parser(prog="spattn", description="sequence-parallel attention tools")
     sub = parser.add_subparsers(dest="command", metavar="{" + ",".join(COMMANDS) + "}", parser_class=_Parser)

@@ -89,9 +89,15 @@ def _with(obj, **kw):
     return replace(obj, **kw)
 
 
-def _call(x: Inputs, ids: Sequence[int]) -> AttnCall:
+def _call(x: Inputs, ids: Sequence[int], memo: bool = True) -> AttnCall:
+    """The validated call of these inputs. Validation reads only metadata (and the documents), so a
+    call seen before with equal metadata is reused (forward and backward of one call meet twice)."""
     mesh, opts, grad_mask = _resolve(ids)
-    return build_call(x, mesh, opts, grad_mask)  # below autograd: the caller's requires_grad bits come in ids
+    if not memo or x.cu_seqlens is not None:  # tracing (shapes may be symbolic); documents are values
+        return build_call(x, mesh, opts, grad_mask)
+    key = (tuple(ids[:4]),) + tuple(None if t is None else (t.shape, t.dtype, t.device) for t in x[:7])
+    # below autograd: the caller's requires_grad bits come in ids
+    return mesh.call_for(key, lambda: build_call(x, mesh, opts, grad_mask))
 
 
 def _saves(grad_mask: int) -> bool:
@@ -138,7 +144,7 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, joint: List[Tensor], jlens: O
 @_attention_op.register_fake
 def _(q, k, v, joint, jlens, cu_seqlens, ids):
     x = _inputs(q, k, v, joint, jlens, None)  # documents are read at run time; shapes do not depend on them
-    call = _call(x, ids)  # clear errors at compile time
+    call = _call(x, ids, memo=False)  # clear errors at compile time
     b, s, hq, _ = q.shape
     outs = [torch.empty_like(q)] + ([torch.empty_like(joint[0])] if joint else [])
     if call.opts.return_lse:

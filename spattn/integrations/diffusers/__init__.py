@@ -6,3 +6,9 @@ parts of the pipeline around attention (CFG parallel, the patch-parallel VAE) as
 from .transformer import PLANS, ModelPlan, SPHandle, Split, _Processor, _State, parallelize, supported_models
 
 __all__ = ["parallelize", "SPHandle", "ModelPlan", "Split", "PLANS", "supported_models"]
+
+# CFG parallel (issue 18): handle = parallelize_pipeline(pipe, mesh) parallelizes every transformer of a
+# pipeline and, on a cfg_degree=2 mesh, runs the two guidance branches at once; see .cfg
+from .cfg import CFG_RULES, PipelineHandle, RunInfo, parallelize_pipeline  # noqa: E402
+
+__all__ += ["parallelize_pipeline", "PipelineHandle", "RunInfo", "CFG_RULES"]

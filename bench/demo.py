@@ -1,8 +1,8 @@
 """Run sequence-parallel attention on P local CPU ranks (gloo), check it against SDPA on the full
 sequence, and time forward and backward per mode against single-process SDPA using all the cores.
 
-    python -m spattn.demo                       # short default run: P=2, S=1024
-    python -m spattn.demo -P 4 --seq 4096 --causal
+    python bench/demo.py                        # short default run: P=2, S=1024
+    python bench/demo.py -P 4 --seq 4096 --causal
 
 Each rank gets ``cores // P`` torch threads, so the SP run and the baseline use the same machine.
 A ratio <= 1.00 means the sequence-parallel step costs no more than the single-process one, i.e. all
@@ -11,29 +11,21 @@ communication was hidden behind compute. CPU timings are noisy: compare ratios w
 from __future__ import annotations
 
 import argparse
-import multiprocessing as mp
 import os
-import socket
 import statistics
+import sys
 import time
-from datetime import timedelta
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from spattn.cli.costmodel import factorizations, mode_name  # noqa: E402
+from spattn.launch import LocalRanks, init_rank  # noqa: E402
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def factorizations(p: int) -> List[Tuple[int, int]]:
-    """(ulysses, ring) pairs for P ranks: pure Ulysses, pure Ring, then the hybrids."""
-    pairs = [(p, 1), (1, p)] + [(u, p // u) for u in range(2, p) if p % u == 0]
-    return list(dict.fromkeys(pairs))
-
-
-def mode_name(u: int, r: int) -> str:
-    return "ulysses" if r == 1 else "ring" if u == 1 else f"hybrid u{u}xr{r}"
 
 
 def _inputs(args, requires_grad=False):
@@ -44,7 +36,8 @@ def _inputs(args, requires_grad=False):
     return t
 
 
-def _timeit(fn, iters: int, warmup: int, sync=None) -> List[float]:
+def timeit(fn, iters: int, warmup: int, sync=None) -> List[float]:
+    """Seconds of each of ``iters`` calls of ``fn`` after ``warmup`` untimed ones (``sync`` around each)."""
     times = []
     for i in range(warmup + iters):
         if sync:
@@ -69,24 +62,22 @@ def baseline(args) -> Tuple[float, float, Tuple[torch.Tensor, ...]]:
         return F.scaled_dot_product_attention(qt, kt, vt, is_causal=args.causal, enable_gqa=gqa)
 
     state = {}
-    f = _timeit(lambda: state.__setitem__("o", fwd()), args.iters, args.warmup)
+    f = timeit(lambda: state.__setitem__("o", fwd()), args.iters, args.warmup)
 
     def bwd():
         qt.grad = kt.grad = vt.grad = None
         state["o"].backward(dout.transpose(1, 2), retain_graph=True)
 
-    b = _timeit(bwd, args.iters, args.warmup)
+    b = timeit(bwd, args.iters, args.warmup)
     o = state["o"].transpose(1, 2).detach()
     return statistics.median(f), statistics.median(b), (o, qt.grad.transpose(1, 2), kt.grad.transpose(1, 2),
                                                         vt.grad.transpose(1, 2))
 
 
-def _rank_main(rank: int, world: int, port: int, args, modes, results) -> None:
+def _rank_main(rank: int, world: int, init_method: str, args, modes):
     import spattn
 
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=300))
+    init_rank(rank, world, init_method, backend="gloo", timeout_s=300)
     q, k, v, dout = _inputs(args)
     out_rows = []
     for u, r in modes:
@@ -104,8 +95,8 @@ def _rank_main(rank: int, world: int, port: int, args, modes, results) -> None:
             ql.grad = kl.grad = vl.grad = None
             state["o"].backward(dl, retain_graph=True)
 
-        f = _timeit(fwd, args.iters, args.warmup, sync=dist.barrier)
-        b = _timeit(bwd, args.iters, args.warmup, sync=dist.barrier)
+        f = timeit(fwd, args.iters, args.warmup, sync=dist.barrier)
+        b = timeit(bwd, args.iters, args.warmup, sync=dist.barrier)
         full = [spattn.gather(t.detach(), mesh, **kw) for t in (state["o"], ql.grad, kl.grad, vl.grad)]
         times = [None] * world
         dist.all_gather_object(times, (statistics.median(f), statistics.median(b)))
@@ -113,30 +104,17 @@ def _rank_main(rank: int, world: int, port: int, args, modes, results) -> None:
             # numpy, not tensors: torch would share them by file descriptor, gone when this process exits
             out_rows.append((u, r, max(t[0] for t in times), max(t[1] for t in times),
                              [t.float().numpy() for t in full]))
-    if rank == 0:
-        results.put(out_rows)
     dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return out_rows if rank == 0 else None
 
 
 def run(args) -> List[Dict]:
     """Run baseline and every mode; return one row per mode."""
-    modes = factorizations(args.world) if not args.modes else [tuple(map(int, m.split("x"))) for m in args.modes]
+    modes = (factorizations(args.world, exact=True) if not args.modes
+             else [tuple(map(int, m.split("x"))) for m in args.modes])
     base_f, base_b, ref = baseline(args)
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, args.world, port, args, modes, results)) for r in range(args.world)]
-    for p in procs:
-        p.start()
-    rows_raw = results.get(timeout=args.timeout)
-    for p in procs:
-        p.join(timeout=60)
+    with LocalRanks(_rank_main, args.world, args=(args, modes)) as ranks:
+        rows_raw = ranks.wait(timeout=args.timeout)
     rows = []
     for u, r, f, b, full in rows_raw:
         errs = [(torch.from_numpy(a).double() - e.double()).abs().max().item() for a, e in zip(full, ref)]
