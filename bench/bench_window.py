@@ -6,7 +6,8 @@
 Rows: forward and forward+backward time of one causal block (torch backend, CPU, fp32) with the full
 causal mask and with each window, and for a ring of R ranks (zigzag layout) the (query, key) pairs the
 windowed plan hands the backends (sum of query rows x keys over its calls; the kernels skip the masked
-half of causal diagonals on top) and the blocks it skips, against the plain causal plan.
+half of causal diagonals on top), the (rank, source) ring blocks with any call, and the (query segment,
+key segment) pairs the window skips, against the plain causal plan.
 """
 from __future__ import annotations
 
@@ -84,9 +85,9 @@ def main(argv=None) -> None:
     for name, fwd, both in backend_rows(a.seq, a.heads, a.head_dim, a.windows, a.reps):
         print(f"{name:>12} {fwd:>9.1f} {both:>11.1f}")
     print(f"\nring plan: {a.ring} ranks, zigzag, seq {a.seq}")
-    print(f"{'mask':>12} {'blocks computed':>16} {'blocks skipped':>15} {'call area':>15}")
+    print(f"{'mask':>12} {'ring blocks computed':>21} {'segment pairs skipped':>22} {'call area':>15}")
     for name, blocks, skipped, pairs in plan_rows(a.seq, a.ring, a.windows):
-        print(f"{name:>12} {blocks:>16} {skipped:>15} {pairs:>15}")
+        print(f"{name:>12} {blocks:>21} {skipped:>22} {pairs:>15}")
 
 
 if __name__ == "__main__":
