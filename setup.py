@@ -193,7 +193,7 @@ setup(
     name="spattn",
     version="0.1.0",
     description="Sequence-parallel attention: Ulysses, Ring and hybrid, forward and backward",
-    packages=["spattn", "spattn.backends", "spattn.kernels", "spattn.cli", "spattn.integrations"],
+    packages=["spattn", "spattn.backends", "spattn.kernels", "spattn.cli", "spattn.integrations", "spattn.engine"],
     # Triton kernels live at the top level (kernels/) as leaf code, installed as spattn.kernels.
     package_dir={"spattn": "spattn", "spattn.kernels": "kernels"},
     python_requires=">=3.9",
@@ -201,11 +201,14 @@ setup(
     extras_require={
         "triton": ["triton"],
         # Tested ranges (see README): the integrations import these only when used.
-        "diffusers": ["diffusers>=0.36,<0.43", "transformers>=4.57,<6", "accelerate", "pillow", "tqdm"],
+        "diffusers": ["diffusers>=0.36,<0.43", "transformers>=4.57,<6", "accelerate", "pillow", "tqdm",
+                      "imageio", "imageio-ffmpeg"],   # MP4 for video models (tiny-wan, Wan)
+        "serve": ["fastapi", "uvicorn", "prometheus-client"],   # spattn serve
         "transformers": ["transformers>=4.57,<6"],
         "bench": ["matplotlib"],
         "test": ["pytest", "triton", "hypothesis", "psutil", "diffusers>=0.36,<0.43", "transformers>=4.57,<6",
-                 "accelerate", "pillow", "tqdm", "matplotlib"],
+                 "accelerate", "pillow", "tqdm", "matplotlib",
+                 "fastapi", "uvicorn", "prometheus-client", "openai", "httpx", "imageio", "imageio-ffmpeg"],
     },
     entry_points={"console_scripts": ["spattn=spattn.cli.main:main"]},
     ext_modules=ext_modules,

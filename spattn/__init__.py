@@ -16,3 +16,12 @@ from .mesh import SPMesh, init_mesh
 
 __all__ = ["attention", "init_mesh", "SPMesh", "shard", "gather", "local_seq_len", "ops", "config"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # spattn.Engine & co.: the serving layer (above this API), loaded on first use, never at import.
+    if name in ("Engine", "SamplingParams", "GenerationOutput", "EngineDeadError"):
+        from . import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'spattn' has no attribute {name!r}")

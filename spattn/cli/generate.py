@@ -1,6 +1,7 @@
 """``spattn generate``: the guide's text-to-image run, with the transformer's attention sequence-parallel.
 
     spattn generate --model tiny-qwen-image --ulysses-degree 2 --ring-degree 1 --baseline
+    spattn generate --model tiny-wan --ring-degree 2 --num-frames 9 --width 64 --height 64   # video: MP4
 
 Every rank runs the same diffusers pipeline with the same seed (identical full inputs); the
 transformer, parallelized by ``spattn.integrations.diffusers.parallelize``, splits the image tokens
@@ -27,7 +28,6 @@ from datetime import timedelta
 from pathlib import Path
 from typing import List, Optional
 
-SUPPORTED_PIPELINES = ("QwenImagePipeline", "FluxPipeline")
 MAX_CPU_RANKS = 8
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BACKENDS = ("auto", "torch", "triton", "reference")
@@ -64,6 +64,9 @@ class Config:
     negative_prompt: Optional[str] = None
     true_cfg_scale: Optional[float] = None   # resolved: > 1 with a negative prompt, else None
     guidance_scale: Optional[float] = None   # guidance-distilled models only
+    vae_parallel: bool = True  # decode with every rank (patch-parallel VAE), when the VAE is supported
+    num_frames: Optional[int] = None   # video models (WanPipeline): frames, 4k+1; None for images
+    fps: int = 16                      # video models: MP4 frame rate
 
     @property
     def world(self) -> int:
@@ -105,7 +108,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g("--seed", type=int, default=0, help="generator seed, the same on every rank (default 0)")
     g("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
     g("--backend", choices=BACKENDS, default="auto", help="spattn attention backend (default auto)")
-    g("--output", default="spattn_generate.png", help="PNG written by rank 0 (default spattn_generate.png)")
+    g("--output", default="spattn_generate.png",
+      help="PNG written by rank 0 (default spattn_generate.png; spattn_generate.mp4 for video models)")
+    g("--num-frames", type=_positive_int, default=None,
+      help="video models (tiny-wan, Wan): frames, 4k+1 (default 81; 17 for tiny-wan)")
+    g("--fps", type=_positive_int, default=16, help="video models: MP4 frames per second (default 16)")
     g("--json", dest="json_path", metavar="PATH", default=None,
       help="write the table as a JSON list of rows (baseline first)")
     g("--baseline", action=argparse.BooleanOptionalAction, default=True,
@@ -113,6 +120,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
            "pixel deviation (default on; --no-baseline skips it)")
     g("--warmup", action=argparse.BooleanOptionalAction, default=True,
       help="one untimed 1-step generation per configuration before timing (default on)")
+    g("--vae-parallel", action=argparse.BooleanOptionalAction, default=None,
+      help="decode with every rank, each on a band of image rows (exact; default on when the latent has at "
+           "least one row per rank); --no-vae-parallel decodes on each rank alone")
 
     def one_line_error(message: str) -> None:  # argparse's usage block is not one line
         print(f"spattn generate: error: {message}", file=sys.stderr)
@@ -131,46 +141,17 @@ def _cores() -> int:
 
 def _resolve_model(model: str):
     """-> (path or tiny name, pipeline class name, spatial multiple for width/height)."""
-    from .tiny import TINY_MODELS, TINY_SPATIAL_MULTIPLE, TINY_PIPELINE_CLASS
+    info = _model_info(model)
+    return info.path, info.pipeline_class, info.spatial_multiple
 
-    if model in TINY_MODELS:
-        return model, TINY_PIPELINE_CLASS[model], TINY_SPATIAL_MULTIPLE
-    path = Path(model).expanduser()
-    if not path.exists():
-        if model.count("/") == 1 and not model.startswith((".", "/", "~")):
-            path = _cached_hub_snapshot(model)
-        else:
-            raise UsageError(f"--model {model}: no such directory; pass a diffusers pipeline directory, a "
-                             f"cached hub id, or {' / '.join(TINY_MODELS)}")
-    index = path / "model_index.json"
-    if not index.is_file():
-        raise UsageError(f"--model {model}: {path} has no model_index.json; pass the directory that "
-                         f"save_pretrained wrote (or one of {', '.join(TINY_MODELS)})")
+
+def _model_info(model: str):
+    from spattn.engine.pipelines import resolve_model  # shared with spattn.Engine
+
     try:
-        cls = json.loads(index.read_text())["_class_name"]
-        vae_cfg = json.loads((path / "vae" / "config.json").read_text())
-    except (OSError, ValueError, KeyError) as e:
-        raise UsageError(f"--model {model}: unreadable pipeline files ({e}); re-save it with save_pretrained") from None
-    if cls not in SUPPORTED_PIPELINES:
-        raise UsageError(f"--model {model}: {cls} is not supported; use a {' or '.join(SUPPORTED_PIPELINES)} "
-                         f"directory (or one of {', '.join(TINY_MODELS)})")
-    # The pipelines' own rule: latents are packed in 2x2 patches, so sizes are multiples of 2 x VAE factor.
-    if cls == "QwenImagePipeline":
-        factor = 2 ** len(vae_cfg.get("temperal_downsample", [False, True, True]))
-    else:
-        factor = 2 ** (len(vae_cfg.get("block_out_channels", [0, 0, 0, 0])) - 1)
-    return str(path), cls, 2 * factor
-
-
-def _cached_hub_snapshot(repo_id: str) -> Path:
-    """The local snapshot of ``repo_id`` in the Hugging Face cache; nothing is downloaded."""
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(repo_id, local_files_only=True))
-    except Exception:  # not cached (LocalEntryNotFoundError), bad id, or no huggingface_hub
-        raise UsageError(f"--model {repo_id}: not in the local Hugging Face cache (spattn downloads nothing); "
-                         f"run `huggingface-cli download {repo_id}` first or pass a local directory") from None
+        return resolve_model(model)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def _launched_world() -> Optional[int]:
@@ -191,6 +172,7 @@ def validate(args: argparse.Namespace) -> Config:
         raise UsageError(f"{', '.join(missing)} not installed; pip install -e \".[diffusers]\" "
                          f"(or pip install diffusers transformers accelerate pillow)")
     model, cls, multiple = _resolve_model(args.model)
+    num_frames, output = _video_flags(args, _model_info(args.model))
     for name in ("width", "height"):
         v = getattr(args, name)
         if v % multiple:
@@ -232,12 +214,20 @@ def validate(args: argparse.Namespace) -> Config:
             parent = Path(target).expanduser().resolve().parent
             if not parent.is_dir():
                 raise UsageError(f"{flag} {target}: directory {parent} does not exist; create it or choose another path")
+    # The parallel VAE needs a latent row per rank: on by default when it fits, an error only when asked for.
+    latent_rows = args.height // (multiple // 2)
+    sp = args.ulysses_degree * args.ring_degree  # each CFG branch decodes over its own SP ranks
+    vae_parallel = args.vae_parallel if args.vae_parallel is not None else latent_rows >= sp
+    if vae_parallel and sp > 1 and latent_rows < sp:
+        raise UsageError(f"--vae-parallel: --height {args.height} gives {latent_rows} latent rows, fewer than the "
+                         f"{sp} ranks that decode; use --height {sp * (multiple // 2)} or more, or --no-vae-parallel")
     return Config(
         model=model, model_label=args.model, pipeline_class=cls, prompt=args.prompt,
         ulysses_degree=args.ulysses_degree, ring_degree=args.ring_degree, width=args.width, height=args.height,
         num_inference_steps=args.num_inference_steps, seed=args.seed, dtype=dtype, backend=args.backend,
-        output=args.output, json_path=args.json_path, baseline=args.baseline, warmup=args.warmup, cores=_cores(),
+        output=output, json_path=args.json_path, baseline=args.baseline, warmup=args.warmup, cores=_cores(),
         cfg_degree=cfg_degree, negative_prompt=args.negative_prompt, true_cfg_scale=true_cfg, guidance_scale=guidance,
+        vae_parallel=vae_parallel, num_frames=num_frames, fps=args.fps,
     )
 
 
@@ -273,25 +263,44 @@ def _guidance_distilled(model: str) -> bool:
         return False
 
 
+def _video_flags(args: argparse.Namespace, info) -> tuple:
+    """(num_frames or None, output path): --num-frames only for video models, which write MP4."""
+    if not info.is_video:
+        if args.num_frames is not None:
+            raise UsageError(f"--num-frames: {info.pipeline_class} makes images; drop it or use a video model (tiny-wan)")
+        return None, args.output
+    frames = args.num_frames or (17 if args.model == "tiny-wan" else 81)
+    k = info.frame_multiple
+    if (frames - 1) % k:
+        lo = (frames - 1) // k * k + 1
+        raise UsageError(f"--num-frames {frames}: {info.pipeline_class} needs {k}k+1 frames (its VAE compresses "
+                         f"time by {k}); use {lo} or {lo + k}")
+    output = args.output
+    if output == "spattn_generate.png":
+        output = "spattn_generate.mp4"
+    elif not output.lower().endswith(".mp4"):
+        raise UsageError(f"--output {output}: {info.pipeline_class} writes a video; use a .mp4 path")
+    return frames, output
+
+
 # ---------------------------------------------------------------------------------------------- ranks
 def load_pipeline(cfg: Config, device):
     """The pipeline named by ``cfg`` on ``device``: a built-in tiny one or ``from_pretrained`` (local files)."""
-    import torch
+    from spattn.engine.pipelines import load_pipeline as load
 
-    from .tiny import TINY_MODELS, build_tiny_pipeline
+    return load(cfg.model, cfg.dtype, device)
 
-    dtype = getattr(torch, cfg.dtype)
-    if cfg.model in TINY_MODELS:
-        pipe = build_tiny_pipeline(cfg.model, dtype=dtype)
-    else:
-        import diffusers
-        from diffusers import DiffusionPipeline
 
-        # diffusers 0.42 renamed torch_dtype to dtype (the old name warns).
-        new = tuple(int(x) for x in diffusers.__version__.split(".")[:2]) >= (0, 42)
-        pipe = DiffusionPipeline.from_pretrained(cfg.model, local_files_only=True,
-                                                 **{"dtype" if new else "torch_dtype": dtype})
-    return pipe.to(device)
+def parallelize_pipeline_vae(pipe, mesh, enabled: bool = True, backend: str = "auto"):
+    """Decode ``pipe``'s VAE with every SP rank of ``mesh`` (exact patch-parallel decode) when ``enabled``,
+    the VAE is supported and the mesh has more than one rank; returns the handle (``remove()`` undoes
+    it) or None when the VAE decodes on each rank alone. For Engine/serve as for generate."""
+    from spattn.integrations.diffusers import parallelize_vae, vae_supported
+
+    vae = getattr(pipe, "vae", None)
+    if not enabled or mesh.world_size == 1 or not vae_supported(vae):
+        return None
+    return parallelize_vae(vae, mesh, backend=backend)
 
 
 def _call_kwargs(cfg: Config) -> dict:
@@ -306,12 +315,15 @@ def _call_kwargs(cfg: Config) -> dict:
 
 
 def generate_image(pipe, cfg: Config, steps: int, decode: bool = True, decode_threads: Optional[int] = None):
-    """One generation with ``cfg``'s seed: float image (height, width, 3), values in [0, 1], or None
+    """One generation with ``cfg``'s seed: float image (height, width, 3) (video: (frames, height, width,
+    3)), values in [0, 1], or None
     with ``decode=False`` (the denoising loop only; no VAE decode). ``decode_threads``: CPU threads
     from the end of the denoising loop on (the VAE decode)."""
     import torch
 
     kw = _call_kwargs(cfg)
+    if cfg.num_frames is not None:
+        kw["num_frames"] = cfg.num_frames
     if decode_threads is not None:
         def more_threads(pipeline, i, t, tensors):
             if i == steps - 1:
@@ -322,7 +334,9 @@ def generate_image(pipe, cfg: Config, steps: int, decode: bool = True, decode_th
     generator = torch.Generator("cpu").manual_seed(cfg.seed)  # same noise on every device and rank
     out = pipe(prompt=cfg.prompt, width=cfg.width, height=cfg.height, num_inference_steps=steps,
                generator=generator, output_type="np" if decode else "latent", **kw)
-    return out.images[0] if decode else None
+    if not decode:
+        return None
+    return out.frames[0] if cfg.num_frames is not None else out.images[0]  # video: (frames, H, W, 3)
 
 
 def _quiet_libraries() -> None:
@@ -416,6 +430,7 @@ def rank_main(rank: int, world: int, cfg: Config, init_method: Optional[str]) ->
                     torch.set_num_threads(threads)
                 rows.append(_row(cfg, "Baseline (diffusers)", 1, 1, base_time, base_time, 0.0, world=1,
                                  threads=cfg.cores if not cuda else None))
+                rows[-1]["vae_parallel"] = False
             if barrier is not None:
                 barrier()
         from spattn.integrations.diffusers import parallelize_pipeline
@@ -423,14 +438,15 @@ def rank_main(rank: int, world: int, cfg: Config, init_method: Optional[str]) ->
         mesh = spattn.init_mesh(ulysses_degree=cfg.ulysses_degree, ring_degree=cfg.ring_degree,
                                 cfg_degree=cfg.cfg_degree)
         handle = parallelize_pipeline(pipe, mesh, backend=cfg.backend)   # CFG halves too, when cfg_degree 2
+        vae_handle = parallelize_pipeline_vae(pipe, mesh, cfg.vae_parallel, cfg.backend)
         try:
             desc = f"ulysses {cfg.ulysses_degree} x ring {cfg.ring_degree}"
             if cfg.cfg_degree > 1:
                 desc = f"cfg {cfg.cfg_degree} x {desc}"
-            # Only rank 0 needs the image. On CPU the other ranks skip the VAE decode (on GPUs each rank
-            # would decode on its own device at no cost to rank 0; here they would share its cores)
-            # and rank 0 decodes on all cores, as the baseline does.
-            cpu = not cuda and world > 1
+            # Parallel VAE: every rank decodes its band. Otherwise only rank 0 needs the image: on CPU
+            # the other ranks skip the VAE decode (on GPUs each rank would decode on its own device at no
+            # cost to rank 0; here they would share its cores) and rank 0 decodes on all cores.
+            cpu = not cuda and world > 1 and vae_handle is None
             with warnings.catch_warnings():   # a CFG mesh without guidance: said once below, not per rank
                 warnings.filterwarnings("ignore", message="spattn CFG parallel")
                 image, seconds = _timed(pipe, cfg, device, desc, show=rank == 0, barrier=barrier,
@@ -439,12 +455,14 @@ def rank_main(rank: int, world: int, cfg: Config, init_method: Optional[str]) ->
             idle = handle.last_run.idle_fraction if handle.last_run is not None else 0.0
         finally:
             handle.remove()
+            if vae_handle is not None:
+                vae_handle.remove()
         if rank == 0:
             diff = None if base_image is None else float(abs(image.astype("float64") - base_image).max())
             rows.append(_row(cfg, configuration_name(cfg.ulysses_degree, cfg.ring_degree, cfg.cfg_degree),
                              cfg.ulysses_degree, cfg.ring_degree, seconds, base_time, diff, world=world,
                              threads=threads if not cuda else None))
-            rows[-1].update(cfg_degree=cfg.cfg_degree, idle_fraction=idle)
+            rows[-1].update(cfg_degree=cfg.cfg_degree, idle_fraction=idle, vae_parallel=vae_handle is not None)
             _report(cfg, rows, image, device, world, threads)
         if barrier is not None:
             barrier()
@@ -494,8 +512,14 @@ def _report(cfg: Config, rows: List[dict], image, device, world: int, threads: i
     import numpy as np
     from PIL import Image
 
-    Image.fromarray((np.clip(image, 0, 1) * 255).round().astype("uint8")).save(cfg.output, format="PNG")
-    print(f"\n{cfg.model_label} ({cfg.pipeline_class}), {cfg.width}x{cfg.height}, {cfg.num_inference_steps} steps, "
+    if cfg.num_frames is not None:
+        from diffusers.utils import export_to_video
+
+        export_to_video(list(np.clip(image, 0, 1)), cfg.output, fps=cfg.fps)
+    else:
+        Image.fromarray((np.clip(image, 0, 1) * 255).round().astype("uint8")).save(cfg.output, format="PNG")
+    frames = "" if cfg.num_frames is None else f" x {cfg.num_frames} frames"
+    print(f"\n{cfg.model_label} ({cfg.pipeline_class}), {cfg.width}x{cfg.height}{frames}, {cfg.num_inference_steps} steps, "
           f"{cfg.dtype}, backend {cfg.backend}, seed {cfg.seed}; {_device_label(device, world, threads, cfg.cores)}")
     if cfg.negative_prompt is not None:
         print(f"guidance: true CFG {cfg.true_cfg_scale:g}, negative prompt {cfg.negative_prompt!r}")
@@ -505,7 +529,10 @@ def _report(cfg: Config, rows: List[dict], image, device, world: int, threads: i
               f"same work: {rows[-1]['idle_fraction']:.0%} of the ranks were idle (add --negative-prompt, or drop "
               f"--cfg-degree).")
     print("Max deviation: largest |pixel difference| (values in [0, 1]) from the single-device image.")
-    print(f"image: {cfg.output}")
+    if rows and rows[-1].get("vae_parallel"):
+        print(f"VAE decode: patch-parallel, every rank decodes a band of rows ({world} ranks; --no-vae-parallel "
+              f"to decode on one)")
+    print(f"{'video' if cfg.num_frames is not None else 'image'}: {cfg.output}")
     if cfg.json_path:
         Path(cfg.json_path).write_text(json.dumps(rows, indent=2) + "\n")
         print(f"rows: {cfg.json_path}")

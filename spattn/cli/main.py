@@ -14,6 +14,7 @@ from typing import List, Optional
 # diffusers, `spattn doctor` must work when diffusers is missing.
 COMMANDS = {
     "generate": ("spattn.cli.generate", "text-to-image with sequence-parallel attention (the guide's workflow)"),
+    "serve": ("spattn.cli.serve", "OpenAI-compatible server over a sequence-parallel engine (--usp/--ring)"),
     "plan": ("spattn.cli.plan", "predict time and speedup per Ulysses x Ring factorization; recommend one"),
     "doctor": ("spattn.cli.doctor", "versions, backends, devices, links; --selftest checks kernels here"),
 }

@@ -1,6 +1,6 @@
-"""Built-in tiny random text-to-image pipelines, assembled locally from configs (nothing is downloaded).
+"""Built-in tiny random text-to-image (and text-to-video) pipelines, assembled locally from configs (nothing is downloaded).
 
-They are the real diffusers pipeline classes (``QwenImagePipeline``, ``FluxPipeline``) with the real
+They are the real diffusers pipeline classes (``QwenImagePipeline``, ``FluxPipeline``, ``WanPipeline``) with the real
 transformer, VAE and scheduler classes at toy sizes, and a tiny random text encoder + tokenizer built
 here. The weights are random but seeded, so every rank (and every run) builds the same pipeline;
 ``save_pretrained`` writes a directory that ``from_pretrained`` (and ``spattn generate --model DIR``)
@@ -185,12 +185,48 @@ def build_tiny_flux(dtype: torch.dtype = torch.float32, seed: int = 0):
     return pipe.to(dtype=dtype)
 
 
-TINY_MODELS: Dict[str, Callable] = {"tiny-qwen-image": build_tiny_qwen_image, "tiny-flux": build_tiny_flux}
+def build_tiny_wan(dtype: torch.dtype = torch.float32, seed: int = 0):
+    """Tiny random ``WanPipeline`` (text-to-video): 2 transformer blocks, 4 heads of 16, patches (1, 2, 2),
+    a 2-layer UMT5 text encoder (d_model 32), a Wan VAE with 3 spatial / 2 temporal downsamples (factors
+    8 and 4, as the real Wan 2.1: ``num_frames`` is 4k+1, sizes multiples of 16), the real UniPC
+    flow scheduler."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = _t5_tokenizer()
+    text_hidden, z_dim = 32, 4
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=z_dim, out_channels=z_dim,
+        text_dim=text_hidden, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLWan(
+        base_dim=4, z_dim=z_dim, dim_mult=[1, 2, 4, 4], num_res_blocks=1, temperal_downsample=[False, True, True],
+        latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim,
+    )
+    with torch.no_grad():  # as for Qwen-Image: spread the random decoder's output over the pixel range
+        vae.decoder.conv_out.weight.mul_(3.0)
+    torch.manual_seed(seed + 2)
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=len(tokenizer), d_model=text_hidden, d_ff=64, d_kv=16, num_layers=2, num_heads=2,
+        relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )).eval()
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler,
+                       transformer=transformer)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)  # already fp32; .to() would only warn
+
+
+TINY_MODELS: Dict[str, Callable] = {"tiny-qwen-image": build_tiny_qwen_image, "tiny-flux": build_tiny_flux,
+                                    "tiny-wan": build_tiny_wan}
 
 def build_tiny_pipeline(name: str, dtype: torch.dtype = torch.float32, seed: int = 0):
     """The built-in tiny pipeline ``name`` (a key of ``TINY_MODELS``), weights seeded by ``seed``."""
     return TINY_MODELS[name](dtype=dtype, seed=seed)
 
-TINY_PIPELINE_CLASS: Dict[str, str] = {"tiny-qwen-image": "QwenImagePipeline", "tiny-flux": "FluxPipeline"}
-# Both tiny VAEs downsample by 8 and the transformers take 2x2 latent patches: sizes are multiples of 16.
+TINY_PIPELINE_CLASS: Dict[str, str] = {"tiny-qwen-image": "QwenImagePipeline", "tiny-flux": "FluxPipeline",
+                                        "tiny-wan": "WanPipeline"}
+# The tiny VAEs downsample by 8 and the transformers take 2x2 latent patches: sizes are multiples of 16.
 TINY_SPATIAL_MULTIPLE = 16

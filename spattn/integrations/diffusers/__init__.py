@@ -12,3 +12,7 @@ __all__ = ["parallelize", "SPHandle", "ModelPlan", "Split", "PLANS", "supported_
 from .cfg import CFG_RULES, PipelineHandle, RunInfo, parallelize_pipeline  # noqa: E402
 
 __all__ += ["parallelize_pipeline", "PipelineHandle", "RunInfo", "CFG_RULES"]
+# The patch-parallel VAE decode (issue 18): vae_handle = parallelize_vae(pipe.vae, mesh); see .vae
+from .vae import VAE_PLANS, ConvInputMeter, VAEHandle, VAEPlan, parallelize_vae, vae_supported  # noqa: E402
+
+__all__ += ["parallelize_vae", "VAEHandle", "VAEPlan", "VAE_PLANS", "vae_supported", "ConvInputMeter"]
