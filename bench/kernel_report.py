@@ -37,6 +37,8 @@ from kernels import flash_attn as fa, merge as mg  # noqa: E402
 import torch  # noqa: E402
 
 KINDS = ("fwd", "preprocess", "dkdv", "dq", "merge", "fwd_docs", "dkdv_docs", "dq_docs")
+# *_window: the sliding-window specializations (HAS_WINDOW); opt-in (--kinds) until every bucket is checked.
+WINDOW_KINDS = ("fwd_window", "dkdv_window", "dq_window")
 # *_docs: the packed-document specializations (HAS_DOCS, per-token document ids) at the same tile configs.
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 SMEM_LIMIT = {80: 166912, 90: 232448}  # max dynamic shared memory per block (bytes), A100 / H100
@@ -78,12 +80,12 @@ def kernel_spec(kind: str, arch: int, head_dim: int, dtype: torch.dtype, cfg: Op
     t = "*" + _tname(dtype)
     bd = fa.block_d_for(head_dim)
     prec = fa.dot_precision(dtype)
-    docs = kind.endswith("_docs")
-    kind = kind[:-len("_docs")] if docs else kind
+    docs, window = kind.endswith("_docs"), kind.endswith("_window")
+    kind = kind.rsplit("_", 1)[0] if docs or window else kind
     if kind in ("fwd", "dkdv", "dq"):
-        cfg = cfg or fa.tile_config(kind, arch, head_dim, dtype, docs)
+        cfg = cfg or fa.tile_config(kind, arch, head_dim, dtype, docs, window)
         ce = dict(HEAD_DIM=head_dim, BLOCK_D=bd, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=True,
-                  EVEN_M=False, EVEN_N=False, DOT_PREC=prec, HAS_KLENS=False, HAS_DOCS=docs)
+                  EVEN_M=False, EVEN_N=False, DOT_PREC=prec, HAS_KLENS=False, HAS_DOCS=docs, HAS_WINDOW=window)
         ids = dict(K_LENS="*i32", Q_DOC="*i32", K_DOC="*i32")
         if kind == "fwd":
             fn, ptrs = fa._flash_fwd_kernel, dict(Q=t, K=t, V=t, Out=t, LSE="*fp32", **ids)
@@ -175,7 +177,7 @@ def format_table(rows: List[Dict[str, object]]) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
+    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS + WINDOW_KINDS)
     p.add_argument("--archs", nargs="+", type=int, default=list(fa.ARCHS), choices=fa.ARCHS)
     p.add_argument("--head-dims", nargs="+", type=int, default=list(fa.HEAD_DIM_BUCKETS))
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))

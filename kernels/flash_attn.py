@@ -10,6 +10,10 @@ Optional packed documents ``q_doc`` (Sq,) / ``k_doc`` (Sk,) int32 ids, non-decre
 contiguous), shared by every batch element: query i sees key j only if ``q_doc[i] == k_doc[j]`` (and the
 causal rule). A tile's documents are [doc[first], doc[last]], so a (query tile, key tile) pair whose ranges
 do not overlap is skipped without loading K/V; inside a tile the ids are compared per pair.
+Optional sliding window ``window=(left, right)`` (flash-attn's convention, -1 = unbounded) over the same
+global positions: key j is visible to query i only if ``qpos - kpos <= left`` and ``kpos - qpos <= right``
+(qpos = q_offset + i, kpos = k_offset + j). Key tiles wholly outside a query tile's window are never
+loaded (and query tiles outside a key tile's window in dK/dV); tiles it cuts are masked per pair.
 
 Inside the kernels scores are kept in base 2 (exp2 is one instruction); the LSE is converted to the
 natural log at the kernel boundary. Accumulation is fp32 for every input dtype.
@@ -127,18 +131,46 @@ def _query_docs(Q_DOC, K_DOC, start_m, offs_m, seqlen_q, seqlen_k, full_hi, hi,
     return q_doc, lo, full_hi, hi
 
 
+@triton.jit
+def _window_keys(start_m, lo, full_hi, hi, causal_shift, win_left, win_right,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """A query tile's key loops narrowed to its window: masked [lo, mid), unmasked [mid, full_hi),
+    masked [full_hi, hi). Without a window mid = lo (the first masked range is empty)."""
+    mid = lo
+    if HAS_WINDOW:
+        first = start_m * BLOCK_M + causal_shift  # key index at the first row's own position
+        last = first + BLOCK_M - 1
+        # Keys [first - left, last + right] are seen by some row; [last - left, first + right] by every row.
+        hi = tl.minimum(hi, tl.maximum(last + win_right + 1, 0))
+        lo = tl.maximum(lo, tl.maximum(first - win_left, 0) // BLOCK_N * BLOCK_N)
+        hi = tl.maximum(hi, lo)  # a window past the block: every loop empty
+        full_lo = (tl.maximum(last - win_left, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+        full_end = tl.maximum(first + win_right + 1, 0) // BLOCK_N * BLOCK_N
+        mid = tl.minimum(tl.maximum(full_lo, lo), hi)
+        full_hi = tl.maximum(tl.minimum(full_hi, full_end), mid)
+    return lo, mid, full_hi, hi
+
+
+@triton.jit
+def _window_keep(keep, offs_m, offs_n, causal_shift, win_left, win_right):
+    """keep & (query offs_m[i] sees key offs_n[j] under the window); positions differ by causal_shift."""
+    dist = offs_m[:, None] + causal_shift - offs_n[None, :]  # qpos - kpos
+    return keep & (dist <= win_left) & (dist >= -win_right)
+
+
 # ----------------------------------------------------------------------------------------------
 # forward
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
-               offs_m, offs_d, lo, hi, seqlen_k, causal_shift, qk_scale, K_DOC, q_doc,
+               offs_m, offs_d, lo, hi, seqlen_k, causal_shift, qk_scale, K_DOC, q_doc, win_left, win_right,
                HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
-               HAS_DOCS: tl.constexpr):
+               HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr):
     """Online softmax over key blocks [lo, hi). MASKED=False is the fast path for blocks every row of
-    the query tile fully sees (no bounds or causal mask); MASKED=True handles the diagonal and tail.
-    HAS_DOCS: pairs whose documents (q_doc per row, K_DOC per key) differ are masked in both paths."""
+    the query tile fully sees (no bounds, causal or window mask); MASKED=True handles the diagonal, the
+    window's edges and the tail. HAS_DOCS: pairs whose documents (q_doc per row, K_DOC per key) differ
+    are masked in both paths."""
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -149,6 +181,8 @@ def _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_v
             keep = offs_n[None, :] < seqlen_k
             if IS_CAUSAL:
                 keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
+            if HAS_WINDOW:
+                keep = _window_keep(keep, offs_m, offs_n, causal_shift, win_left, win_right)
             s = tl.where(keep, s, float("-inf"))
         if HAS_DOCS:
             k_doc = tl.load(K_DOC + offs_n, mask=offs_n < seqlen_k, other=-2)
@@ -174,10 +208,10 @@ def _flash_fwd_kernel(
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ob, stride_os, stride_oh, stride_od,
     stride_lb, stride_lh, stride_ls,
-    heads_q, group, seqlen_q, seqlen_k, q_offset, k_offset, sm_scale, K_LENS, Q_DOC, K_DOC,
+    heads_q, group, seqlen_q, seqlen_k, q_offset, k_offset, sm_scale, K_LENS, Q_DOC, K_DOC, win_left, win_right,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
-    HAS_KLENS: tl.constexpr = False, HAS_DOCS: tl.constexpr = False,
+    HAS_KLENS: tl.constexpr = False, HAS_DOCS: tl.constexpr = False, HAS_WINDOW: tl.constexpr = False,
 ):
     """Grid (cdiv(Sq, BLOCK_M), B * Hq): one query tile of one head, all its visible keys."""
     tl.static_assert(BLOCK_D >= HEAD_DIM, "BLOCK_D pads head_dim to a power of two")
@@ -202,6 +236,8 @@ def _flash_fwd_kernel(
     # (Before the tile loads: the document search then holds no tile registers.)
     q_doc, lo, full_hi, hi = _query_docs(Q_DOC, K_DOC, start_m, offs_m, seqlen_q, seqlen_k, full_hi, hi,
                                          BLOCK_M, BLOCK_N, HAS_DOCS)
+    lo, mid, full_hi, hi = _window_keys(start_m, lo, full_hi, hi, causal_shift, win_left, win_right,
+                                        BLOCK_M, BLOCK_N, HAS_WINDOW)
     q = _load_rows(Q + offs_m[:, None] * stride_qs + offs_d[None, :] * stride_qd, offs_m, seqlen_q,
                    offs_d, HEAD_DIM, BLOCK_D, EVEN_M)
     qk_scale = sm_scale * LOG2E
@@ -209,14 +245,22 @@ def _flash_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
 
+    if HAS_WINDOW:  # the window's left edge: keys some rows of the tile no longer see
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
+                                   offs_m, offs_d, lo, mid, seqlen_k, causal_shift, qk_scale,
+                                   K_DOC, q_doc, win_left, win_right,
+                                   HEAD_DIM, BLOCK_N, BLOCK_D, True, IS_CAUSAL, EVEN_N, DOT_PREC, HAS_DOCS,
+                                   HAS_WINDOW)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
-                               offs_m, offs_d, lo, full_hi, seqlen_k, causal_shift, qk_scale,
-                               K_DOC, q_doc,
-                               HEAD_DIM, BLOCK_N, BLOCK_D, False, IS_CAUSAL, EVEN_N, DOT_PREC, HAS_DOCS)
+                               offs_m, offs_d, mid, full_hi, seqlen_k, causal_shift, qk_scale,
+                               K_DOC, q_doc, win_left, win_right,
+                               HEAD_DIM, BLOCK_N, BLOCK_D, False, IS_CAUSAL, EVEN_N, DOT_PREC, HAS_DOCS,
+                               HAS_WINDOW)
     acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
                                offs_m, offs_d, full_hi, hi, seqlen_k, causal_shift, qk_scale,
-                               K_DOC, q_doc,
-                               HEAD_DIM, BLOCK_N, BLOCK_D, True, IS_CAUSAL, EVEN_N, DOT_PREC, HAS_DOCS)
+                               K_DOC, q_doc, win_left, win_right,
+                               HEAD_DIM, BLOCK_N, BLOCK_D, True, IS_CAUSAL, EVEN_N, DOT_PREC, HAS_DOCS,
+                               HAS_WINDOW)
 
     # Rows that saw no key: l = 0, acc = 0 -> out 0, lse -inf.
     seen = l_i > 0.0
@@ -260,13 +304,14 @@ def _bwd_preprocess_kernel(
 @triton.jit
 def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, Delta, stride_qs, stride_qd, stride_dos, stride_dod, stride_ls,
                     offs_n, offs_d, lo, hi, seqlen_q, causal_shift, qk_scale, k_len,
-                    Q_DOC, K_DOC, seqlen_k,
+                    Q_DOC, K_DOC, seqlen_k, win_left, win_right,
                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                     MASKED: tl.constexpr, EVEN_M: tl.constexpr, DOT_PREC: tl.constexpr,
-                    HAS_KLENS: tl.constexpr, HAS_DOCS: tl.constexpr = False):
+                    HAS_KLENS: tl.constexpr, HAS_DOCS: tl.constexpr, IS_CAUSAL: tl.constexpr,
+                    HAS_WINDOW: tl.constexpr):
     """Accumulate dK (unscaled) and dV of one key tile over query tiles [lo, hi). Works on the
-    transposed scores (keys x queries) so the key tile stays in registers. HAS_DOCS: pairs whose
-    documents (Q_DOC per query, K_DOC per key) differ are masked."""
+    transposed scores (keys x queries) so the key tile stays in registers. MASKED: apply the causal
+    and window masks. HAS_DOCS: pairs whose documents (Q_DOC per query, K_DOC per key) differ are masked."""
     for start_m in range(lo, hi, BLOCK_M):
         start_m = tl.multiple_of(start_m, BLOCK_M)
         offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -278,7 +323,11 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, Delta, stride_qs, stride_qd, strid
         # P^T from the saved (final, merged) LSE: no running max, no attention matrix in memory.
         pT = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale - lse2[None, :])
         if MASKED:
-            pT = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_shift, pT, 0.0)
+            if IS_CAUSAL:
+                pT = tl.where(offs_n[:, None] <= offs_m[None, :] + causal_shift, pT, 0.0)
+            if HAS_WINDOW:  # keys x queries: qpos - kpos per pair
+                dist = offs_m[None, :] + causal_shift - offs_n[:, None]
+                pT = tl.where((dist <= win_left) & (dist >= -win_right), pT, 0.0)
         if HAS_KLENS:  # the tile straddles this batch element's key length
             pT = tl.where(offs_n[:, None] < k_len, pT, 0.0)
         if HAS_DOCS:  # ids reloaded per tile (cached) rather than held: dK/dV own the registers
@@ -307,9 +356,11 @@ def _flash_bwd_dkdv_kernel(
     stride_dkb, stride_dks, stride_dkh, stride_dkd,
     stride_dvb, stride_dvs, stride_dvh, stride_dvd,
     heads_q, heads_kv, group, seqlen_q, seqlen_k, q_offset, k_offset, sm_scale, K_LENS, Q_DOC, K_DOC,
+    win_left, win_right,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, ACCUMULATE: tl.constexpr,
     DOT_PREC: tl.constexpr, HAS_KLENS: tl.constexpr = False, HAS_DOCS: tl.constexpr = False,
+    HAS_WINDOW: tl.constexpr = False,
 ):
     """Grid (cdiv(Sk, BLOCK_N), B * Hkv). GQA: the program loops over the query heads of its group and
     keeps dK/dV in registers, so each kv-head gradient is written once: no atomics, deterministic, and
@@ -355,7 +406,19 @@ def _flash_bwd_dkdv_kernel(
         q_hi = tl.minimum(q_hi, m_hi)
         lo = tl.minimum(tl.maximum(lo, m_lo // BLOCK_M * BLOCK_M), q_hi)
         full_lo = tl.minimum(tl.maximum(full_lo, lo), q_hi)
-    # Out-of-range keys (tail tile) load as zeros and are never stored, so only the causal mask is needed.
+    # Query loops: masked [lo, full_lo), unmasked [full_lo, full_hi), masked [full_hi, q_hi) (the window's
+    # far edge; empty without a window).
+    full_hi = q_hi
+    if HAS_WINDOW:
+        first = start_n * BLOCK_N - causal_shift  # query index at the first key's own position
+        last = first + BLOCK_N - 1
+        # Queries [first - right, last + left] see some key of the tile; [last - right, first + left] all.
+        q_hi = tl.minimum(q_hi, tl.maximum(last + win_left + 1, 0))
+        lo = tl.minimum(tl.maximum(lo, tl.maximum(first - win_right, 0) // BLOCK_M * BLOCK_M), q_hi)
+        w_full_lo = (tl.maximum(last - win_right, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+        full_lo = tl.minimum(tl.maximum(tl.maximum(full_lo, w_full_lo), lo), q_hi)
+        full_hi = tl.maximum(tl.minimum(tl.maximum(first + win_left + 1, 0) // BLOCK_M * BLOCK_M, q_hi), full_lo)
+    # Out-of-range keys (tail tile) load as zeros and are never stored, so only the causal/window masks are needed.
     for g in range(0, group):
         h = kvh * group + g
         Qh = Q + b * stride_qb + h * stride_qh
@@ -364,12 +427,20 @@ def _flash_bwd_dkdv_kernel(
         Dh = Delta + (b * heads_q + h) * seqlen_q
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, Dh, stride_qs, stride_qd, stride_dos, stride_dod,
                                  stride_ls, offs_n, offs_d, lo, full_lo, seqlen_q, causal_shift, qk_scale, k_len,
-                                 Q_DOC, K_DOC, seqlen_k,
-                                 HEAD_DIM, BLOCK_M, BLOCK_D, True, EVEN_M, DOT_PREC, HAS_KLENS, HAS_DOCS)
+                                 Q_DOC, K_DOC, seqlen_k, win_left, win_right,
+                                 HEAD_DIM, BLOCK_M, BLOCK_D, True, EVEN_M, DOT_PREC, HAS_KLENS, HAS_DOCS,
+                                 IS_CAUSAL, HAS_WINDOW)
         dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, Dh, stride_qs, stride_qd, stride_dos, stride_dod,
-                                 stride_ls, offs_n, offs_d, full_lo, q_hi, seqlen_q, causal_shift, qk_scale, k_len,
-                                 Q_DOC, K_DOC, seqlen_k,
-                                 HEAD_DIM, BLOCK_M, BLOCK_D, False, EVEN_M, DOT_PREC, HAS_KLENS, HAS_DOCS)
+                                 stride_ls, offs_n, offs_d, full_lo, full_hi, seqlen_q, causal_shift, qk_scale,
+                                 k_len, Q_DOC, K_DOC, seqlen_k, win_left, win_right,
+                                 HEAD_DIM, BLOCK_M, BLOCK_D, False, EVEN_M, DOT_PREC, HAS_KLENS, HAS_DOCS,
+                                 IS_CAUSAL, HAS_WINDOW)
+        if HAS_WINDOW:
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, Dh, stride_qs, stride_qd, stride_dos,
+                                     stride_dod, stride_ls, offs_n, offs_d, full_hi, q_hi, seqlen_q, causal_shift,
+                                     qk_scale, k_len, Q_DOC, K_DOC, seqlen_k, win_left, win_right,
+                                     HEAD_DIM, BLOCK_M, BLOCK_D, True, EVEN_M, DOT_PREC, HAS_KLENS, HAS_DOCS,
+                                     IS_CAUSAL, HAS_WINDOW)
     _store_rows(DK + b * stride_dkb + kvh * stride_dkh + offs_n[:, None] * stride_dks
                 + offs_d[None, :] * stride_dkd,
                 dk * sm_scale, offs_n, seqlen_k, offs_d, HEAD_DIM, ACCUMULATE)
@@ -383,10 +454,10 @@ def _flash_bwd_dkdv_kernel(
 # ----------------------------------------------------------------------------------------------
 @triton.jit
 def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
-                  offs_m, offs_d, lo, hi, seqlen_k, causal_shift, qk_scale, K_DOC, q_doc,
+                  offs_m, offs_d, lo, hi, seqlen_k, causal_shift, qk_scale, K_DOC, q_doc, win_left, win_right,
                   HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                   MASKED: tl.constexpr, IS_CAUSAL: tl.constexpr, EVEN_N: tl.constexpr, DOT_PREC: tl.constexpr,
-                  HAS_DOCS: tl.constexpr):
+                  HAS_DOCS: tl.constexpr, HAS_WINDOW: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -399,6 +470,8 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_ks, stride_kd, stride_vs,
             keep = offs_n[None, :] < seqlen_k
             if IS_CAUSAL:
                 keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_shift)
+            if HAS_WINDOW:
+                keep = _window_keep(keep, offs_m, offs_n, causal_shift, win_left, win_right)
             p = tl.where(keep, p, 0.0)
         if HAS_DOCS:
             k_doc = tl.load(K_DOC + offs_n, mask=offs_n < seqlen_k, other=-2)
@@ -418,10 +491,11 @@ def _flash_bwd_dq_kernel(
     stride_dob, stride_dos, stride_doh, stride_dod,
     stride_lb, stride_lh, stride_ls,
     stride_dqb, stride_dqs, stride_dqh, stride_dqd,
-    heads_q, group, seqlen_q, seqlen_k, q_offset, k_offset, sm_scale, K_LENS, Q_DOC, K_DOC,
+    heads_q, group, seqlen_q, seqlen_k, q_offset, k_offset, sm_scale, K_LENS, Q_DOC, K_DOC, win_left, win_right,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, ACCUMULATE: tl.constexpr,
     DOT_PREC: tl.constexpr, HAS_KLENS: tl.constexpr = False, HAS_DOCS: tl.constexpr = False,
+    HAS_WINDOW: tl.constexpr = False,
 ):
     """Grid (cdiv(Sq, BLOCK_M), B * Hq). A separate kernel (rather than atomics from the dK/dV program)
     keeps dQ deterministic and lets both kernels hold their accumulator in registers."""
@@ -453,12 +527,21 @@ def _flash_bwd_dq_kernel(
     full_hi, hi = _key_range(start_m, seqlen_k, causal_shift, BLOCK_M, BLOCK_N, IS_CAUSAL)
     q_doc, lo, full_hi, hi = _query_docs(Q_DOC, K_DOC, start_m, offs_m, seqlen_q, seqlen_k, full_hi, hi,
                                          BLOCK_M, BLOCK_N, HAS_DOCS)
+    lo, mid, full_hi, hi = _window_keys(start_m, lo, full_hi, hi, causal_shift, win_left, win_right,
+                                        BLOCK_M, BLOCK_N, HAS_WINDOW)
+    if HAS_WINDOW:
+        dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
+                           offs_m, offs_d, lo, mid, seqlen_k, causal_shift, qk_scale, K_DOC, q_doc,
+                           win_left, win_right,
+                           HEAD_DIM, BLOCK_N, BLOCK_D, True, IS_CAUSAL, EVEN_N, DOT_PREC, HAS_DOCS, HAS_WINDOW)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
-                       offs_m, offs_d, lo, full_hi, seqlen_k, causal_shift, qk_scale, K_DOC, q_doc,
-                       HEAD_DIM, BLOCK_N, BLOCK_D, False, IS_CAUSAL, EVEN_N, DOT_PREC, HAS_DOCS)
+                       offs_m, offs_d, mid, full_hi, seqlen_k, causal_shift, qk_scale, K_DOC, q_doc,
+                       win_left, win_right,
+                       HEAD_DIM, BLOCK_N, BLOCK_D, False, IS_CAUSAL, EVEN_N, DOT_PREC, HAS_DOCS, HAS_WINDOW)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd,
                        offs_m, offs_d, full_hi, hi, seqlen_k, causal_shift, qk_scale, K_DOC, q_doc,
-                       HEAD_DIM, BLOCK_N, BLOCK_D, True, IS_CAUSAL, EVEN_N, DOT_PREC, HAS_DOCS)
+                       win_left, win_right,
+                       HEAD_DIM, BLOCK_N, BLOCK_D, True, IS_CAUSAL, EVEN_N, DOT_PREC, HAS_DOCS, HAS_WINDOW)
     _store_rows(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
                 dq * sm_scale, offs_m, seqlen_q, offs_d, HEAD_DIM, ACCUMULATE)
 
@@ -515,6 +598,14 @@ _DOCS_CONFIGS: Dict[Tuple[str, int, int, bool], TileConfig] = {
     ("dq", 80, 64, True): T(32, 16, 8, 1),
     ("dq", 90, 64, True): T(32, 16, 8, 1),
 }
+# Sliding-window specializations (HAS_WINDOW) likewise, where the window's masks made the shipped config spill
+# (bench/kernel_report.py --kinds fwd_window dkdv_window dq_window; checked: head_dim 64/128, fp16/fp32).
+_WINDOW_CONFIGS: Dict[Tuple[str, int, int, bool], TileConfig] = {
+    ("fwd", 80, 128, False): T(128, 32, 8, 3),
+    ("fwd", 90, 128, False): T(128, 32, 8, 3),
+    ("dkdv", 80, 64, False): T(16, 128, 8, 3),
+    ("dkdv", 90, 128, True): T(16, 32, 8, 1),
+}
 del T
 
 
@@ -538,19 +629,22 @@ def arch_key(capability: Tuple[int, int]) -> int:
     return 90 if capability[0] >= 9 else 80
 
 
-def tile_config(kind: str, arch: int, head_dim: int, dtype: torch.dtype, docs: bool = False) -> TileConfig:
+def tile_config(kind: str, arch: int, head_dim: int, dtype: torch.dtype, docs: bool = False,
+                window: bool = False) -> TileConfig:
     """The shipped config of kernel ``kind`` ("fwd", "dkdv", "dq") for ``arch`` (80 or 90); ``docs``: of
-    its packed-document specialization."""
+    its packed-document specialization; ``window``: of its sliding-window one (documents win a tie)."""
     bd, fp32 = block_d_for(head_dim), dtype == torch.float32
     if docs and (kind, arch, bd, fp32) in _DOCS_CONFIGS:
         return _DOCS_CONFIGS[(kind, arch, bd, fp32)]
+    if window and (kind, arch, bd, fp32) in _WINDOW_CONFIGS:
+        return _WINDOW_CONFIGS[(kind, arch, bd, fp32)]
     return (_FP32_CONFIGS if fp32 else _CONFIGS)[kind][bd][ARCHS.index(arch)]
 
 
-def _config(kind: str, t: Tensor, head_dim: int, docs: bool = False) -> TileConfig:
+def _config(kind: str, t: Tensor, head_dim: int, docs: bool = False, window: bool = False) -> TileConfig:
     if t.device.type != "cuda":  # CPU tensors only run under TRITON_INTERPRET=1
         return INTERPRET_CONFIG
-    return tile_config(kind, arch_key(torch.cuda.get_device_capability(t.device)), head_dim, t.dtype, docs)
+    return tile_config(kind, arch_key(torch.cuda.get_device_capability(t.device)), head_dim, t.dtype, docs, window)
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -615,10 +709,26 @@ def _check_docs(q_doc: Optional[Tensor], k_doc: Optional[Tensor], q: Tensor,
     return q_doc.to(torch.int32).contiguous(), k_doc.to(torch.int32).contiguous()
 
 
+def _window_args(window: Optional[Tuple[int, int]], sq: int, sk: int, shift: int) -> Tuple[bool, int, int]:
+    """(has_window, left, right) kernel arguments for ``window=(left, right)`` (-1 or any negative side:
+    unbounded). An unbounded side becomes a distance no pair of this block reaches, so the kernels need
+    one code path; (-1, -1) and None are no window at all (HAS_WINDOW=False: not even compiled in)."""
+    if window is None:
+        return False, 0, 0
+    if len(window) != 2 or not all(isinstance(w, int) and not isinstance(w, bool) for w in window):
+        raise ValueError(f"flash_attn: window must be a pair of ints (left, right), -1 = unbounded; got {window!r}")
+    left, right = window
+    if left < 0 and right < 0:
+        return False, 0, 0
+    far = sq + sk + abs(shift) + 1  # > |qpos - kpos| for every pair of this block
+    return True, (left if left >= 0 else far), (right if right >= 0 else far)
+
+
 def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: Optional[float] = None,
                    q_offset: int = 0, k_offset: int = 0,
                    config: Optional[TileConfig] = None, k_lens: Optional[Tensor] = None,
-                   q_doc: Optional[Tensor] = None, k_doc: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                   q_doc: Optional[Tensor] = None, k_doc: Optional[Tensor] = None,
+                   window: Optional[Tuple[int, int]] = None) -> Tuple[Tensor, Tensor]:
     """Attention forward with LSE.
 
     q: (B, Sq, Hq, D); k, v: (B, Sk, Hkv, D), Hq % Hkv == 0, any strides, fp16/bf16/fp32, D <= 256.
@@ -626,6 +736,8 @@ def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale:
     k_lens: optional int32 (B,): keys j >= k_lens[b] are invisible to batch element b.
     q_doc (Sq,), k_doc (Sk,): optional non-decreasing int32 document ids shared by every batch element:
     key j is visible to query i only if q_doc[i] == k_doc[j].
+    window: optional (left, right), -1 = unbounded: key j is visible to query i only if
+    ``-right <= (q_offset + i) - (k_offset + j) <= left`` (and the rules above).
     Returns out (B, Sq, Hq, D) in q's dtype and lse (B, Hq, Sq) fp32 natural log (-inf: row saw no key).
     """
     _check(q, k, v)
@@ -642,15 +754,17 @@ def flash_attn_fwd(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale:
         return out, lse
     if Sk == 0:
         return out.zero_(), lse.fill_(float("-inf"))
-    cfg = config or _config("fwd", q, D, q_doc is not None)
+    has_win, win_left, win_right = _window_args(window, Sq, Sk, int(q_offset) - int(k_offset))
+    cfg = config or _config("fwd", q, D, q_doc is not None, has_win)
     grid = (triton.cdiv(Sq, cfg.block_m), B * Hq)
     _flash_fwd_kernel[grid](
         q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
         Hq, Hq // Hkv, Sq, Sk, int(q_offset), int(k_offset), scale, lse if k_lens is None else k_lens,
         lse if q_doc is None else q_doc, lse if k_doc is None else k_doc,  # any pointer when unused
+        win_left, win_right,
         HEAD_DIM=D, BLOCK_D=block_d_for(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, IS_CAUSAL=bool(causal),
         EVEN_M=Sq % cfg.block_m == 0, EVEN_N=Sk % cfg.block_n == 0, DOT_PREC=dot_precision(q.dtype),
-        HAS_KLENS=k_lens is not None, HAS_DOCS=q_doc is not None, num_warps=cfg.num_warps,
+        HAS_KLENS=k_lens is not None, HAS_DOCS=q_doc is not None, HAS_WINDOW=has_win, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages)
     return out, lse
 
@@ -674,14 +788,16 @@ def flash_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
                    dq: Optional[Tensor] = None, dk: Optional[Tensor] = None, dv: Optional[Tensor] = None,
                    config: Optional[Tuple[TileConfig, TileConfig]] = None,
                    k_lens: Optional[Tensor] = None, q_doc: Optional[Tensor] = None,
-                   k_doc: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                   k_doc: Optional[Tensor] = None,
+                   window: Optional[Tuple[int, int]] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Attention backward of one (query block, key block) pair from the rows' final out and lse.
 
     dout, out: (B, Sq, Hq, D), any float dtype; lse: (B, Hq, Sq) fp32 natural log. q/k/v as in
     :func:`flash_attn_fwd`. If dq / dk, dv are given (any float dtype, any strides; fp32 in a ring) the
     block's gradients are added into them in place; otherwise new tensors in q/k/v's dtype are returned.
     ``config``: optional (dkdv, dq) tile configs. ``k_lens``: as in :func:`flash_attn_fwd`; keys past it get
-    dk = dv = 0 (added as nothing into accumulators). ``q_doc`` / ``k_doc``: as in :func:`flash_attn_fwd`.
+    dk = dv = 0 (added as nothing into accumulators). ``q_doc`` / ``k_doc``, ``window``: as in
+    :func:`flash_attn_fwd` (query tiles outside a key tile's window are skipped).
     """
     _check(q, k, v)
     k_lens = _check_k_lens(k_lens, q)
@@ -711,21 +827,23 @@ def flash_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
     bd = block_d_for(D)
     delta = flash_attn_bwd_preprocess(out, dout)
     docs = q_doc is not None
-    cfg_kv, cfg_q = config or (_config("dkdv", q, D, docs), _config("dq", q, D, docs))
+    has_win, win_left, win_right = _window_args(window, Sq, Sk, int(q_offset) - int(k_offset))
+    cfg_kv, cfg_q = config or (_config("dkdv", q, D, docs, has_win), _config("dq", q, D, docs, has_win))
     common = dict(HEAD_DIM=D, BLOCK_D=bd, IS_CAUSAL=bool(causal), DOT_PREC=dot_precision(q.dtype),
-                  HAS_KLENS=k_lens is not None, HAS_DOCS=q_doc is not None)
+                  HAS_KLENS=k_lens is not None, HAS_DOCS=q_doc is not None, HAS_WINDOW=has_win)
     lens_arg = delta if k_lens is None else k_lens  # any pointer when unused
     doc_args = (delta, delta) if q_doc is None else (q_doc, k_doc)
     _flash_bwd_dkdv_kernel[(triton.cdiv(Sk, cfg_kv.block_n), B * Hkv)](
         q, k, v, dout, lse, delta, dk, dv, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(),
         *dk.stride(), *dv.stride(), Hq, Hkv, Hq // Hkv, Sq, Sk, int(q_offset), int(k_offset), scale, lens_arg,
-        *doc_args,
+        *doc_args, win_left, win_right,
         BLOCK_M=cfg_kv.block_m, BLOCK_N=cfg_kv.block_n, EVEN_M=Sq % cfg_kv.block_m == 0,
         EVEN_N=Sk % cfg_kv.block_n == 0, ACCUMULATE=acc_kv, num_warps=cfg_kv.num_warps,
         num_stages=cfg_kv.num_stages, **common)
     _flash_bwd_dq_kernel[(triton.cdiv(Sq, cfg_q.block_m), B * Hq)](
         q, k, v, dout, lse, delta, dq, *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *lse.stride(),
         *dq.stride(), Hq, Hq // Hkv, Sq, Sk, int(q_offset), int(k_offset), scale, lens_arg, *doc_args,
+        win_left, win_right,
         BLOCK_M=cfg_q.block_m, BLOCK_N=cfg_q.block_n, EVEN_M=Sq % cfg_q.block_m == 0,
         EVEN_N=Sk % cfg_q.block_n == 0, ACCUMULATE=acc_q, num_warps=cfg_q.num_warps,
         num_stages=cfg_q.num_stages, **common)
@@ -737,10 +855,10 @@ def flash_attn_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, l
 # ----------------------------------------------------------------------------------------------
 def _scores_ref(q: Tensor, k: Tensor, causal: bool, scale: float, q_offset: int, k_offset: int,
                 cd: torch.dtype, k_lens: Optional[Tensor] = None, q_doc: Optional[Tensor] = None,
-                k_doc: Optional[Tensor] = None) -> Tensor:
+                k_doc: Optional[Tensor] = None, window: Optional[Tuple[int, int]] = None) -> Tensor:
     """Masked scaled scores (B, Hq, Sq, Sk) in dtype ``cd``; kv heads indexed h // group; keys
     j >= k_lens[b] masked when k_lens (B,) is given; pairs with q_doc[i] != k_doc[j] masked when the
-    document ids (Sq,), (Sk,) are given."""
+    document ids (Sq,), (Sk,) are given; pairs outside ``window=(left, right)`` (global positions) masked."""
     group = q.shape[2] // k.shape[2]
     qf = q.to(cd).transpose(1, 2)
     kf = k.to(cd).repeat_interleave(group, dim=2).transpose(1, 2)
@@ -755,16 +873,24 @@ def _scores_ref(q: Tensor, k: Tensor, causal: bool, scale: float, q_offset: int,
                           float("-inf"))
     if q_doc is not None:
         s = s.masked_fill(q_doc.to(q.device)[:, None] != k_doc.to(q.device)[None, :], float("-inf"))
+    if window is not None:
+        dist = (torch.arange(q.shape[1], device=q.device)[:, None] + q_offset
+                - torch.arange(k.shape[1], device=q.device)[None, :] - k_offset)  # qpos - kpos
+        if window[0] >= 0:
+            s = s.masked_fill(dist > window[0], float("-inf"))
+        if window[1] >= 0:
+            s = s.masked_fill(-dist > window[1], float("-inf"))
     return s
 
 
 def flash_attn_fwd_ref(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: Optional[float] = None,
                        q_offset: int = 0, k_offset: int = 0,
                        compute_dtype: torch.dtype = torch.float32, k_lens: Optional[Tensor] = None,
-                       q_doc: Optional[Tensor] = None, k_doc: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                       q_doc: Optional[Tensor] = None, k_doc: Optional[Tensor] = None,
+                       window: Optional[Tuple[int, int]] = None) -> Tuple[Tensor, Tensor]:
     """Reference of :func:`flash_attn_fwd` (materializes the scores). Returns out in q's dtype, lse fp32."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = _scores_ref(q, k, causal, scale, q_offset, k_offset, compute_dtype, k_lens, q_doc, k_doc)
+    s = _scores_ref(q, k, causal, scale, q_offset, k_offset, compute_dtype, k_lens, q_doc, k_doc, window)
     lse = torch.logsumexp(s, dim=-1)
     p = torch.exp(s - lse.nan_to_num(neginf=0.0).unsqueeze(-1))  # -inf rows: p = 0
     vf = v.to(compute_dtype).repeat_interleave(q.shape[2] // k.shape[2], dim=2).transpose(1, 2)
@@ -779,14 +905,14 @@ def flash_attn_bwd_preprocess_ref(out: Tensor, dout: Tensor) -> Tensor:
 def flash_attn_bwd_ref(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                        causal: bool = False, scale: Optional[float] = None, q_offset: int = 0, k_offset: int = 0,
                        compute_dtype: torch.dtype = torch.float32, k_lens: Optional[Tensor] = None,
-                       q_doc: Optional[Tensor] = None,
-                       k_doc: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                       q_doc: Optional[Tensor] = None, k_doc: Optional[Tensor] = None,
+                       window: Optional[Tuple[int, int]] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Reference of :func:`flash_attn_bwd` from the given lse (not recomputed). Returns fp grads in
     ``compute_dtype``: dq (B, Sq, Hq, D), dk/dv (B, Sk, Hkv, D) summed over each query group."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     cd = compute_dtype
     hkv, group = k.shape[2], q.shape[2] // k.shape[2]
-    s = _scores_ref(q, k, causal, scale, q_offset, k_offset, cd, k_lens, q_doc, k_doc)
+    s = _scores_ref(q, k, causal, scale, q_offset, k_offset, cd, k_lens, q_doc, k_doc, window)
     lse_c = lse.to(cd).unsqueeze(-1)
     p = torch.exp(s - torch.where(torch.isinf(lse_c), torch.full_like(lse_c, math.inf), lse_c))
     do = dout.to(cd).transpose(1, 2)

@@ -8,6 +8,7 @@ validates into an ``AttnCall`` (``spattn.call``) and runs the hybrid strategy (`
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple, Union
 
 import torch
@@ -77,6 +78,38 @@ def _compact_joint(mask: Optional[Tensor], jk: Tensor, jv: Tensor):
     return jk[:, :n], jv[:, :n], mask.sum(1, dtype=torch.int32)
 
 
+def _autocast_dtype(q) -> Optional[torch.dtype]:
+    """The autocast dtype in force for q's device type, or None (no autocast, or a device without it)."""
+    if not isinstance(q, Tensor):
+        return None
+    try:
+        if not torch.is_autocast_enabled(q.device.type):
+            return None
+        return torch.get_autocast_dtype(q.device.type)
+    except RuntimeError:  # a device type autocast does not know
+        return None
+
+
+def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """Autocast's cast for a lower-precision op: floating tensors but fp64 go to ``dtype``."""
+    if t is None or not isinstance(t, Tensor) or not t.is_floating_point() or t.dtype in (torch.float64, dtype):
+        return t
+    return t.to(dtype)
+
+
+def _check_window_mask(mask: Tensor, window) -> None:
+    """A window over joint positions needs each text key at its own position: a right-padded mask
+    keeps them there (its keys are a prefix); a mask with holes would move them (compaction)."""
+    if window in ((-1, -1), None) or not isinstance(window, tuple):
+        return
+    if torch.compiler.is_compiling():
+        raise ValueError("spattn.attention: window_size with a joint_mask is not supported under torch.compile "
+                         "(the mask's shape cannot be read while tracing); run the call eagerly")
+    if not _mask_summary(mask)[0]:
+        raise ValueError("spattn.attention: window_size with a joint_mask that has holes is not supported (text "
+                         "keys are compacted, which moves their positions); use a right-padded mask")
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = False,
               softmax_scale: Optional[float] = None, return_lse: bool = False, backend: str = "auto",
               seq_len: Optional[int] = None, layout: str = "contiguous",
@@ -86,6 +119,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
               joint_mask: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
               ring_impl: str = "auto", ulysses_chunks: Optional[int] = None,
               allgather_bytes: Optional[int] = None, check: Optional[int] = None,
+              window_size: Tuple[int, int] = (-1, -1),
               ) -> Union[Tensor, Tuple[Tensor, ...]]:
     """Sequence-parallel attention on this rank's shards; equals attention over the full sequence.
 
@@ -128,6 +162,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
             (default ``$SPATTN_ALLGATHER_BYTES`` or 256 MiB).
         check: the cross-rank argument check for this call: 0 off, 1 signature, 2 also the joint
             tensors' contents (default: the mesh's, ``init_mesh(check=...)``, else ``$SPATTN_CHECK`` or 1).
+        window_size: sliding window ``(left, right)``, flash-attn's convention (-1 = unbounded): the
+            token at global position i attends to the one at j only if ``-right <= i - j <= left``
+            (with ``causal`` the right side is moot: ``(w - 1, 0)`` is a Mistral-style window of w
+            tokens). Positions are in the global sequence order; with joint tokens, in the joint
+            order of ``joint_strategy`` ([text, image] or [image, text]). Exact in every mode, layout,
+            with documents and joint tokens; (query, key) blocks wholly outside the window are
+            skipped. A ``joint_mask`` with holes (not right-padded) cannot be combined with it.
+
+    Mixed precision: under ``torch.autocast`` q/k/v and the joint tensors (fp32/fp16/bf16) are cast
+    to the autocast dtype and the outputs are in it, as SDPA does (fp64 is left alone); gradients
+    flow back to the inputs in their own dtypes.
 
     Returns:
         ``out`` (batch, seq_local, heads_q, head_dim), then ``joint_out`` (batch, text_len, heads_q,
@@ -135,10 +180,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
         seq_local; fp32, natural log, -inf on padded rows) and ``joint_lse`` (batch, heads_q,
         text_len) if ``return_lse``. LSEs carry no gradient.
     """
+    window_size = tuple(window_size) if isinstance(window_size, (list, tuple)) else window_size
     opts = op.options_id(causal=causal, softmax_scale=softmax_scale, return_lse=return_lse, backend=backend,
                          layout=layout, joint_strategy=joint_strategy, ring_engine=ring_engine,
                          ring_impl=ring_impl, ulysses_chunks=ulysses_chunks, allgather_bytes=allgather_bytes,
-                         check=check)  # (1) a new option is passed here
+                         check=check, window_size=window_size)  # (1) a new option is passed here
     if seq_len is not None and (not isinstance(seq_len, (int, torch.SymInt)) or isinstance(seq_len, bool) or seq_len < 1):
         raise ValueError(f"spattn.attention: seq_len must be a positive int, got {seq_len!r}")
     # Anything that cannot even be an op argument gets its clear error here (the rest: in the op).
@@ -150,6 +196,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
     if cu_seqlens is not None and not isinstance(cu_seqlens, Tensor):
         raise TypeError(f"spattn.attention: cu_seqlens must be an int32/int64 torch.Tensor of document "
                         f"boundaries, got {type(cu_seqlens).__name__}")
+    autocast = _autocast_dtype(q)
+    if autocast is not None:  # SDPA's autocast rule: every fp32/fp16/bf16 input in the autocast dtype
+        q, k, v, joint_q, joint_k, joint_v = (_cast(t, autocast) for t in (q, k, v, joint_q, joint_k, joint_v))
     joint = (joint_q, joint_k, joint_v)
     jlens = None
     if any(t is not None for t in joint):
@@ -160,9 +209,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mesh: SPMesh, *, causal: bool = F
             raise ValueError("spattn.attention: joint_q and joint_k must have the same text length")
         check_joint_mask(joint_mask, True, q, joint_q.shape[1] if isinstance(joint_q, Tensor) and joint_q.dim() else 0)
         if joint_mask is not None:  # real keys first; eager cuts to the longest prompt, tracing keeps them all
+            _check_window_mask(joint_mask, window_size)
             joint_k, joint_v, jlens = _compact_joint(joint_mask, joint_k, joint_v)
     else:
         check_joint_mask(joint_mask, False, q, 0)
-    res = op.run(Inputs(q, k, v, joint_q, joint_k, joint_v, jlens, cu_seqlens), mesh, opts, seq_len)
+    # Under autocast, every op inside runs in the dtypes chosen here (no autocast of the kernels' own math).
+    with torch.autocast(q.device.type, enabled=False) if autocast is not None else contextlib.nullcontext():
+        res = op.run(Inputs(q, k, v, joint_q, joint_k, joint_v, jlens, cu_seqlens), mesh, opts, seq_len)
     n = (2 if joint_q is not None else 1) * (2 if return_lse else 1)
     return res[0] if n == 1 else tuple(res[:n])

@@ -9,7 +9,9 @@ Adding an option touches three places: (1) ``attention``'s signature and its ``O
 line, (2) a field of ``Options`` (+ its check in ``build_call``, + a field of ``AttnCall`` when it
 is resolved there), (3) the code that uses it. ``check.signature`` reads ``AttnCall`` fields by
 name, so an option that must agree across ranks adds one entry there too (``check.FIELDS``).
-The next one, ``window_size``, goes where the ``# window_size:`` markers are.
+``window_size`` is the example: ``Options.window_size`` (as given), ``_check_window`` (checked and
+normalized into ``AttnCall.window``), the plan (``parallel.blocks.RingSetup.window``) and one field of
+the cross-rank check.
 """
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ class Options:
     ulysses_chunks: Optional[int] = None
     allgather_bytes: Optional[int] = None
     check: Optional[int] = None
-    # window_size: Tuple[int, int] = (-1, -1)   <- (2) the next option's field goes here
+    window_size: Tuple[int, int] = (-1, -1)  # sliding window (left, right), -1 = unbounded
 
 
 class Inputs(NamedTuple):
@@ -93,7 +95,7 @@ class AttnCall:
     joint_kv_shape: Optional[Shape] = None  # after compaction by the mask
     joint_masked: bool = False          # per-batch joint key lengths (jlens) apply
     docs: Optional[Tuple[int, ...]] = None
-    # window_size: Tuple[int, int] = (-1, -1)   <- resolved here if build_call normalizes it
+    window: Tuple[int, int] = (-1, -1)  # normalized window_size ((-1, -1): none; causal: right = -1)
     mesh: SPMesh = field(default=None, compare=False, repr=False)   # the plan cache lives on it
     kernel: object = field(default=None, compare=False, repr=False)  # the resolved backend
 
@@ -249,6 +251,24 @@ def _check_scale_and_backend(x: Inputs, o: Options):
     return be, scale
 
 
+def _check_window(o: Options, be) -> Tuple[int, int]:
+    """window_size checked and normalized: (-1, -1) when it restricts nothing; under causal the right
+    side restricts nothing either (keys after the query are masked anyway), so it becomes -1."""
+    w = o.window_size
+    if not (isinstance(w, tuple) and len(w) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in w)
+            and min(w) >= -1):
+        raise _err(f"window_size must be a pair of ints (left, right), each >= 0 or -1 for unbounded "
+                   f"(flash-attn's convention: key j is seen by query i iff -right <= i - j <= left), got {w!r}")
+    if o.causal:
+        w = (w[0], -1)
+    if w == (-1, -1):
+        return w
+    if not getattr(be, "supports_window", False):
+        raise _err(f"backend {getattr(be, 'name', be)!r} takes no sliding window; use backend='torch', 'triton' or "
+                   f"'reference' with window_size")
+    return w
+
+
 def _resolved_knobs(o: Options, mesh: SPMesh) -> Tuple[int, int, int]:
     """(ulysses_chunks, allgather_bytes, check): the argument, else the mesh's, else the environment's."""
     env = config.settings()
@@ -282,7 +302,7 @@ def build_call(x: Inputs, mesh: SPMesh, o: Options, grad_mask: Optional[int] = N
         raise _err("joint key lengths must be int32 (batch,) and come with joint tensors")
     docs = _check_varlen(x, o, geo)
     be, scale = _check_scale_and_backend(x, o)
-    # window_size: (2) its check goes here, e.g. _check_window(o.window_size, o.causal)
+    window = _check_window(o, be)
     chunks, budget, mode = _resolved_knobs(o, mesh)
     engine = o.ring_engine or config.settings().ring_engine
     if o.layout == "balanced":  # the chunk assignment depends on the documents and the mesh shape
@@ -293,4 +313,4 @@ def build_call(x: Inputs, mesh: SPMesh, o: Options, grad_mask: Optional[int] = N
         device=x.q.device, geo=geo, scale=scale, ring_engine=engine, ulysses_chunks=chunks,
         allgather_bytes=budget, check=mode, requires_grad=rg,
         joint_q_shape=tuple(x.jq.shape) if x.joint else None, joint_kv_shape=tuple(x.jk.shape) if x.joint else None,
-        joint_masked=x.jlens is not None, docs=docs, mesh=mesh, kernel=be)
+        joint_masked=x.jlens is not None, docs=docs, window=window, mesh=mesh, kernel=be)

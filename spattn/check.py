@@ -68,6 +68,7 @@ FIELDS: Tuple[str, ...] = (
     "joint_kv_len",         # joint keys after the mask's compaction (-1: no joint tensors)
     "documents",            # cu_seqlens: -1 absent; else a hash of the boundaries (read on the host)
     "ring_impl",
+    "window_left", "window_right",  # window_size, normalized (-1: unbounded)
     "joint_digest",         # SPATTN_CHECK=2 only: digest of the joint tensors' contents (else 0)
 )
 N_FIELDS = len(FIELDS)
@@ -163,7 +164,7 @@ def signature(call, x) -> Tensor:
         "documents": zlib.crc32(repr(tuple(call.docs)).encode()) if call.docs is not None else -1,
         "ring_impl": _enum("ring_impl", o.ring_impl),
         "joint_digest": _digest(jt + (x.jlens,)) if call.check >= 2 and jt else 0,
-        # window_size: (3) one entry here (and in FIELDS) if ranks must agree on it
+        "window_left": call.window[0], "window_right": call.window[1],
     }
     return torch.tensor([int(sig[f]) for f in FIELDS], dtype=torch.int64)
 

@@ -572,3 +572,172 @@ def test_triton_backend_takes_docs(tb):
         torch.testing.assert_close(r, 1 + w, atol=1e-4, rtol=1e-4)
     torch.library.opcheck(torch.ops.spattn.flash_fwd.default, (q, k, v, True, 0.25, 0, 0, None, d, d))
     torch.library.opcheck(torch.ops.spattn.flash_bwd.default, (dout, q, k, v, out, lse, True, 0.25, 0, 0, None, d, d))
+
+
+# ----------------------------------------------------------------------------------------------
+# sliding windows: window=(left, right) over global positions (flash-attn's convention, -1 = unbounded)
+# ----------------------------------------------------------------------------------------------
+def _win_visible(sq, sk, causal, window, q_off, k_off):
+    """bool (Sq, Sk), written out independently of the kernels' reference: qpos - kpos in [-right, left]."""
+    dist = (torch.arange(sq, device=DEVICE)[:, None] + q_off) - (torch.arange(sk, device=DEVICE)[None, :] + k_off)
+    vis = torch.ones(sq, sk, dtype=torch.bool, device=DEVICE)
+    if causal:
+        vis &= dist >= 0
+    if window[0] >= 0:
+        vis &= dist <= window[0]
+    if window[1] >= 0:
+        vis &= dist >= -window[1]
+    return vis
+
+
+# (B, Sq, Sk, Hq, Hkv, D, q_offset, k_offset, window): tiles of 32 under the interpreter, so these cut
+# tiles at both window edges, skip whole tiles on either side, and leave rows that see no key.
+WINDOW_CASES = [
+    pytest.param((1, 70, 70, 2, 1, 16, 0, 0, (5, -1)), id="left5-mqa"),
+    pytest.param((1, 70, 70, 2, 2, 16, 0, 0, (-1, 7)), id="right7"),
+    pytest.param((2, 45, 100, 4, 2, 40, 30, 0, (17, 3)), id="l17-r3-qoff30-gqa2-d40"),
+    pytest.param((1, 64, 64, 2, 2, 16, 0, 64, (40, 40)), id="l40-r40-koff64"),
+    pytest.param((1, 50, 47, 2, 1, 16, 100, 20, (0, 0)), id="diagonal-only-offsets"),
+    pytest.param((1, 33, 90, 2, 2, 16, 0, 40, (2, 100)), id="l2-r100"),
+]
+
+
+@pytest.mark.parametrize("case", WINDOW_CASES)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("dtype_tol", DTYPES[:2])
+def test_window_forward_backward_match_reference_and_sdpa(case, causal, dtype_tol):
+    dtype, atol, rtol = dtype_tol
+    *shape, q_off, k_off, window = case
+    q, k, v = _qkv((*shape, q_off, k_off), dtype)
+    scale = q.shape[-1] ** -0.5
+    vis = _win_visible(q.shape[1], k.shape[1], causal, window, q_off, k_off)
+    dead = ~vis.any(1)
+    out, lse = fa.flash_attn_fwd(q, k, v, causal, scale, q_off, k_off, window=window)
+    ref_out, ref_lse = fa.flash_attn_fwd_ref(q.double(), k.double(), v.double(), causal, scale, q_off, k_off,
+                                             compute_dtype=torch.float64, window=window)
+    # The reference is SDPA with the window mask written out (fp64); the doc helper zeroes dead rows.
+    torch.testing.assert_close(ref_out, _sdpa_docs(q.double(), k.double(), v.double(), vis, scale),
+                               atol=1e-10, rtol=1e-10)
+    _assert_within(out, ref_out, _sdpa_docs(q, k, v, vis, scale), atol, rtol, "out")
+    _assert_lse(lse, ref_lse)
+    assert torch.equal(torch.isneginf(lse[0, 0]), dead), "exactly the rows that see no key have lse -inf"
+    assert (out[:, dead] == 0).all()
+
+    dout = _rand(*out.shape, dtype=dtype, seed=7)
+    dq, dk, dv = fa.flash_attn_bwd(dout, q, k, v, out, lse, causal, scale, q_off, k_off, window=window)
+
+    def grads(fn, cast):
+        xs = [t.detach().to(cast).requires_grad_() for t in (q, k, v)]
+        fn(*xs).backward(dout.to(cast))
+        return [x.grad for x in xs]
+
+    ref = grads(lambda a, b, c: fa.flash_attn_fwd_ref(a, b, c, causal, scale, q_off, k_off, torch.float64,
+                                                      window=window)[0], torch.float64)
+    torch_g = grads(lambda a, b, c: _sdpa_docs(a, b, c, vis, scale), dtype)
+    if dtype == torch.float32:
+        ref_bwd = fa.flash_attn_bwd_ref(dout, q, k, v, out, lse, causal, scale, q_off, k_off, torch.float64,
+                                        window=window)
+        for a, r in zip(ref_bwd, ref):
+            torch.testing.assert_close(a, r, atol=1e-4, rtol=1e-4)
+    for name, g, r, t in zip(("dq", "dk", "dv"), (dq, dk, dv), ref, torch_g):
+        _assert_within(g, r, t, atol * max(1.0, r.abs().max().item()), rtol, name)
+    assert (dq[:, dead] == 0).all()
+    unseen = ~vis.any(0)
+    assert (dk[:, unseen] == 0).all() and (dv[:, unseen] == 0).all()
+
+
+def test_window_with_docs_and_k_lens():
+    """Window, packed documents and per-batch key lengths together, forward and backward vs the fp64 ref."""
+    q, k, v = _qkv((2, 60, 80, 2, 1, 16, 0, 0), torch.float32)
+    qd, kd = _ids([25, 5, 50])[20:80], _ids([25, 5, 50])
+    kl = torch.tensor([80, 41], dtype=torch.int32, device=DEVICE)
+    kw = dict(q_doc=qd, k_doc=kd, k_lens=kl, window=(9, 2))
+    out, lse = fa.flash_attn_fwd(q, k, v, True, None, 20, 0, **kw)
+    ref_out, ref_lse = fa.flash_attn_fwd_ref(q.double(), k.double(), v.double(), True, None, 20, 0,
+                                             compute_dtype=torch.float64, **kw)
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=1e-5)
+    _assert_lse(lse, ref_lse)
+    dout = _rand(*out.shape, dtype=torch.float32, seed=7)
+    got = fa.flash_attn_bwd(dout, q, k, v, out, lse, True, None, 20, 0, **kw)
+    want = fa.flash_attn_bwd_ref(dout, q, k, v, out, lse, True, None, 20, 0, torch.float64, **kw)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, atol=1e-4, rtol=1e-4)
+
+
+def test_window_skips_whole_tiles_without_loading_them():
+    """NaN in every tile outside the window: a kernel that loaded one would produce NaN (0 * NaN in the
+    dots), so finite, exact results show the tile was skipped. Keys: tiles left and right of the
+    queries' window (forward, dQ); queries: tiles no key's window reaches (dK/dV)."""
+    bm = fa.INTERPRET_CONFIG.block_m
+    assert bm == fa.INTERPRET_CONFIG.block_n
+    # Queries at global [2bm, 3bm) see keys [2bm - 3, 3bm + 3): key tiles 0 and 4 are outside.
+    q, k, v = _qkv((1, bm, 5 * bm, 2, 1, 16, 2 * bm, 0), torch.float32)
+    for t in (k, v):
+        t[:, :bm] = float("nan")
+        t[:, 4 * bm:] = float("nan")
+    keep = slice(bm, 4 * bm)
+    out, lse = fa.flash_attn_fwd(q, k, v, False, None, 2 * bm, 0, window=(3, 3))
+    ref_out, ref_lse = fa.flash_attn_fwd_ref(q.double(), k[:, keep].double(), v[:, keep].double(), False, None,
+                                             2 * bm, bm, compute_dtype=torch.float64, window=(3, 3))
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=1e-5)
+    _assert_lse(lse, ref_lse)
+    dout = _rand(*out.shape, dtype=torch.float32, seed=7)
+    dq, dk, dv = fa.flash_attn_bwd(dout, q, k, v, out, lse, False, None, 2 * bm, 0, window=(3, 3))
+    rq, rk, rv = fa.flash_attn_bwd_ref(dout, q, k[:, keep], v[:, keep], out, lse, False, None, 2 * bm, bm,
+                                       window=(3, 3))
+    torch.testing.assert_close(dq, rq, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dk[:, keep], rk, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dv[:, keep], rv, atol=1e-4, rtol=1e-4)
+    assert (dk[:, :bm] == 0).all() and (dk[:, 4 * bm:] == 0).all() and (dv[:, :bm] == 0).all()
+
+    # Keys at global [bm, 2bm), queries [0, 3bm), diagonal only: query tiles 0 and 2 see nothing.
+    q, k, v = _qkv((1, 3 * bm, bm, 2, 1, 16, 0, bm), torch.float32)
+    q[:, :bm] = float("nan")
+    q[:, 2 * bm:] = float("nan")
+    out, lse = fa.flash_attn_fwd(q, k, v, False, None, 0, bm, window=(0, 0))
+    assert torch.isneginf(lse[:, :, :bm]).all() and torch.isneginf(lse[:, :, 2 * bm:]).all()
+    assert (out[:, :bm] == 0).all() and (out[:, 2 * bm:] == 0).all()
+    mid = slice(bm, 2 * bm)
+    torch.testing.assert_close(out[:, mid], v.repeat_interleave(2, dim=2), atol=1e-6, rtol=1e-6)
+    dout = _rand(*out.shape, dtype=torch.float32, seed=7)
+    dout[:, :bm] = float("nan")
+    dout[:, 2 * bm:] = float("nan")
+    dq, dk, dv = fa.flash_attn_bwd(dout, q, k, v, out, lse, False, None, 0, bm, window=(0, 0))
+    rq, rk, rv = fa.flash_attn_bwd_ref(dout[:, mid], q[:, mid], k, v, out[:, mid], lse[:, :, mid], False, None,
+                                       bm, bm, window=(0, 0))
+    torch.testing.assert_close(dk, rk, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dv, rv, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dq[:, mid], rq, atol=1e-5, rtol=1e-5)
+    assert (dq[:, :bm] == 0).all() and (dq[:, 2 * bm:] == 0).all()
+
+
+def test_window_none_and_unbounded_are_the_same_kernel_call():
+    q, k, v = _qkv((1, 40, 40, 2, 2, 16, 0, 0), torch.float32)
+    a = fa.flash_attn_fwd(q, k, v, True, None)
+    b = fa.flash_attn_fwd(q, k, v, True, None, window=(-1, -1))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    with pytest.raises(ValueError, match=r"window must be a pair of ints"):
+        fa.flash_attn_fwd(q, k, v, window=(2.0, 1))
+
+
+def test_triton_backend_takes_window(tb):
+    be = tb.TritonBackend()
+    assert be.supports_window
+    q, k, v = _qkv((1, 30, 30, 4, 2, 16, 0, 0), torch.float32)
+    win = dict(window=(4, 1), q_offset=10, k_offset=3)
+    out, lse = be.forward(q, k, v, True, 0.2, **win)
+    ref_out, ref_lse = fa.flash_attn_fwd_ref(q.double(), k.double(), v.double(), True, 0.2, 10, 3,
+                                             compute_dtype=torch.float64, window=(4, 1))
+    torch.testing.assert_close(out.double(), ref_out, atol=2e-5, rtol=1e-5)
+    _assert_lse(lse, ref_lse)
+    dout = torch.randn_like(out)
+    fresh = be.backward(dout, q, k, v, out, lse, True, 0.2, **win)
+    accs = [torch.ones(t.shape, dtype=torch.float32, device=DEVICE) for t in (q, k, v)]
+    res = be.backward(dout, q, k, v, out, lse, True, 0.2, *accs, **win)
+    want = fa.flash_attn_bwd_ref(dout, q, k, v, out, lse, True, 0.2, 10, 3, window=(4, 1))
+    for f, r, w in zip(fresh, res, want):
+        torch.testing.assert_close(f, w, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(r, 1 + w, atol=1e-4, rtol=1e-4)
+    torch.library.opcheck(torch.ops.spattn.flash_fwd.default, (q, k, v, True, 0.25, 10, 3, None, None, None, 4, 1))
+    torch.library.opcheck(torch.ops.spattn.flash_bwd.default,
+                          (dout, q, k, v, out, lse, True, 0.25, 10, 3, None, None, None, 4, 1))

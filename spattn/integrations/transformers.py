@@ -35,6 +35,8 @@ import torch.distributed as dist
 
 import spattn
 
+from .hf_window import WindowNotSupported, hf_layer_window
+
 Tensor = torch.Tensor
 IGNORE_INDEX = -100
 
@@ -42,11 +44,27 @@ __all__ = ["register", "shard_inputs", "cu_seqlens_from_position_ids", "sp_loss"
            "reduce_gradients"]
 
 
+def _refuse_score_mods(where: str, kwargs: dict) -> None:
+    """What a model's attention module may pass that changes the softmax itself: refused with the reason."""
+    if kwargs.get("softcap") is not None:
+        raise NotImplementedError(
+            f"{where}: attention logit softcapping (softcap={kwargs['softcap']}, config.attn_logit_softcapping) "
+            "applies tanh to the scores inside the softmax; spattn computes plain softmax attention")
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError(
+            f"{where}: attention sinks (s_aux, e.g. GPT-OSS) add a learned logit to every softmax denominator; "
+            "spattn does not support them")
+
+
 def _mask_fn(name: str):
     def spattn_mask(batch_size: int = 1, q_length: int = 0, kv_length: int = 0, q_offset=0, kv_offset=0,
                     mask_function=None, attention_mask: Optional[Tensor] = None, **kwargs) -> None:
         """No mask is materialized: the causal mask over global positions is spattn's job. A 2-D
         padding mask is honoured only when it keeps every token (a data check skipped under compile)."""
+        if kwargs.get("use_vmap") and not getattr(kwargs.get("config"), "use_bidirectional_attention", False):
+            # An or/and mask function on top of the causal one (e.g. image tokens attending bidirectionally).
+            raise NotImplementedError(f"attn_implementation={name!r}: this model overlays its own mask function on "
+                                      "the causal mask; spattn cannot express it")
         if attention_mask is not None and not torch.compiler.is_compiling() and not bool(attention_mask.all()):
             raise NotImplementedError(
                 f"attn_implementation={name!r}: padded batches (attention_mask with zeros) are not supported; "
@@ -87,18 +105,22 @@ def register(mesh: "spattn.SPMesh", name: str = "spattn") -> str:
         if attention_mask is not None:
             raise NotImplementedError(f"{where}: got a materialized attention mask; only plain causal attention "
                                       "over the global sequence is supported (no padding or custom 4-D masks)")
-        for opt in ("sliding_window", "softcap", "s_aux"):
-            if kwargs.get(opt) is not None:
-                raise NotImplementedError(f"{where}: {opt} is not supported (it is set by this model's config)")
+        _refuse_score_mods(where, kwargs)
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        try:  # each layer's own window, read the way the model builds its mask (never ignored)
+            window = hf_layer_window(getattr(module, "config", None), getattr(module, "layer_idx", None),
+                                     causal=bool(causal), sliding_window=kwargs.get("sliding_window"))
+        except WindowNotSupported as e:
+            raise NotImplementedError(f"{where}: {e}") from None
         if dropout and module.training:
             raise NotImplementedError(f"{where}: attention dropout is not supported; set config.attention_dropout=0")
         if key.shape[2] != query.shape[2]:
             raise NotImplementedError(f"{where}: {key.shape[2]} keys for {query.shape[2]} queries: decoding with "
                                       "a KV cache is not supported (call the model with use_cache=False)")
-        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))  # -> (B, s, H, D)
         out = spattn.attention(q, k, v, mesh, causal=bool(causal), softmax_scale=scaling,
-                               seq_len=int(spattn_seq_len), layout=spattn_layout, cu_seqlens=spattn_cu_seqlens)
+                               seq_len=int(spattn_seq_len), layout=spattn_layout, cu_seqlens=spattn_cu_seqlens,
+                               window_size=window)
         return out, None
 
     AttentionInterface.register(name, spattn_attention_forward)

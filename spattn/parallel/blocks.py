@@ -9,6 +9,11 @@ Packed documents (``RingSetup.docs``): a backend that masks documents itself (``
 Triton kernels) gets one call per visible (query segment, key segment) pair with the pair's per-token
 document ids; any other backend gets one call per visible document sub-block (``_plan_docs``).
 
+Sliding windows (``RingSetup.window``): the plan is one call per visible (query segment, key segment)
+pair (or document sub-block), each cut to the rows and keys the window lets meet (``window.cut``);
+pairs wholly outside it are skipped, and ``window_skipped`` counts them. Each call then carries its
+global positions (``q_offset``, ``k_offset``) and the window, which the backend masks at the edges.
+
 The block runners fold each call into the running (out, lse) with ``ops.merge_`` (forward) or
 accumulate its gradients (backward); they are shared by the P2P and the all-gather rings.
 """
@@ -16,7 +21,7 @@ from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -24,6 +29,7 @@ import torch.distributed as dist
 from ..comm.ring_comm import RingCommCache
 from ..layout import padded_rows
 from ..ops import block_backward, block_forward, merge_
+from .window import NO_WINDOW, cut
 
 Tensor = torch.Tensor
 Call = Tuple[int, int, int, int, bool]  # q_lo, q_hi, k_lo, k_hi, causal (local sequence indices)
@@ -48,6 +54,17 @@ class RingSetup:
     impl: str = "p2p"         # "p2p" (K/V blocks travel the ring) or "allgather" (gather, one pass)
     comm_cache: Optional[RingCommCache] = None  # the mesh's: ring buffers reused across calls
     allgather_bytes: int = 256 << 20  # all-gather ring: K/V budget of one head chunk
+    window: Tuple[int, int] = NO_WINDOW  # sliding window (left, right) over global positions
+    image_pos: int = 0        # joint order: global position of image token 0 (front: the text length)
+    text_pos: int = 0         # joint order: global position of text token 0 (rear: seq_len)
+
+    @property
+    def windowed(self) -> bool:
+        return self.window != NO_WINDOW
+
+    def pos(self, r: int, local: int) -> int:
+        """Global position of ring rank r's local index ``local`` (calls never cross a segment)."""
+        return self.starts[r][local // self.seg_len] + local % self.seg_len
 
     def valid(self, start: int) -> int:
         return max(0, min(self.seg_len, self.seq_len - start))
@@ -74,6 +91,8 @@ class RingSetup:
 
     def plan(self, src: int) -> List[Call]:
         """Backend calls for the local queries against ring rank ``src``'s key block."""
+        if self.windowed:
+            return [c for c, _ in self._plan_window(src)]
         if self.docs is not None:
             return self._plan_doc_pairs(src) if self.kernel_docs else self._plan_docs(src)
         L, qs, ks = self.seg_len, self.starts[self.rank], self.starts[src]
@@ -106,6 +125,42 @@ class RingSetup:
                     calls.append((a * L, (a + 1) * L, b * L, b * L + self.valid(ks[b]), False))
                 elif grid[a][b] == "diag":
                     calls.append((a * L, (a + 1) * L, b * L, (b + 1) * L, True))
+        return calls
+
+    def _plan_window(self, src: int) -> List[Tuple[Call, Call]]:
+        """(cut call, the pair's call it came from) for every pair the window lets meet: the unwindowed
+        per-pair plan (documents included), each call cut to the window (``window.cut``)."""
+        if self.docs is not None:
+            base = self._plan_doc_pairs(src) if self.kernel_docs else self._plan_docs(src)
+        else:
+            base = self._plan_pairs(src)
+        out = []
+        for c in base:
+            r = cut(c, self.pos(self.rank, c[0]), self.pos(src, c[2]), self.window, self.causal)
+            if r is not None:
+                out.append((r[0], c))
+        return out
+
+    def window_skipped(self, src: int) -> int:
+        """Calls of the unwindowed per-pair plan against ``src`` that the window skips entirely."""
+        if not self.windowed:
+            return 0
+        if self.docs is not None:
+            base = self._plan_doc_pairs(src) if self.kernel_docs else self._plan_docs(src)
+        else:
+            base = self._plan_pairs(src)
+        return len(base) - len(self._plan_window(src))
+
+    def _plan_pairs(self, src: int) -> List[Call]:
+        """One call per (query segment, key segment) pair with a causally visible key: keys of an
+        earlier segment in full, the same segment top-left causal (a windowed plan's starting point)."""
+        L, qs, ks = self.seg_len, self.starts[self.rank], self.starts[src]
+        calls: List[Call] = []
+        for a, qa in enumerate(qs):
+            for b, ka in enumerate(ks):
+                nq, nk = self.valid(qa), self.valid(ka)
+                if nq and nk and not (self.causal and ka > qa):
+                    calls.append((a * L, a * L + nq, b * L, b * L + nk, self.causal and ka == qa))
         return calls
 
     def _plan_doc_pairs(self, src: int) -> List[Call]:
@@ -175,19 +230,21 @@ def visible_pairs(calls: Sequence[Call]) -> int:
     return n
 
 
-def doc_kw(docs: Optional[Tuple[Tensor, Tensor]], q0: int, q1: int, k0: int, k1: int) -> dict:
-    """The call's document ids (``docs``: local query ids, the key block's ids), {} without them."""
-    return {} if docs is None else {"q_doc": docs[0][q0:q1], "k_doc": docs[1][k0:k1]}
+CallKw = Optional[Callable[[int, int, int, int], dict]]
 
 
-def blocks_forward(be, q: Tensor, kv, calls: Sequence[Call], scale: float, acc: List,
-                    docs: Optional[Tuple[Tensor, Tensor]] = None) -> None:
+def call_kw(kw: CallKw, q0: int, q1: int, k0: int, k1: int) -> dict:
+    """The backend keywords of call (q0, q1, k0, k1) (``kw``: from ``call_kw_for``), {} without any."""
+    return {} if kw is None else kw(q0, q1, k0, k1)
+
+
+def blocks_forward(be, q: Tensor, kv, calls: Sequence[Call], scale: float, acc: List, kw: CallKw = None) -> None:
     """Fold the calls' results into the running ``acc = [out, lse]``. While nothing is folded in
     (``acc == [None, None]``) a block covering every row becomes the accumulator itself: no zero
-    fill, no copy, no merge. ``docs``: (query, key) document ids for a backend that masks them."""
+    fill, no copy, no merge. ``kw``: the calls' backend keywords (document ids, window positions)."""
     for q0, q1, k0, k1, causal in calls:
         o, l = block_forward(be, q[:, q0:q1], kv[0][:, k0:k1], kv[1][:, k0:k1], causal, scale,
-                             **doc_kw(docs, q0, q1, k0, k1))
+                             **call_kw(kw, q0, q1, k0, k1))
         if acc[0] is None:
             if q0 == 0 and q1 == q.shape[1]:
                 acc[:] = [o.float().contiguous(), l.contiguous()]
@@ -197,7 +254,7 @@ def blocks_forward(be, q: Tensor, kv, calls: Sequence[Call], scale: float, acc: 
 
 
 def blocks_backward(st: "RingSetup", rows: Tuple[Tensor, Tensor, Tensor, Tensor], kv, calls: Sequence[Call],
-                    acc: Tuple[Tensor, Tensor], docs: Optional[Tuple[Tensor, Tensor]] = None) -> None:
+                    acc: Tuple[Tensor, Tensor], kw: CallKw = None) -> None:
     """Add the calls' gradients into ``acc`` = (dq, dkv): rows = (dout, q, out, lse) of the local
     queries, kv = the key block (k, v) (stacked or a pair), dkv its (dk, dv) accumulators."""
     dout, q, out, lse = rows
@@ -205,15 +262,24 @@ def blocks_backward(st: "RingSetup", rows: Tuple[Tensor, Tensor, Tensor, Tensor]
     for q0, q1, k0, k1, causal in calls:
         block_backward(st.backend, (dout[:, q0:q1], q[:, q0:q1], out[:, q0:q1], lse[:, :, q0:q1]),
                        (kv[0][:, k0:k1], kv[1][:, k0:k1]), causal, st.scale,
-                       (dq[:, q0:q1], dkv[0][:, k0:k1], dkv[1][:, k0:k1]), **doc_kw(docs, q0, q1, k0, k1))
+                       (dq[:, q0:q1], dkv[0][:, k0:k1], dkv[1][:, k0:k1]), **call_kw(kw, q0, q1, k0, k1))
 
 
-def docs_for(st: RingSetup, device: torch.device):
-    """src -> (local query ids, src's key ids), or src -> None when the backend does not mask documents."""
-    if not st.kernel_docs:
+def call_kw_for(st: RingSetup, device: torch.device) -> Callable[[int], CallKw]:
+    """src -> the backend keywords of each call against ``src``'s key block: document ids for a backend
+    that masks them, the window with the call's global positions; None when a plain call needs none."""
+    ids = [st.doc_ids(r, device) for r in range(st.size)] if st.kernel_docs else None
+    if ids is None and not st.windowed:
         return lambda src: None
-    ids = [st.doc_ids(r, device) for r in range(st.size)]
-    return lambda src: (ids[st.rank], ids[src])
+
+    def for_src(src: int):
+        def kw(q0: int, q1: int, k0: int, k1: int) -> dict:
+            d = {} if ids is None else {"q_doc": ids[st.rank][q0:q1], "k_doc": ids[src][k0:k1]}
+            if st.windowed:
+                d.update(window=st.window, q_offset=st.pos(st.rank, q0), k_offset=st.pos(src, k0))
+            return d
+        return kw
+    return for_src
 
 
 def running(q: Tensor, heads: int) -> Tuple[Tensor, Tensor]:
@@ -226,18 +292,51 @@ def running(q: Tensor, heads: int) -> Tuple[Tensor, Tensor]:
 Saved = Tuple[Optional[Tensor], ...]
 
 
+def joint_calls(st: RingSetup, kind: str, n_rows: int, n_keys: int) -> List[Tuple[Call, dict]]:
+    """The backend calls of one joint block with their keywords. ``kind``: "image" (the local image
+    queries x the joint K/V), "text" (the text queries x this rank's own image keys, ``n_keys`` real
+    ones) or "text_joint" (text x joint K/V, ring rank 0). Without a window: the whole block, one call.
+    With one: a call per image segment, cut to the rows and keys it lets meet in the joint order
+    (joint keys keep their full range: their per-batch lengths count from key 0)."""
+    whole = [((0, n_rows, 0, n_keys, False), {})]
+    if not st.windowed:
+        return whole if n_rows and n_keys else []
+    L, own = st.seg_len, st.starts[st.rank]
+    if kind == "text_joint":
+        pieces = [((0, n_rows, 0, n_keys, False), st.text_pos, st.text_pos)]
+    elif kind == "image":
+        pieces = [((a * L, a * L + st.valid(s), 0, n_keys, False), st.image_pos + s, st.text_pos)
+                  for a, s in enumerate(own) if st.valid(s)]
+    else:
+        pieces = [((0, n_rows, b * L, b * L + st.valid(s), False), st.text_pos, st.image_pos + s)
+                  for b, s in enumerate(own) if st.valid(s)]
+    calls = []
+    for c, qp, kp in pieces:
+        r = cut(c, qp, kp, st.window, False)
+        if r is None:
+            continue
+        (q0, q1, k0, k1, _), qo, ko = r
+        if kind != "text":  # joint keys: full range (lengths), the window masks them by position
+            k0, k1, ko = c[2], c[3], kp
+        calls.append(((q0, q1, k0, k1, False), {"window": st.window, "q_offset": qo, "k_offset": ko}))
+    return calls
+
+
 def joint_backward(st: RingSetup, saved: Saved, dout: Tensor, dt_out: Tensor, dq: Tensor,
                     djoint: Tuple[Tensor, Tensor, Tensor], dkv_own) -> None:
     """Joint-token gradients of this rank: image queries x joint K/V, text queries x this rank's
     own image K/V (into ``dkv_own``, the own block's (dk, dv) accumulators) and, on ring rank 0,
-    text queries x joint K/V."""
+    text queries x joint K/V (the calls of ``joint_calls``)."""
     q, k, v, out, lse, jq, jk, jv, t_out, t_lse = saved
     be, (djq, djk, djv) = st.backend, djoint
     jkw = {} if st.joint_lens is None else {"k_lens": st.joint_lens}
-    block_backward(be, (dout, q, out, lse), (jk, jv), False, st.scale, (dq, djk, djv), **jkw)
-    n = st.kv_valid(st.rank)
-    if n:
-        block_backward(be, (dt_out, jq, t_out, t_lse), (k[:, :n], v[:, :n]), False, st.scale,
-                       (djq, dkv_own[0][:, :n], dkv_own[1][:, :n]))
+    blocks = [("image", (dout, q, out, lse), (jk, jv), (dq, djk, djv), jkw),
+              ("text", (dt_out, jq, t_out, t_lse), (k, v), (djq, dkv_own[0], dkv_own[1]), {})]
     if st.rank == 0:
-        block_backward(be, (dt_out, jq, t_out, t_lse), (jk, jv), False, st.scale, (djq, djk, djv), **jkw)
+        blocks.append(("text_joint", (dt_out, jq, t_out, t_lse), (jk, jv), (djq, djk, djv), jkw))
+    for kind, rows, kv, acc, extra in blocks:
+        n_keys = st.kv_valid(st.rank) if kind == "text" else kv[0].shape[1]
+        for (q0, q1, k0, k1, _), kw in joint_calls(st, kind, rows[1].shape[1], n_keys):
+            block_backward(be, tuple(t[:, q0:q1] if t.dim() == 4 else t[:, :, q0:q1] for t in rows),
+                           (kv[0][:, k0:k1], kv[1][:, k0:k1]), False, st.scale,
+                           (acc[0][:, q0:q1], acc[1][:, k0:k1], acc[2][:, k0:k1]), **extra, **kw)

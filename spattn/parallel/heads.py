@@ -84,6 +84,7 @@ class HeadMapBackend:
     def __init__(self, backend, index: torch.Tensor):
         self.inner, self.index, self.name = backend, index, backend.name
         self.supports_docs = getattr(backend, "supports_docs", False)  # q_doc / k_doc pass through **kw
+        self.supports_window = getattr(backend, "supports_window", False)  # window, q/k_offset: **kw too
 
     def available(self, device):
         return self.inner.available(device)

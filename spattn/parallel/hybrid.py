@@ -69,10 +69,15 @@ def build_plan(call: AttnCall) -> Plan:
     if impl == "auto":
         impl = choose_ring_impl(R, U * call.q_shape[1], call.device, call.opts.ring_engine)
 
+    # Joint order for a window's positions: [text, image] (front) or [image, text] (rear).
+    text = call.joint_q_shape[1] if call.joint else 0
+    front = call.opts.joint_strategy == "front"
+    image_pos, text_pos = (text, 0) if front else (0, geo.seq_len)
+
     def setup(backend) -> RingSetup:
         return RingSetup(mesh.ring_group, R, mesh.ring_rank, U * geo.chunk, starts, geo.seq_len, bool(call.opts.causal),
                          call.scale, backend, call.ring_engine, None, call.docs, impl, mesh.comm_cache,
-                         call.allgather_bytes)
+                         call.allgather_bytes, call.window, image_pos, text_pos)
 
     if U == 1:
         ch = Chunk(setup(call.kernel), None, None, (0, hq), (0, hkv))

@@ -24,8 +24,8 @@ import torch
 from ..comm.collectives import all_gather
 from ..comm.ring_comm import make_ring_comm
 from ..ops import block_backward, block_forward, merge_
-from .blocks import (RingSetup, Saved, blocks_backward, blocks_forward, docs_for, doc_kw, joint_backward,
-                     running)
+from .blocks import (RingSetup, Saved, blocks_backward, blocks_forward, call_kw, call_kw_for, joint_backward,
+                     joint_calls, running)
 from .ring_allgather import allgather_backward, allgather_forward
 
 Tensor = torch.Tensor
@@ -48,11 +48,11 @@ def ring_forward(st: RingSetup, q: Tensor, k: Tensor, v: Tensor, jq: Optional[Te
     else:
         kv = torch.stack([k, v]) if R > 1 else (k, v)  # K and V travel as one message
         comm = make_ring_comm(st.group, kv, st.engine, st.comm_cache, "kv") if R > 1 else None
-        cur, acc, docs = kv, [None, None], docs_for(st, q.device)
+        cur, acc, kw = kv, [None, None], call_kw_for(st, q.device)
         for j in range(R):
             if j + 1 < R:
                 comm.start(cur)
-            blocks_forward(be, q, cur, st.plan((i - j) % R), st.scale, acc, docs((i - j) % R))
+            blocks_forward(be, q, cur, st.plan((i - j) % R), st.scale, acc, kw((i - j) % R))
             if j + 1 < R:
                 cur = comm.wait()
         out, lse = acc if acc[0] is not None else running(q, q.shape[2])
@@ -60,12 +60,14 @@ def ring_forward(st: RingSetup, q: Tensor, k: Tensor, v: Tensor, jq: Optional[Te
     if jq is not None:
         t_out, t_lse = running(jq, jq.shape[2])
         if R:
-            merge_(out, lse, *block_forward(be, q, jk, jv, False, st.scale, st.joint_lens))
-            n = st.kv_valid(i)
-            if n:
-                merge_(t_out, t_lse, *block_forward(be, jq, k[:, :n], v[:, :n], False, st.scale))
+            blocks = [("image", q, (jk, jv), (out, lse), st.joint_lens), ("text", jq, (k, v), (t_out, t_lse), None)]
             if i == 0:
-                merge_(t_out, t_lse, *block_forward(be, jq, jk, jv, False, st.scale, st.joint_lens))
+                blocks.append(("text_joint", jq, (jk, jv), (t_out, t_lse), st.joint_lens))
+            for kind, rows, kv, (o, l), lens in blocks:
+                n_keys = st.kv_valid(i) if kind == "text" else kv[0].shape[1]
+                for (q0, q1, k0, k1, _), kw in joint_calls(st, kind, rows.shape[1], n_keys):
+                    merge_(o[:, q0:q1], l[:, :, q0:q1], *block_forward(be, rows[:, q0:q1], kv[0][:, k0:k1],
+                                                                       kv[1][:, k0:k1], False, st.scale, lens, **kw))
             if R > 1:
                 t_out, t_lse = _allgather_merge(t_out, t_lse, st.group, R)
         t_out = t_out.to(q.dtype)
@@ -93,12 +95,12 @@ def ring_backward(st: RingSetup, saved: Saved, dout: Tensor, dt_out: Optional[Te
     dout = dout.contiguous()
     if st.impl == "allgather" and R > 1:
         return allgather_backward(st, saved, dout, dt_out)
-    calls, docs = st.plan(i), docs_for(st, q.device)
+    calls, kw = st.plan(i), call_kw_for(st, q.device)
     sl = q.shape[1]
     if R == 1 and not joint and len(calls) == 1 and calls[0][:4] == (0, sl, 0, sl):
         # One block covering everything (Ulysses, or a mesh of one): no accumulators needed.
         return block_backward(be, (dout, q, out, lse), (k, v), calls[0][4], st.scale,
-                              **doc_kw(docs(i), 0, sl, 0, sl)) + (None,) * 3
+                              **call_kw(kw(i), 0, sl, 0, sl)) + (None,) * 3
     dq = torch.zeros_like(q, dtype=torch.float32)
     kv = torch.stack([k, v]) if R > 1 else (k, v)
     # Block (dk, dv) accumulate in fp32: scratch[0] for step 0 (it is sent away), scratch[1] after.
@@ -115,7 +117,7 @@ def ring_backward(st: RingSetup, saved: Saved, dout: Tensor, dt_out: Optional[Te
         acc = scratch[min(j, 1)]
         if j > 1:
             acc.zero_()
-        blocks_backward(st, (dout, q, out, lse), cur, st.plan((i - j) % R), (dq, acc), docs((i - j) % R))
+        blocks_backward(st, (dout, q, out, lse), cur, st.plan((i - j) % R), (dq, acc), kw((i - j) % R))
         if joint and j == 0:
             joint_backward(st, saved, dout, dt_out, dq, (djq, djk, djv), acc)
         if j == 0:

@@ -10,7 +10,7 @@ import torch
 from .. import config
 from ..comm.collectives import all_gather, reduce_scatter, wait_work
 from .heads import HeadMapBackend, balanced_ranges
-from .blocks import RingSetup, Saved, blocks_backward, blocks_forward, docs_for, joint_backward, running
+from .blocks import RingSetup, Saved, blocks_backward, blocks_forward, call_kw_for, joint_backward, running
 
 Tensor = torch.Tensor
 
@@ -66,7 +66,7 @@ def _start_gather(st: RingSetup, k: Tensor, v: Tensor, kh: Tuple[int, int]):
 def allgather_forward(st: RingSetup, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
     """out (B, Sl, Hq, D) fp32, lse (B, Hq, Sl) of the local queries against every ring rank's K/V."""
     chunks = allgather_head_chunks(st, q, k)
-    plans, docs = [st.plan(src) for src in range(st.size)], docs_for(st, q.device)
+    plans, kw = [st.plan(src) for src in range(st.size)], call_kw_for(st, q.device)
     order = [(st.rank - j) % st.size for j in range(st.size)]  # the P2P ring's merge order
     res = None if len(chunks) == 1 else running(q, q.shape[2])
     work = _start_gather(st, k, v, chunks[0][1])
@@ -77,7 +77,7 @@ def allgather_forward(st: RingSetup, q: Tensor, k: Tensor, v: Tensor) -> Tuple[T
             work = _start_gather(st, k, v, chunks[c + 1][1])
         qc, acc = q[:, :, q0:q1], [None, None]
         for src in order:
-            blocks_forward(st.backend, qc, parts[src], plans[src], st.scale, acc, docs(src))
+            blocks_forward(st.backend, qc, parts[src], plans[src], st.scale, acc, kw(src))
         if acc[0] is None:
             acc = list(running(qc, q1 - q0))
         if res is None:
@@ -90,7 +90,7 @@ def allgather_forward(st: RingSetup, q: Tensor, k: Tensor, v: Tensor) -> Tuple[T
 def allgather_backward(st: RingSetup, saved: Saved, dout: Tensor, dt_out: Optional[Tensor]):
     q, k, v, out, lse, jq, jk, jv, t_out, t_lse = saved
     chunks = allgather_head_chunks(st, q, k)
-    plans, docs = [st.plan(src) for src in range(st.size)], docs_for(st, q.device)
+    plans, kw = [st.plan(src) for src in range(st.size)], call_kw_for(st, q.device)
     dq = torch.zeros_like(q, dtype=torch.float32)
     dkv = k.new_zeros((2,) + k.shape, dtype=torch.float32)  # this rank's own (dk, dv)
     pending = []
@@ -105,7 +105,7 @@ def allgather_backward(st: RingSetup, saved: Saved, dout: Tensor, dt_out: Option
         for src in range(st.size):
             if plans[src]:
                 blocks_backward(st, (dout[:, :, qs], q[:, :, qs], out[:, :, qs], lse[:, qs]), parts[src],
-                                plans[src], (dq[:, :, qs], grads[src]), docs(src))
+                                plans[src], (dq[:, :, qs], grads[src]), kw(src))
         w, mine = reduce_scatter(grads, st.group, async_op=True)
         pending.append((w, mine, (h0, h1)))
     for w, mine, (h0, h1) in pending:
