@@ -19,16 +19,20 @@ How the pieces fit:
   transformers forwards unknown kwargs from ``model(**inputs)`` down to every attention call, so the
   information travels with the batch (no state to go stale between batches of different lengths).
   Engines that shard by hand pass those two kwargs themselves.
-- Loss: the dict also carries ``num_items_in_batch`` = the number of valid labels in the *whole*
-  sequence, so transformers' causal-LM loss on each rank is ``sum(local token CE) / global count``:
-  these per-rank losses add up to the single-process loss (``global_loss``), and the parameter
-  gradients of the local losses, summed over the mesh (``reduce_gradients``), are the single-process
-  gradients. ``sp_loss(logits, labels, mesh)`` computes the same share from logits, for training
-  loops that compute their own loss.
+- Loss and gradients follow the data-parallel convention (what DDP, FSDP, accelerate and
+  ``Trainer`` assume): the *mean* over the ranks of their losses is the global loss and the mean of
+  their gradients the single-process gradient. The dict carries ``num_items_in_batch`` = the number of
+  valid labels in the *whole* sequence / the mesh size, so transformers' causal-LM loss on each rank
+  is ``world_size x sum(local token CE) / global count``. Averaging gradients over every rank that
+  holds a replica (the mesh, or DP x SP ranks) is then right: DDP / ``fully_shard`` / accelerate do
+  it, a plain loop calls ``reduce_gradients``; ``global_loss`` is the mean of the losses.
+  ``Trainer`` computes its own ``num_items_in_batch`` from the (sharded) labels across all ranks and
+  scales the loss by the process count, which is the same convention. ``sp_loss(logits, labels,
+  mesh)`` computes this rank's loss from logits, for training loops that compute their own loss.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -141,7 +145,8 @@ def shard_inputs(input_ids: Tensor, mesh: "spattn.SPMesh", *, labels: Optional[T
     ``spattn_cu_seqlens``, and ``position_ids`` are then the given per-document ones), and with labels: ``labels`` and
     ``shift_labels`` (batch, s), the next-token targets of this rank's positions (shifted on the full
     sequence, -100 on the last and on padded positions), and ``num_items_in_batch``, the global count of
-    valid targets, which makes ``model(**inputs).loss`` this rank's share of the global mean loss.
+    valid targets / the mesh size, which makes the mean of the ranks' ``model(**inputs).loss`` the
+    global mean loss (the data-parallel convention, see the module docstring).
     """
     if input_ids.dim() != 2:
         raise ValueError(f"shard_inputs: input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
@@ -188,44 +193,64 @@ def shard_inputs(input_ids: Tensor, mesh: "spattn.SPMesh", *, labels: Optional[T
         local = shard_padded(shifted_padded, IGNORE_INDEX)
         out["labels"] = local
         out["shift_labels"] = local  # transformers' loss then uses them as they are (no second shift)
-        out["num_items_in_batch"] = int((shifted != IGNORE_INDEX).sum())
+        count = int((shifted != IGNORE_INDEX).sum())
+        out["num_items_in_batch"] = count if mesh.world_size == 1 else count / mesh.world_size
     return out
 
 
 def sp_loss(logits: Tensor, labels: Tensor, mesh: "spattn.SPMesh") -> Tensor:
-    """This rank's share of the global next-token loss: sum of this rank's token cross-entropies over
-    valid labels / the valid count over the whole mesh (one small all-reduce, no gradient through it).
+    """This rank's loss in the data-parallel convention: ``world_size x`` the sum of this rank's token
+    cross-entropies over valid labels / the valid count over the whole mesh (one small all-reduce, no
+    gradient through it), so the mean over the ranks is the global loss.
 
     Args:
         logits: (batch, s, vocab) this rank's logits.
         labels: (batch, s) this rank's *shifted* labels (``shard_inputs(...)["labels"]``), -100 = ignored.
     Returns a differentiable scalar; ``global_loss`` of it is the single-process mean loss, and
-    backward + ``reduce_gradients`` gives the single-process gradients.
+    backward + ``reduce_gradients`` (or DDP / FSDP) gives the single-process gradients.
     """
     total = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                               ignore_index=IGNORE_INDEX, reduction="sum")
     count = (labels != IGNORE_INDEX).sum().to(total.dtype)
     for g in mesh.groups():
         dist.all_reduce(count, group=g)
-    return total / count
+    return total * mesh.world_size / count
 
 
 def global_loss(local_loss: Tensor, mesh: "spattn.SPMesh") -> Tensor:
-    """The global (single-process) loss from each rank's share: their sum over the mesh (detached)."""
+    """The global (single-process) loss from the ranks' losses: their mean over the mesh (detached)."""
     total = local_loss.detach().clone()
     for g in mesh.groups():
         dist.all_reduce(total, group=g)
-    return total
+    return total / mesh.world_size
 
 
-def reduce_gradients(model: torch.nn.Module, mesh: "spattn.SPMesh") -> None:
-    """Sum every parameter gradient over the mesh (one flat all-reduce per group), so each rank holds
-    the single-process gradient. Data-parallel wrappers spanning the mesh ranks do the same for you."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads or mesh.world_size == 1:
+def reduce_gradients(model: torch.nn.Module, mesh: "spattn.SPMesh", *,
+                     params: Optional[Iterable[torch.nn.Parameter]] = None,
+                     group: Optional[dist.ProcessGroup] = None) -> None:
+    """Average parameter gradients over the ranks (one flat all-reduce per group and dtype), so each
+    holds the single-process gradient; what DDP / ``fully_shard`` / ``Trainer`` do for you.
+
+    Args:
+        params: every trainable parameter (default: ``model.parameters()``); include modules outside
+            the model that feed it or use its outputs.
+        group: the ranks to average over (default: the mesh). With data parallelism around the mesh,
+            the group of every DP x SP rank (e.g. ``dist.group.WORLD``).
+    """
+    groups = [group] if group is not None else mesh.groups()
+    size = 1
+    for g in groups:
+        size *= dist.get_world_size(g)
+    by_dtype: Dict[torch.dtype, List[Tensor]] = {}
+    for p in (params if params is not None else model.parameters()):
+        if p.grad is not None:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    if size == 1:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    for g in mesh.groups():
-        dist.all_reduce(flat, group=g)
-    for g, f in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(f.view_as(g))
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        for g in groups:
+            dist.all_reduce(flat, group=g)
+        flat /= size
+        for g, f in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(f.view_as(g))

@@ -24,15 +24,22 @@ Image token counts that the mesh does not divide (Qwen-Image at 1328x1328: 6889 
 by ``spattn.shard``; ``seq_len`` tells ``spattn.attention`` which keys are padding (they get zero
 weight) and ``spattn.gather`` drops the padded rows.
 
-Gradients (training, e.g. LoRA): the loss computed from the gathered output is the same on every rank
-and counts once. After ``loss.backward()`` each rank holds its share of every parameter gradient;
-their sum over the mesh is the single-process gradient, so call ``handle.all_reduce_grads()`` (a sum)
-before the optimizer step (or fold it into your data-parallel all-reduce, summing over the SP ranks).
-To make that one rule hold for every parameter, tensors replicated on every rank (text, timestep
-embeddings) carry per-rank *shares* of their gradient: the text output of the joint attention sums
-its incoming shares (one all-reduce, backward only) before spattn's backward, which wants the full
-gradient, and the joint q/k/v gradients spattn returns (full on every rank) are split back into
-equal shares.
+Gradients (training, e.g. LoRA): one convention, the one data-parallel wrappers assume. The output is
+the same on every rank, so is the loss computed from it; every rank's parameter gradients are such
+that their *mean* over the ranks is the single-process gradient (the gather's backward scales this
+rank's slice by the mesh size: each rank's gradient is ``world_size`` x its share). So averaging over
+every rank holding a replica of the parameters gives the right gradient, whether it is DDP, FSDP2's
+``fully_shard``, accelerate, or ``handle.all_reduce_grads(params)`` in a plain loop, and with data
+parallelism around the mesh too (DP x SP ranks: the average over all of them is the mean over the DP
+batches of the single-process gradients). Trainable modules *outside* the transformer obey the same
+rule: one feeding it (a text-embedding adapter, ControlNet residuals) holds world_size x its share,
+one after it (a head on the output) the full gradient; both average right. ``all_reduce_grads()``
+without ``params`` reduces only the transformer's parameters and refuses to run when the last call's
+inputs required grad (trainable modules upstream would stay partial): pass them all.
+Tensors replicated on every rank (text, timestep embeddings) carry per-rank shares of their gradient:
+the text output of the joint attention sums its incoming shares (one all-reduce, backward only)
+before spattn's backward, which wants the full gradient, and the joint q/k/v gradients spattn
+returns (full on every rank) are split back into equal shares.
 
 Supported: diffusers 0.36 - 0.42 (tested with 0.42.1). Fused QKV projections, IP-adapter processors,
 attention masks other than Qwen-Image's text mask and diffusers' own context parallelism are
@@ -42,7 +49,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -90,6 +97,7 @@ class _State:
     seq_len: Optional[int] = None    # global image token count of the current call
     text_len: Optional[int] = None   # joint text length of the current call (Flux single blocks)
     bool_mask: Optional[Tuple[Tensor, Any, Tensor]] = None  # (source mask, its version, bool copy)
+    inputs_need_grad: bool = False   # the last call's inputs came from trainable modules upstream
 
     def as_bool(self, mask: Tensor) -> Tensor:
         """The text mask as bool, converted once per call: every layer then hands spattn the same
@@ -133,6 +141,19 @@ class _SumShares(torch.autograd.Function):
         for grp in ctx.mesh.groups():
             dist.all_reduce(g, group=grp)
         return g, None
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity; backward multiplies the gradient by ``factor`` (the gathered output's convention)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, factor: float) -> Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return g * ctx.factor, None
 
 
 class _SplitShares(torch.autograd.Function):
@@ -363,8 +384,23 @@ def _output_hook(specs: Dict[int, Split], state: _State, where: str):
 
 def _gather_hook(dim: int, state: _State):
     def hook(mod, args, output):
+        world = state.mesh.world_size
+        if world > 1 and torch.is_grad_enabled() and output.requires_grad:
+            # The loss on the replicated output counts once per rank; scaling this rank's slice by the
+            # mesh size makes the *mean* of the ranks' gradients the single-process one, which is what
+            # DDP, FSDP and accelerate compute (see the module docstring).
+            output = _ScaleGrad.apply(output, float(world))
         return spattn.gather(output, state.mesh, dim=dim, seq_len=state.seq_len)
     return hook
+
+
+def _any_requires_grad(values) -> bool:
+    for v in values:
+        if isinstance(v, Tensor) and v.requires_grad:
+            return True
+        if isinstance(v, (list, tuple)) and _any_requires_grad(v):
+            return True
+    return False
 
 
 def _begin_hook(plan: ModelPlan, state: _State):
@@ -374,6 +410,7 @@ def _begin_hook(plan: ModelPlan, state: _State):
     def hook(mod, args, kwargs):
         nonlocal params
         state.seq_len, state.text_len, state.bool_mask = None, None, None
+        state.inputs_need_grad = torch.is_grad_enabled() and _any_requires_grad([*args, *kwargs.values()])
         if plan.text_len is not None:
             name, dim = plan.text_len
             params = params or list(inspect.signature(mod.forward).parameters)
@@ -390,6 +427,7 @@ class SPHandle:
         self.model, self.mesh, self.plan = model, mesh, plan
         self._hooks: List[Any] = []
         self._processors: List[Tuple[torch.nn.Module, Any]] = []
+        self._state: Optional[_State] = None
 
     def remove(self) -> None:
         """Restore the model exactly: hooks removed, original processors back. Idempotent."""
@@ -399,19 +437,41 @@ class SPHandle:
             m.set_processor(proc)
         self._hooks, self._processors = [], []
 
-    def all_reduce_grads(self, params=None) -> None:
-        """Sum every parameter's gradient over the mesh (in place): each rank then holds the
-        single-process gradient. One all-reduce per mesh group and gradient dtype."""
-        if self.mesh.world_size == 1:
+    def all_reduce_grads(self, params: Optional[Iterable[torch.nn.Parameter]] = None,
+                         group: Optional[dist.ProcessGroup] = None) -> None:
+        """Average gradients over the ranks (in place) so each holds the single-process gradient.
+
+        Args:
+            params: every trainable parameter, including those of modules outside the transformer
+                (an adapter feeding it, a head after it). Default: the transformer's own, which is
+                refused when the last call's inputs required grad (their modules would stay partial).
+            group: the ranks to average over. Default: the mesh. With data parallelism around the
+                mesh, pass the group of every DP x SP rank (e.g. ``dist.group.WORLD``).
+
+        What DDP / FSDP do for you; one all-reduce per group and gradient dtype.
+        """
+        if params is None:
+            if self._state is not None and self._state.inputs_need_grad:
+                raise ValueError(
+                    "SPHandle.all_reduce_grads: the transformer's inputs required grad in the last call, so "
+                    "trainable modules outside it hold partial gradients too; pass them all: "
+                    "all_reduce_grads(params=[p for m in (transformer, adapter) for p in m.parameters()])")
+            params = self.model.parameters()
+        groups = [group] if group is not None else self.mesh.groups()
+        size = 1
+        for g in groups:
+            size *= dist.get_world_size(g)
+        if size == 1:
             return
         by_dtype: Dict[torch.dtype, List[Tensor]] = {}
-        for p in (params if params is not None else self.model.parameters()):
+        for p in params:
             if p.grad is not None:
                 by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
         for grads in by_dtype.values():   # one flat buffer per dtype
             flat = torch.cat([g.reshape(-1) for g in grads])
-            for grp in self.mesh.groups():
+            for grp in groups:
                 dist.all_reduce(flat, group=grp)
+            flat /= size
             for g, f in zip(grads, flat.split([g.numel() for g in grads])):
                 g.copy_(f.view_as(g))
 
@@ -442,8 +502,8 @@ def parallelize(transformer: torch.nn.Module, mesh: spattn.SPMesh, *, backend: s
             "triton").
 
     Returns:
-        an ``SPHandle``: ``remove()`` restores the model; ``all_reduce_grads()`` sums parameter
-        gradients over the mesh after a backward pass (see the module docstring).
+        an ``SPHandle``: ``remove()`` restores the model; ``all_reduce_grads(params)`` averages
+        gradients over the mesh after a backward pass, for loops without DDP/FSDP (see the module docstring).
     """
     if not isinstance(mesh, spattn.SPMesh):
         raise TypeError(f"parallelize: mesh must be a spattn.SPMesh (spattn.init_mesh), got {type(mesh).__name__}")
@@ -473,6 +533,7 @@ def parallelize(transformer: torch.nn.Module, mesh: spattn.SPMesh, *, backend: s
     ((_, gather_mod),) = _modules_at(transformer, plan.gather[0])
 
     handle = SPHandle(transformer, mesh, plan)
+    handle._state = state
     handle._hooks.append(transformer.register_forward_pre_hook(_begin_hook(plan, state), with_kwargs=True))
     for m, specs, where in targets:
         handle._hooks.append(m.register_forward_pre_hook(_input_hook(specs, m, state, where), with_kwargs=True))
