@@ -160,10 +160,10 @@ def _env(rank: int, world: int, init_method: str) -> None:
 
 
 def rank_accelerate(rank: int, world: int, init_method: str, sp: int, result_dir: str) -> None:
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
     _env(rank, world, init_method)
-    acc = Accelerator(cpu=True)
+    acc = Accelerator(cpu=True, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     mesh = dp_sp_mesh(sp)
     model = Trainable().float()
     ref = reference_grads(model, world // sp)
