@@ -41,6 +41,13 @@ the text output of the joint attention sums its incoming shares (one all-reduce,
 before spattn's backward, which wants the full gradient, and the joint q/k/v gradients spattn
 returns (full on every rank) are split back into equal shares.
 
+Caches (``transformer.enable_cache(...)``, before or after ``parallelize``): first-block cache
+works exactly: its skip/compute decision is taken on the statistic reduced over the mesh (the
+sums of |residual change| and |previous residual| over every rank's real image tokens), so every
+rank decides the same and the output equals the single-process cached run. The other caches
+(PyramidAttentionBroadcast, FasterCache, TaylorSeer, MagCache, SeaCache, TextKVCache) are refused
+at ``parallelize`` / ``enable_cache`` time with the cache named.
+
 Supported: diffusers 0.36 - 0.42 (tested with 0.42.1). Fused QKV projections, IP-adapter processors,
 attention masks other than Qwen-Image's text mask and diffusers' own context parallelism are
 refused with an error naming the fix.
@@ -420,6 +427,64 @@ def _begin_hook(plan: ModelPlan, state: _State):
     return hook
 
 
+# ---------------------------------------------------------------------------------------------------
+# diffusers caches: first-block cache decided on the mesh-wide statistic, the others refused
+# ---------------------------------------------------------------------------------------------------
+
+_FBC_HEAD = "fbc_leader_block_hook"
+# hook name prefix -> the cache config users know it by (diffusers.hooks)
+_REFUSED_CACHES = {"pyramid_attention_broadcast": "PyramidAttentionBroadcastConfig",
+                   "faster_cache": "FasterCacheConfig", "taylorseer_cache": "TaylorSeerCacheConfig",
+                   "mag_cache": "MagCacheConfig", "sea_cache": "SeaCacheConfig", "text_kv_cache": "TextKVCacheConfig"}
+
+
+def _hooks_of(model: torch.nn.Module):
+    """(module, hook name, hook) of every diffusers hook under ``model``."""
+    for m in model.modules():
+        reg = getattr(m, "_diffusers_hook", None)
+        for name, hook in (getattr(reg, "hooks", None) or {}).items():
+            yield m, name, hook
+
+
+def _refuse_cache(name: str) -> None:
+    raise ValueError(f"spattn.integrations.diffusers: {name} is not supported on a sequence-parallel transformer "
+                     f"(its cached values or decisions would differ between the ranks' shards); use "
+                     f"FirstBlockCacheConfig, which is exact here, or disable_cache() before parallelize")
+
+
+def _check_caches(model: torch.nn.Module) -> List[Any]:
+    """The first-block-cache head hooks to make mesh-wide; raises for any other cache."""
+    heads = []
+    for _, name, hook in _hooks_of(model):
+        for prefix, config in _REFUSED_CACHES.items():
+            if name.startswith(prefix):
+                _refuse_cache(config)
+        if name == _FBC_HEAD:
+            heads.append(hook)
+    return heads
+
+
+def _mesh_wide_decision(hook: Any, state: _State) -> Callable[[Tensor], bool]:
+    """first-block cache's decision (relative mean change of the first block's residual > threshold)
+    on the statistic over the whole sequence: one all-reduce of two sums, the same result on every rank.
+    Rows past the global length (padding of the contiguous shard) are left out."""
+
+    @torch.compiler.disable
+    def should_compute(residual: Tensor) -> bool:
+        prev = hook.state_manager.get_state().head_block_residual
+        if prev is None:
+            return True
+        mesh, n = state.mesh, residual.shape[1]
+        if state.seq_len is not None:   # contiguous shards of ceil(S / W) rows; the tail rows are padding
+            n = max(0, min(n, state.seq_len - mesh.sp_rank * n))
+        sums = torch.stack([(residual[:, :n] - prev[:, :n]).abs().sum(), prev[:, :n].abs().sum()]).double()
+        for g in mesh.groups():
+            dist.all_reduce(sums, group=g)
+        return bool((sums[0] / sums[1]).item() > hook.threshold)
+
+    return should_compute
+
+
 class SPHandle:
     """What ``parallelize`` did to one transformer; ``remove()`` undoes it."""
 
@@ -428,6 +493,22 @@ class SPHandle:
         self._hooks: List[Any] = []
         self._processors: List[Tuple[torch.nn.Module, Any]] = []
         self._state: Optional[_State] = None
+        self._fbc_heads: List[Any] = []   # first-block-cache head hooks whose decision we replaced
+
+    def _adopt_caches(self) -> None:
+        """Give every first-block-cache head hook the mesh-wide decision (refusing other caches)."""
+        for hook in _check_caches(self.model):
+            if hook not in self._fbc_heads:
+                hook._should_compute_remaining_blocks = _mesh_wide_decision(hook, self._state)
+                self._fbc_heads.append(hook)
+
+    def _enable_cache(self, config: Any) -> None:
+        """The model's ``enable_cache`` while parallelized: refuse what cannot be exact, then adopt."""
+        name = type(config).__name__
+        if name != "FirstBlockCacheConfig" and name in _REFUSED_CACHES.values():
+            _refuse_cache(name)
+        type(self.model).enable_cache(self.model, config)
+        self._adopt_caches()
 
     def remove(self) -> None:
         """Restore the model exactly: hooks removed, original processors back. Idempotent."""
@@ -435,7 +516,11 @@ class SPHandle:
             h.remove()
         for m, proc in self._processors:
             m.set_processor(proc)
-        self._hooks, self._processors = [], []
+        for hook in self._fbc_heads:   # back to diffusers' own (per-process) decision
+            hook.__dict__.pop("_should_compute_remaining_blocks", None)
+        if self.model.__dict__.get("enable_cache") == self._enable_cache:
+            del self.model.enable_cache
+        self._hooks, self._processors, self._fbc_heads = [], [], []
 
     def all_reduce_grads(self, params: Optional[Iterable[torch.nn.Parameter]] = None,
                          group: Optional[dist.ProcessGroup] = None) -> None:
@@ -510,6 +595,7 @@ def parallelize(transformer: torch.nn.Module, mesh: spattn.SPMesh, *, backend: s
     plan = _plan_for(transformer)
     if getattr(transformer, "_parallel_config", None) is not None:
         raise ValueError("parallelize: diffusers' own parallelism is enabled on this model; use one or the other")
+    _check_caches(transformer)
     state = _State(mesh, backend)
 
     # Check everything before changing anything.
@@ -543,4 +629,7 @@ def parallelize(transformer: torch.nn.Module, mesh: spattn.SPMesh, *, backend: s
     for m, proc, factory in swaps:
         m.set_processor(factory(state))
         handle._processors.append((m, proc))
+    handle._adopt_caches()
+    if hasattr(transformer, "enable_cache"):   # caches enabled later are checked and adopted too
+        transformer.enable_cache = handle._enable_cache
     return handle
