@@ -164,6 +164,30 @@ def test_unsupported_inputs_raise_clearly():
     torch.testing.assert_close(out.logits[:, :7], ref(input_ids=ids, use_cache=False).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_generate_says_what_to_do_and_the_advice_works():
+    """model.generate() with attn_implementation="spattn" raises an error about generation and the KV
+    cache, whose advice (switch to sdpa for generation, back to spattn to train) gives the reference tokens."""
+    from transformers import AutoModelForCausalLM
+
+    import spattn
+    from spattn.integrations.transformers import register, shard_inputs
+
+    register(spattn.SPMesh(), name="spattn_gen")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="spattn_gen")
+    ref = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="sdpa")
+    ref.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 128, (1, 6))
+    with pytest.raises(ValueError, match=r"(?s)generate\(\).*KV-cache.*set_attn_implementation\('sdpa'\)"):
+        model.generate(ids, max_new_tokens=3, do_sample=False)
+    model.set_attn_implementation("sdpa")
+    assert torch.equal(model.generate(ids, max_new_tokens=3, do_sample=False),
+                       ref.generate(ids, max_new_tokens=3, do_sample=False))
+    model.set_attn_implementation("spattn_gen")
+    got = model(**shard_inputs(ids, spattn.SPMesh(), layout="contiguous")).logits
+    torch.testing.assert_close(got, ref(input_ids=ids, use_cache=False).logits, atol=1e-5, rtol=1e-5)
+
+
 def test_import_spattn_does_not_import_transformers():
     code = "import sys, spattn, spattn.integrations; assert 'transformers' not in sys.modules, 'imported'"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -85,9 +85,15 @@ def register(mesh: "spattn.SPMesh", name: str = "spattn") -> str:
         (batch, kv_heads, seq_local, head_dim) -> ((batch, seq_local, heads, head_dim), None)."""
         where = f"attn_implementation={name!r}"
         if spattn_seq_len is None or spattn_layout is None:
-            raise ValueError(f"{where}: the model was called without spattn_seq_len / spattn_layout; call "
-                             "model(**spattn.integrations.transformers.shard_inputs(input_ids, mesh, ...)) or pass "
-                             "both kwargs (global length and layout of the shards)")
+            gen = (f"{where} shards one whole sequence over the mesh; model.generate() and KV-cache decoding "
+                   "(use_cache=True) extend a sequence token by token and are not supported. To generate, switch "
+                   "this model to single-device attention first: model.set_attn_implementation('sdpa'), "
+                   "model.generate(...), then model.set_attn_implementation("
+                   f"{name!r}) to train on. ")
+            call = ("To run a sequence-parallel forward, call model(**spattn.integrations.transformers.shard_inputs("
+                    "input_ids, mesh, ...)) (or pass spattn_seq_len and spattn_layout yourself).")
+            raise ValueError(f"{where}: the model was called without spattn_seq_len / spattn_layout. "
+                             + (gen + call if kwargs.get("use_cache") else call + " " + gen))
         if attention_mask is not None:
             raise NotImplementedError(f"{where}: got a materialized attention mask; only plain causal attention "
                                       "over the global sequence is supported (no padding or custom 4-D masks)")

@@ -581,7 +581,8 @@ def parallelize(transformer: torch.nn.Module, mesh: spattn.SPMesh, *, backend: s
 
     Args:
         transformer: a diffusers ``QwenImageTransformer2DModel``, ``FluxTransformer2DModel`` or
-            ``WanTransformer3DModel`` (possibly inside a pipeline: ``pipe.transformer``).
+            ``WanTransformer3DModel`` (possibly inside a pipeline: ``pipe.transformer``), or
+            ``torch.compile`` of one (the model inside is parallelized; the compiled one retraces).
         mesh: the ``spattn.SPMesh`` (Ulysses x Ring) of the ranks that share the work.
         backend: single-device attention kernel for ``spattn.attention`` ("auto", "torch", "reference",
             "triton").
@@ -592,6 +593,11 @@ def parallelize(transformer: torch.nn.Module, mesh: spattn.SPMesh, *, backend: s
     """
     if not isinstance(mesh, spattn.SPMesh):
         raise TypeError(f"parallelize: mesh must be a spattn.SPMesh (spattn.init_mesh), got {type(mesh).__name__}")
+    # torch.compile(model) wraps the model; hooks and processors go on the model itself, and the
+    # compiled wrapper retraces when they change (its guards see them), so both orders work.
+    if type(transformer).__name__ == "OptimizedModule" and isinstance(getattr(transformer, "_orig_mod", None),
+                                                                     torch.nn.Module):
+        transformer = transformer._orig_mod
     plan = _plan_for(transformer)
     if getattr(transformer, "_parallel_config", None) is not None:
         raise ValueError("parallelize: diffusers' own parallelism is enabled on this model; use one or the other")
