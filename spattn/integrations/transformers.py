@@ -32,7 +32,7 @@ How the pieces fit:
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -42,7 +42,7 @@ import spattn
 Tensor = torch.Tensor
 IGNORE_INDEX = -100
 
-__all__ = ["register", "shard_inputs", "cu_seqlens_from_position_ids", "sp_loss", "global_loss",
+__all__ = ["register", "shard_inputs", "pack_padded", "cu_seqlens_from_position_ids", "sp_loss", "global_loss",
            "reduce_gradients"]
 
 
@@ -53,8 +53,9 @@ def _mask_fn(name: str):
         padding mask is honoured only when it keeps every token (a data check skipped under compile)."""
         if attention_mask is not None and not torch.compiler.is_compiling() and not bool(attention_mask.all()):
             raise NotImplementedError(
-                f"attn_implementation={name!r}: padded batches (attention_mask with zeros) are not supported; "
-                "pass attention_mask=None (shard_inputs leaves it out) and mask padding with labels=-100")
+                f"attn_implementation={name!r}: got a padded attention_mask; give it to shard_inputs instead: "
+                "model(**shard_inputs(input_ids, mesh, attention_mask=attention_mask, labels=labels)) packs the "
+                "rows' real tokens as documents (exact for right and left padding; out.logits is then the packed row)")
         return None
 
     return spattn_mask
@@ -133,8 +134,44 @@ def cu_seqlens_from_position_ids(position_ids: Tensor) -> Tensor:
     return torch.cat([starts.nonzero().flatten(), n]).to(torch.int32)
 
 
+def pack_padded(input_ids: Tensor, attention_mask: Tensor, labels: Optional[Tensor] = None,
+                position_ids: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
+    """A padded batch as one packed row of documents (one per batch row), which is how spattn
+    expresses key padding: every real token attends exactly the real tokens of its row, as with SDPA
+    and the padding mask.
+
+    Args:
+        input_ids: (batch, seq); attention_mask: (batch, seq), 1 = real token, each row's real tokens
+            one contiguous run (right or left padding); labels: (batch, seq) unshifted, -100 = ignored;
+            position_ids: (batch, seq) the positions RoPE sees (default: the column, as transformers'
+            forward uses without position_ids).
+    Returns (ids (1, T), labels (1, T) or None, position_ids (1, T), cu_seqlens int32 (batch + 1,)),
+    T = real tokens. A row's first real token is no target (no real token precedes it in its row):
+    its label is -100, so no target crosses rows after the shift. ``packed_logits[0]`` is
+    ``logits[attention_mask.bool()]`` of the padded batch.
+    """
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"shard_inputs: attention_mask {tuple(attention_mask.shape)} must have the shape of "
+                         f"input_ids {tuple(input_ids.shape)}")
+    m = attention_mask.to(torch.bool)
+    lengths = m.sum(1)
+    runs = (m & ~torch.nn.functional.pad(m, (1, 0))[:, :-1]).sum(1)   # starts of runs of real tokens
+    if bool((lengths == 0).any()) or bool((runs != 1).any()):
+        raise ValueError("shard_inputs: attention_mask must mark one contiguous run of real tokens per row "
+                         "(right or left padding) and at least one per row; other masks are not padding")
+    pos = position_ids if position_ids is not None else torch.arange(
+        input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    packed_labels = None
+    if labels is not None:
+        first = m & ~torch.nn.functional.pad(m, (1, 0))[:, :-1]
+        packed_labels = labels.masked_fill(first, IGNORE_INDEX)[m].unsqueeze(0)
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    return input_ids[m].unsqueeze(0), packed_labels, pos[m].unsqueeze(0), cu
+
+
 def shard_inputs(input_ids: Tensor, mesh: "spattn.SPMesh", *, labels: Optional[Tensor] = None,
-                 layout: str = "zigzag", position_ids: Optional[Tensor] = None) -> Dict[str, object]:
+                 layout: str = "zigzag", position_ids: Optional[Tensor] = None,
+                 attention_mask: Optional[Tensor] = None) -> Dict[str, object]:
     """What this rank passes to the model: ``model(**shard_inputs(input_ids, mesh, labels=...))``.
 
     Args:
@@ -144,6 +181,10 @@ def shard_inputs(input_ids: Tensor, mesh: "spattn.SPMesh", *, labels: Optional[T
         position_ids: (1, seq) for a packed batch, the Hugging Face way (restarting at 0 at each
             document): the document boundaries are derived from them (``spattn_cu_seqlens``), so no
             token attends across a document, and these positions (not global ones) feed RoPE.
+        attention_mask: (batch, seq) a padded batch's mask (right or left padding): the rows' real
+            tokens are packed into one row of documents (``pack_padded``), so every output is then
+            for batch 1 and the packed tokens (``logits[0]`` = the padded logits at the mask); with it,
+            ``position_ids`` (batch, seq) are the padded batch's positions (default: the column).
 
     Returns a dict with ``input_ids`` (batch, s) this rank's tokens (padded with 0 past the end),
     ``position_ids`` (batch, s) their global positions, ``use_cache=False``, ``spattn_seq_len`` and
@@ -156,18 +197,24 @@ def shard_inputs(input_ids: Tensor, mesh: "spattn.SPMesh", *, labels: Optional[T
     """
     if input_ids.dim() != 2:
         raise ValueError(f"shard_inputs: input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+    if position_ids is not None and position_ids.shape != input_ids.shape:
+        raise ValueError(f"shard_inputs: position_ids {tuple(position_ids.shape)} must have the shape of "
+                         f"input_ids {tuple(input_ids.shape)}")
+    if labels is not None and labels.shape != input_ids.shape:
+        raise ValueError(f"shard_inputs: labels {tuple(labels.shape)} must have the shape of input_ids "
+                         f"{tuple(input_ids.shape)} (unshifted; shifting happens here)")
+    cu = None
+    if attention_mask is not None and not bool(attention_mask.to(torch.bool).all()):
+        input_ids, labels, position_ids, cu = pack_padded(input_ids, attention_mask, labels, position_ids)
+    elif position_ids is not None:
+        cu = cu_seqlens_from_position_ids(position_ids)
     b, s = input_ids.shape
     padded = spattn.local_seq_len(s, mesh, layout) * mesh.world_size
     # Padded slots (past the end) get their global index as position: their keys get zero weight in
     # spattn and their labels are -100, so the value only has to be finite.
-    cu = None
     if position_ids is None:
         pos = torch.arange(padded, device=input_ids.device).expand(b, padded)
     else:
-        if position_ids.shape != input_ids.shape:
-            raise ValueError(f"shard_inputs: position_ids {tuple(position_ids.shape)} must have the shape of "
-                             f"input_ids {tuple(input_ids.shape)}")
-        cu = cu_seqlens_from_position_ids(position_ids)
         tail = position_ids[:, -1:] + 1 + torch.arange(padded - s, device=position_ids.device)
         pos = torch.cat([position_ids, tail], dim=1)
 
@@ -190,9 +237,6 @@ def shard_inputs(input_ids: Tensor, mesh: "spattn.SPMesh", *, labels: Optional[T
     if cu is not None:
         out["spattn_cu_seqlens"] = cu
     if labels is not None:
-        if labels.shape != input_ids.shape:
-            raise ValueError(f"shard_inputs: labels {tuple(labels.shape)} must have the shape of input_ids "
-                             f"{tuple(input_ids.shape)} (unshifted; shifting happens here)")
         # Shift on the full sequence first: the target of a shard's last token lives on another rank.
         shifted = torch.cat([labels[:, 1:], labels.new_full((b, 1), IGNORE_INDEX)], dim=1)
         shifted_padded = torch.cat([shifted, shifted.new_full((b, padded - s), IGNORE_INDEX)], dim=1)
