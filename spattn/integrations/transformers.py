@@ -112,8 +112,18 @@ def register(mesh: "spattn.SPMesh", name: str = "spattn") -> str:
                                seq_len=int(spattn_seq_len), layout=spattn_layout, cu_seqlens=spattn_cu_seqlens)
         return out, None
 
+    mask_fn = _mask_fn(name)
     AttentionInterface.register(name, spattn_attention_forward)
-    AttentionMaskInterface.register(name, _mask_fn(name))
+    AttentionMaskInterface.register(name, mask_fn)
+
+    def unregister() -> None:   # only if still ours: the name may have been registered again since
+        for registry, fn in ((AttentionInterface, spattn_attention_forward), (AttentionMaskInterface, mask_fn)):
+            mapping = getattr(registry, "_global_mapping", None)
+            if isinstance(mapping, dict) and mapping.get(name) is fn:
+                del mapping[name]
+
+    from ._exit import release_at_exit
+    release_at_exit(mesh, unregister)   # a clean process exit (see _exit.py)
     return name
 
 

@@ -636,6 +636,8 @@ def parallelize(transformer: torch.nn.Module, mesh: spattn.SPMesh, *, backend: s
         m.set_processor(factory(state))
         handle._processors.append((m, proc))
     handle._adopt_caches()
+    from .._exit import release_at_exit
+    release_at_exit(mesh)   # ring engines freed before interpreter teardown (see integrations/_exit.py)
     if hasattr(transformer, "enable_cache"):   # caches enabled later are checked and adopted too
         transformer.enable_cache = handle._enable_cache
     return handle
