@@ -187,6 +187,7 @@ def _launch(fn, world: int, *args) -> float:
 
 
 def test_accelerate_gradients():
+    pytest.importorskip("accelerate")
     assert _launch(rank_accelerate, 2, 2) <= TOL
 
 

@@ -105,7 +105,8 @@ def register(mesh: "spattn.SPMesh", name: str = "spattn") -> str:
             raise NotImplementedError(f"{where}: attention dropout is not supported; set config.attention_dropout=0")
         if key.shape[2] != query.shape[2]:
             raise NotImplementedError(f"{where}: {key.shape[2]} keys for {query.shape[2]} queries: decoding with "
-                                      "a KV cache is not supported (call the model with use_cache=False)")
+                                      "a KV cache (model.generate) is not supported; call the model with "
+                                      "use_cache=False, or generate after model.set_attn_implementation('sdpa')")
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))  # -> (B, s, H, D)
         out = spattn.attention(q, k, v, mesh, causal=bool(causal), softmax_scale=scaling,
