@@ -13,6 +13,8 @@ import atexit
 import weakref
 from typing import Callable, Optional
 
+import torch.distributed as dist
+
 
 def release_at_exit(mesh, also: Optional[Callable[[], None]] = None) -> None:
     """At interpreter exit, drop ``mesh``'s cached ring exchanges (if the mesh is still alive) and
@@ -23,8 +25,16 @@ def release_at_exit(mesh, also: Optional[Callable[[], None]] = None) -> None:
         if also is not None:
             also()
         m = ref()
+        if m is None:
+            return
         cache = getattr(m, "comm_cache", None)
         if cache is not None:
             cache.clear()
+        if not dist.is_initialized():
+            # destroy_process_group ran: the mesh's groups are dead handles and the mesh holds the
+            # last references to them; drop them now rather than in the interpreter's teardown.
+            for attr in ("ulysses_group", "ring_group", "cfg_group", "_check_groups"):
+                if hasattr(m, attr):
+                    setattr(m, attr, None)
 
     atexit.register(release)
