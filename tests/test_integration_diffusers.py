@@ -233,6 +233,33 @@ def test_text_mask_converted_once_per_call(monkeypatch):
     assert seen[-1] is not seen[-2] and torch.equal(seen[-1], mask.bool())
 
 
+def body_compiled(u: int, r: int, called_before: bool) -> list:
+    """parallelize(torch.compile(model)) parallelizes the model inside; the compiled model (called
+    before or not) retraces and equals the eager single-process model; after remove() too."""
+    mesh = get_mesh(u, r)
+    ref = build("flux")
+    kw = inputs("flux")
+    torch._dynamo.reset()
+    compiled = torch.compile(copy.deepcopy(ref), backend="aot_eager")
+    with torch.no_grad():
+        want = ref(**kw)[0]
+        if called_before:
+            compiled(**kw)
+        handle = spd.parallelize(compiled, mesh)
+        got = compiled(**kw)[0]
+        handle.remove()
+        after = compiled(**kw)[0]
+    scale = want.abs().max().item()
+    return [(got - want).abs().max().item() / scale, (after - want).abs().max().item() / scale,
+            float(handle.model is compiled._orig_mod)]
+
+
+@pytest.mark.parametrize("called_before", [False, True], ids=["fresh", "called"])
+def test_parallelize_compiled_model(called_before):
+    err_sp, err_after, unwrapped = run_on_ranks(2, body_compiled, 2, 1, called_before, timeout=600)
+    assert err_sp <= TOL_OUT and err_after <= TOL_OUT and unwrapped == 1.0
+
+
 def test_pipeline_style_calls():
     assert run_on_ranks(2, body_pipeline_kwargs, 1, 2) <= TOL_OUT
 

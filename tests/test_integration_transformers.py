@@ -85,6 +85,58 @@ def test_llm_matches_single_process(world, u):
         assert e_grad <= 1e-5, (key, e_grad)
 
 
+def padded_case(u: int, r: int, layouts):
+    """Right- and left-padded rows in one batch, via shard_inputs(attention_mask=...): logits at the real
+    tokens, loss and gradients vs SDPA on the padded batch with the padding mask."""
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    import spattn
+    from spattn.integrations.transformers import global_loss, reduce_gradients, register, shard_inputs
+
+    mesh = spattn.init_mesh(ulysses_degree=u, ring_degree=r)
+    register(mesh)
+    cfg = tiny_config("llama")
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa", dtype=torch.float32)
+    sp = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), attn_implementation="spattn", dtype=torch.float32)
+    sp.load_state_dict(ref.state_dict())
+    S = 23
+    ids = torch.randint(0, cfg.vocab_size, (4, S))
+    mask = torch.ones(4, S, dtype=torch.long)
+    mask[0, 15:] = 0      # right padding
+    mask[1, :9] = 0       # left padding
+    mask[3, :2] = 0       # left padding, one token
+    labels = ids.clone()
+    # the reference's targets: real tokens only, and no row's first real token (nothing real precedes it)
+    first = mask.bool() & ~torch.nn.functional.pad(mask.bool(), (1, 0))[:, :-1]
+    ref_labels = labels.masked_fill(~mask.bool() | first, -100)
+    ref.zero_grad()
+    out_ref = ref(input_ids=ids, attention_mask=mask, labels=ref_labels, use_cache=False)
+    out_ref.loss.backward()
+    errs = {}
+    for layout in layouts:
+        sp.zero_grad()
+        inputs = shard_inputs(ids, mesh, labels=labels, attention_mask=mask, layout=layout)
+        out = sp(**inputs)
+        out.loss.backward()
+        reduce_gradients(sp, mesh)
+        T = int(mask.sum())
+        logits = spattn.gather(out.logits, mesh, seq_len=T, layout=layout, cu_seqlens=inputs["spattn_cu_seqlens"])
+        gerr = max(_rel(p.grad, q.grad) for p, q in zip(sp.parameters(), ref.parameters()))
+        errs[layout] = (_rel(logits[0], out_ref.logits[mask.bool()]), _rel(global_loss(out.loss, mesh), out_ref.loss),
+                        gerr)
+    dist.barrier()
+    return errs
+
+
+@pytest.mark.parametrize("u,r", [(1, 2), (2, 1)], ids=["u1r2", "u2r1"])
+def test_padded_batch_matches_sdpa(u, r):
+    """HF padded batches (right and left padding in one batch) equal SDPA with the padding mask."""
+    for layout, errs in run_on_ranks(u * r, padded_case, u, r, ("zigzag", "balanced"), timeout=600).items():
+        assert max(errs) <= 1e-5, (layout, errs)
+
+
 def compiled_llm_case(u: int, r: int, S: int, layout: str):
     """Max relative errors (logits, loss, grads) of the compiled (fullgraph) spattn Llama vs eager spattn."""
     import torch.distributed as dist
@@ -152,7 +204,7 @@ def test_unsupported_inputs_raise_clearly():
     inputs = shard_inputs(ids, spattn.SPMesh())
     mask = torch.ones(2, 7, dtype=torch.long)
     mask[0, -2:] = 0
-    with pytest.raises(NotImplementedError, match="padded batches"):
+    with pytest.raises(NotImplementedError, match="shard_inputs.*attention_mask=attention_mask"):
         model(**inputs, attention_mask=mask)
     with pytest.raises(ValueError, match="spattn_seq_len"):
         model(input_ids=ids, use_cache=False)
@@ -160,6 +212,30 @@ def test_unsupported_inputs_raise_clearly():
     ref = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="sdpa")
     ref.load_state_dict(model.state_dict())
     torch.testing.assert_close(out.logits[:, :7], ref(input_ids=ids, use_cache=False).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_generate_says_what_to_do_and_the_advice_works():
+    """model.generate() with attn_implementation="spattn" raises an error about generation and the KV
+    cache, whose advice (switch to sdpa for generation, back to spattn to train) gives the reference tokens."""
+    from transformers import AutoModelForCausalLM
+
+    import spattn
+    from spattn.integrations.transformers import register, shard_inputs
+
+    register(spattn.SPMesh(), name="spattn_gen")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="spattn_gen")
+    ref = AutoModelForCausalLM.from_config(tiny_config("llama"), attn_implementation="sdpa")
+    ref.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 128, (1, 6))
+    with pytest.raises(ValueError, match=r"(?s)generate\(\).*KV-cache.*set_attn_implementation\('sdpa'\)"):
+        model.generate(ids, max_new_tokens=3, do_sample=False)
+    model.set_attn_implementation("sdpa")
+    assert torch.equal(model.generate(ids, max_new_tokens=3, do_sample=False),
+                       ref.generate(ids, max_new_tokens=3, do_sample=False))
+    model.set_attn_implementation("spattn_gen")
+    got = model(**shard_inputs(ids, spattn.SPMesh(), layout="contiguous")).logits
+    torch.testing.assert_close(got, ref(input_ids=ids, use_cache=False).logits, atol=1e-5, rtol=1e-5)
 
 
 def test_import_spattn_does_not_import_transformers():

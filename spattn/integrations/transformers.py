@@ -19,16 +19,20 @@ How the pieces fit:
   transformers forwards unknown kwargs from ``model(**inputs)`` down to every attention call, so the
   information travels with the batch (no state to go stale between batches of different lengths).
   Engines that shard by hand pass those two kwargs themselves.
-- Loss: the dict also carries ``num_items_in_batch`` = the number of valid labels in the *whole*
-  sequence, so transformers' causal-LM loss on each rank is ``sum(local token CE) / global count``:
-  these per-rank losses add up to the single-process loss (``global_loss``), and the parameter
-  gradients of the local losses, summed over the mesh (``reduce_gradients``), are the single-process
-  gradients. ``sp_loss(logits, labels, mesh)`` computes the same share from logits, for training
-  loops that compute their own loss.
+- Loss and gradients follow the data-parallel convention (what DDP, FSDP, accelerate and
+  ``Trainer`` assume): the *mean* over the ranks of their losses is the global loss and the mean of
+  their gradients the single-process gradient. The dict carries ``num_items_in_batch`` = the number of
+  valid labels in the *whole* sequence / the mesh size, so transformers' causal-LM loss on each rank
+  is ``world_size x sum(local token CE) / global count``. Averaging gradients over every rank that
+  holds a replica (the mesh, or DP x SP ranks) is then right: DDP / ``fully_shard`` / accelerate do
+  it, a plain loop calls ``reduce_gradients``; ``global_loss`` is the mean of the losses.
+  ``Trainer`` computes its own ``num_items_in_batch`` from the (sharded) labels across all ranks and
+  scales the loss by the process count, which is the same convention. ``sp_loss(logits, labels,
+  mesh)`` computes this rank's loss from logits, for training loops that compute their own loss.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -40,7 +44,7 @@ from .hf_window import WindowNotSupported, hf_layer_window
 Tensor = torch.Tensor
 IGNORE_INDEX = -100
 
-__all__ = ["register", "shard_inputs", "cu_seqlens_from_position_ids", "sp_loss", "global_loss",
+__all__ = ["register", "shard_inputs", "pack_padded", "cu_seqlens_from_position_ids", "sp_loss", "global_loss",
            "reduce_gradients"]
 
 
@@ -67,8 +71,9 @@ def _mask_fn(name: str):
                                       "the causal mask; spattn cannot express it")
         if attention_mask is not None and not torch.compiler.is_compiling() and not bool(attention_mask.all()):
             raise NotImplementedError(
-                f"attn_implementation={name!r}: padded batches (attention_mask with zeros) are not supported; "
-                "pass attention_mask=None (shard_inputs leaves it out) and mask padding with labels=-100")
+                f"attn_implementation={name!r}: got a padded attention_mask; give it to shard_inputs instead: "
+                "model(**shard_inputs(input_ids, mesh, attention_mask=attention_mask, labels=labels)) packs the "
+                "rows' real tokens as documents (exact for right and left padding; out.logits is then the packed row)")
         return None
 
     return spattn_mask
@@ -99,9 +104,15 @@ def register(mesh: "spattn.SPMesh", name: str = "spattn") -> str:
         (batch, kv_heads, seq_local, head_dim) -> ((batch, seq_local, heads, head_dim), None)."""
         where = f"attn_implementation={name!r}"
         if spattn_seq_len is None or spattn_layout is None:
-            raise ValueError(f"{where}: the model was called without spattn_seq_len / spattn_layout; call "
-                             "model(**spattn.integrations.transformers.shard_inputs(input_ids, mesh, ...)) or pass "
-                             "both kwargs (global length and layout of the shards)")
+            gen = (f"{where} shards one whole sequence over the mesh; model.generate() and KV-cache decoding "
+                   "(use_cache=True) extend a sequence token by token and are not supported. To generate, switch "
+                   "this model to single-device attention first: model.set_attn_implementation('sdpa'), "
+                   "model.generate(...), then model.set_attn_implementation("
+                   f"{name!r}) to train on. ")
+            call = ("To run a sequence-parallel forward, call model(**spattn.integrations.transformers.shard_inputs("
+                    "input_ids, mesh, ...)) (or pass spattn_seq_len and spattn_layout yourself).")
+            raise ValueError(f"{where}: the model was called without spattn_seq_len / spattn_layout. "
+                             + (gen + call if kwargs.get("use_cache") else call + " " + gen))
         if attention_mask is not None:
             raise NotImplementedError(f"{where}: got a materialized attention mask; only plain causal attention "
                                       "over the global sequence is supported (no padding or custom 4-D masks)")
@@ -116,15 +127,26 @@ def register(mesh: "spattn.SPMesh", name: str = "spattn") -> str:
             raise NotImplementedError(f"{where}: attention dropout is not supported; set config.attention_dropout=0")
         if key.shape[2] != query.shape[2]:
             raise NotImplementedError(f"{where}: {key.shape[2]} keys for {query.shape[2]} queries: decoding with "
-                                      "a KV cache is not supported (call the model with use_cache=False)")
+                                      "a KV cache (model.generate) is not supported; call the model with "
+                                      "use_cache=False, or generate after model.set_attn_implementation('sdpa')")
         q, k, v = (t.transpose(1, 2).contiguous() for t in (query, key, value))  # -> (B, s, H, D)
         out = spattn.attention(q, k, v, mesh, causal=bool(causal), softmax_scale=scaling,
                                seq_len=int(spattn_seq_len), layout=spattn_layout, cu_seqlens=spattn_cu_seqlens,
                                window_size=window)
         return out, None
 
+    mask_fn = _mask_fn(name)
     AttentionInterface.register(name, spattn_attention_forward)
-    AttentionMaskInterface.register(name, _mask_fn(name))
+    AttentionMaskInterface.register(name, mask_fn)
+
+    def unregister() -> None:   # only if still ours: the name may have been registered again since
+        for registry, fn in ((AttentionInterface, spattn_attention_forward), (AttentionMaskInterface, mask_fn)):
+            mapping = getattr(registry, "_global_mapping", None)
+            if isinstance(mapping, dict) and mapping.get(name) is fn:
+                del mapping[name]
+
+    from ._exit import release_at_exit
+    release_at_exit(mesh, unregister)   # a clean process exit (see _exit.py)
     return name
 
 
@@ -145,8 +167,44 @@ def cu_seqlens_from_position_ids(position_ids: Tensor) -> Tensor:
     return torch.cat([starts.nonzero().flatten(), n]).to(torch.int32)
 
 
+def pack_padded(input_ids: Tensor, attention_mask: Tensor, labels: Optional[Tensor] = None,
+                position_ids: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
+    """A padded batch as one packed row of documents (one per batch row), which is how spattn
+    expresses key padding: every real token attends exactly the real tokens of its row, as with SDPA
+    and the padding mask.
+
+    Args:
+        input_ids: (batch, seq); attention_mask: (batch, seq), 1 = real token, each row's real tokens
+            one contiguous run (right or left padding); labels: (batch, seq) unshifted, -100 = ignored;
+            position_ids: (batch, seq) the positions RoPE sees (default: the column, as transformers'
+            forward uses without position_ids).
+    Returns (ids (1, T), labels (1, T) or None, position_ids (1, T), cu_seqlens int32 (batch + 1,)),
+    T = real tokens. A row's first real token is no target (no real token precedes it in its row):
+    its label is -100, so no target crosses rows after the shift. ``packed_logits[0]`` is
+    ``logits[attention_mask.bool()]`` of the padded batch.
+    """
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"shard_inputs: attention_mask {tuple(attention_mask.shape)} must have the shape of "
+                         f"input_ids {tuple(input_ids.shape)}")
+    m = attention_mask.to(torch.bool)
+    lengths = m.sum(1)
+    runs = (m & ~torch.nn.functional.pad(m, (1, 0))[:, :-1]).sum(1)   # starts of runs of real tokens
+    if bool((lengths == 0).any()) or bool((runs != 1).any()):
+        raise ValueError("shard_inputs: attention_mask must mark one contiguous run of real tokens per row "
+                         "(right or left padding) and at least one per row; other masks are not padding")
+    pos = position_ids if position_ids is not None else torch.arange(
+        input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    packed_labels = None
+    if labels is not None:
+        first = m & ~torch.nn.functional.pad(m, (1, 0))[:, :-1]
+        packed_labels = labels.masked_fill(first, IGNORE_INDEX)[m].unsqueeze(0)
+    cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+    return input_ids[m].unsqueeze(0), packed_labels, pos[m].unsqueeze(0), cu
+
+
 def shard_inputs(input_ids: Tensor, mesh: "spattn.SPMesh", *, labels: Optional[Tensor] = None,
-                 layout: str = "zigzag", position_ids: Optional[Tensor] = None) -> Dict[str, object]:
+                 layout: str = "zigzag", position_ids: Optional[Tensor] = None,
+                 attention_mask: Optional[Tensor] = None) -> Dict[str, object]:
     """What this rank passes to the model: ``model(**shard_inputs(input_ids, mesh, labels=...))``.
 
     Args:
@@ -156,6 +214,10 @@ def shard_inputs(input_ids: Tensor, mesh: "spattn.SPMesh", *, labels: Optional[T
         position_ids: (1, seq) for a packed batch, the Hugging Face way (restarting at 0 at each
             document): the document boundaries are derived from them (``spattn_cu_seqlens``), so no
             token attends across a document, and these positions (not global ones) feed RoPE.
+        attention_mask: (batch, seq) a padded batch's mask (right or left padding): the rows' real
+            tokens are packed into one row of documents (``pack_padded``), so every output is then
+            for batch 1 and the packed tokens (``logits[0]`` = the padded logits at the mask); with it,
+            ``position_ids`` (batch, seq) are the padded batch's positions (default: the column).
 
     Returns a dict with ``input_ids`` (batch, s) this rank's tokens (padded with 0 past the end),
     ``position_ids`` (batch, s) their global positions, ``use_cache=False``, ``spattn_seq_len`` and
@@ -163,22 +225,29 @@ def shard_inputs(input_ids: Tensor, mesh: "spattn.SPMesh", *, labels: Optional[T
     ``spattn_cu_seqlens``, and ``position_ids`` are then the given per-document ones), and with labels: ``labels`` and
     ``shift_labels`` (batch, s), the next-token targets of this rank's positions (shifted on the full
     sequence, -100 on the last and on padded positions), and ``num_items_in_batch``, the global count of
-    valid targets, which makes ``model(**inputs).loss`` this rank's share of the global mean loss.
+    valid targets / the mesh size, which makes the mean of the ranks' ``model(**inputs).loss`` the
+    global mean loss (the data-parallel convention, see the module docstring).
     """
     if input_ids.dim() != 2:
         raise ValueError(f"shard_inputs: input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+    if position_ids is not None and position_ids.shape != input_ids.shape:
+        raise ValueError(f"shard_inputs: position_ids {tuple(position_ids.shape)} must have the shape of "
+                         f"input_ids {tuple(input_ids.shape)}")
+    if labels is not None and labels.shape != input_ids.shape:
+        raise ValueError(f"shard_inputs: labels {tuple(labels.shape)} must have the shape of input_ids "
+                         f"{tuple(input_ids.shape)} (unshifted; shifting happens here)")
+    cu = None
+    if attention_mask is not None and not bool(attention_mask.to(torch.bool).all()):
+        input_ids, labels, position_ids, cu = pack_padded(input_ids, attention_mask, labels, position_ids)
+    elif position_ids is not None:
+        cu = cu_seqlens_from_position_ids(position_ids)
     b, s = input_ids.shape
     padded = spattn.local_seq_len(s, mesh, layout) * mesh.world_size
     # Padded slots (past the end) get their global index as position: their keys get zero weight in
     # spattn and their labels are -100, so the value only has to be finite.
-    cu = None
     if position_ids is None:
         pos = torch.arange(padded, device=input_ids.device).expand(b, padded)
     else:
-        if position_ids.shape != input_ids.shape:
-            raise ValueError(f"shard_inputs: position_ids {tuple(position_ids.shape)} must have the shape of "
-                             f"input_ids {tuple(input_ids.shape)}")
-        cu = cu_seqlens_from_position_ids(position_ids)
         tail = position_ids[:, -1:] + 1 + torch.arange(padded - s, device=position_ids.device)
         pos = torch.cat([position_ids, tail], dim=1)
 
@@ -201,53 +270,70 @@ def shard_inputs(input_ids: Tensor, mesh: "spattn.SPMesh", *, labels: Optional[T
     if cu is not None:
         out["spattn_cu_seqlens"] = cu
     if labels is not None:
-        if labels.shape != input_ids.shape:
-            raise ValueError(f"shard_inputs: labels {tuple(labels.shape)} must have the shape of input_ids "
-                             f"{tuple(input_ids.shape)} (unshifted; shifting happens here)")
         # Shift on the full sequence first: the target of a shard's last token lives on another rank.
         shifted = torch.cat([labels[:, 1:], labels.new_full((b, 1), IGNORE_INDEX)], dim=1)
         shifted_padded = torch.cat([shifted, shifted.new_full((b, padded - s), IGNORE_INDEX)], dim=1)
         local = shard_padded(shifted_padded, IGNORE_INDEX)
         out["labels"] = local
         out["shift_labels"] = local  # transformers' loss then uses them as they are (no second shift)
-        out["num_items_in_batch"] = int((shifted != IGNORE_INDEX).sum())
+        count = int((shifted != IGNORE_INDEX).sum())
+        out["num_items_in_batch"] = count if mesh.world_size == 1 else count / mesh.world_size
     return out
 
 
 def sp_loss(logits: Tensor, labels: Tensor, mesh: "spattn.SPMesh") -> Tensor:
-    """This rank's share of the global next-token loss: sum of this rank's token cross-entropies over
-    valid labels / the valid count over the whole mesh (one small all-reduce, no gradient through it).
+    """This rank's loss in the data-parallel convention: ``world_size x`` the sum of this rank's token
+    cross-entropies over valid labels / the valid count over the whole mesh (one small all-reduce, no
+    gradient through it), so the mean over the ranks is the global loss.
 
     Args:
         logits: (batch, s, vocab) this rank's logits.
         labels: (batch, s) this rank's *shifted* labels (``shard_inputs(...)["labels"]``), -100 = ignored.
     Returns a differentiable scalar; ``global_loss`` of it is the single-process mean loss, and
-    backward + ``reduce_gradients`` gives the single-process gradients.
+    backward + ``reduce_gradients`` (or DDP / FSDP) gives the single-process gradients.
     """
     total = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                               ignore_index=IGNORE_INDEX, reduction="sum")
     count = (labels != IGNORE_INDEX).sum().to(total.dtype)
     for g in mesh.groups():
         dist.all_reduce(count, group=g)
-    return total / count
+    return total * mesh.world_size / count
 
 
 def global_loss(local_loss: Tensor, mesh: "spattn.SPMesh") -> Tensor:
-    """The global (single-process) loss from each rank's share: their sum over the mesh (detached)."""
+    """The global (single-process) loss from the ranks' losses: their mean over the mesh (detached)."""
     total = local_loss.detach().clone()
     for g in mesh.groups():
         dist.all_reduce(total, group=g)
-    return total
+    return total / mesh.world_size
 
 
-def reduce_gradients(model: torch.nn.Module, mesh: "spattn.SPMesh") -> None:
-    """Sum every parameter gradient over the mesh (one flat all-reduce per group), so each rank holds
-    the single-process gradient. Data-parallel wrappers spanning the mesh ranks do the same for you."""
-    grads = [p.grad for p in model.parameters() if p.grad is not None]
-    if not grads or mesh.world_size == 1:
+def reduce_gradients(model: torch.nn.Module, mesh: "spattn.SPMesh", *,
+                     params: Optional[Iterable[torch.nn.Parameter]] = None,
+                     group: Optional[dist.ProcessGroup] = None) -> None:
+    """Average parameter gradients over the ranks (one flat all-reduce per group and dtype), so each
+    holds the single-process gradient; what DDP / ``fully_shard`` / ``Trainer`` do for you.
+
+    Args:
+        params: every trainable parameter (default: ``model.parameters()``); include modules outside
+            the model that feed it or use its outputs.
+        group: the ranks to average over (default: the mesh). With data parallelism around the mesh,
+            the group of every DP x SP rank (e.g. ``dist.group.WORLD``).
+    """
+    groups = [group] if group is not None else mesh.groups()
+    size = 1
+    for g in groups:
+        size *= dist.get_world_size(g)
+    by_dtype: Dict[torch.dtype, List[Tensor]] = {}
+    for p in (params if params is not None else model.parameters()):
+        if p.grad is not None:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    if size == 1:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    for g in mesh.groups():
-        dist.all_reduce(flat, group=g)
-    for g, f in zip(grads, flat.split([g.numel() for g in grads])):
-        g.copy_(f.view_as(g))
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        for g in groups:
+            dist.all_reduce(flat, group=g)
+        flat /= size
+        for g, f in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(f.view_as(g))

@@ -24,15 +24,29 @@ Image token counts that the mesh does not divide (Qwen-Image at 1328x1328: 6889 
 by ``spattn.shard``; ``seq_len`` tells ``spattn.attention`` which keys are padding (they get zero
 weight) and ``spattn.gather`` drops the padded rows.
 
-Gradients (training, e.g. LoRA): the loss computed from the gathered output is the same on every rank
-and counts once. After ``loss.backward()`` each rank holds its share of every parameter gradient;
-their sum over the mesh is the single-process gradient, so call ``handle.all_reduce_grads()`` (a sum)
-before the optimizer step (or fold it into your data-parallel all-reduce, summing over the SP ranks).
-To make that one rule hold for every parameter, tensors replicated on every rank (text, timestep
-embeddings) carry per-rank *shares* of their gradient: the text output of the joint attention sums
-its incoming shares (one all-reduce, backward only) before spattn's backward, which wants the full
-gradient, and the joint q/k/v gradients spattn returns (full on every rank) are split back into
-equal shares.
+Gradients (training, e.g. LoRA): one convention, the one data-parallel wrappers assume. The output is
+the same on every rank, so is the loss computed from it; every rank's parameter gradients are such
+that their *mean* over the ranks is the single-process gradient (the gather's backward scales this
+rank's slice by the mesh size: each rank's gradient is ``world_size`` x its share). So averaging over
+every rank holding a replica of the parameters gives the right gradient, whether it is DDP, FSDP2's
+``fully_shard``, accelerate, or ``handle.all_reduce_grads(params)`` in a plain loop, and with data
+parallelism around the mesh too (DP x SP ranks: the average over all of them is the mean over the DP
+batches of the single-process gradients). Trainable modules *outside* the transformer obey the same
+rule: one feeding it (a text-embedding adapter, ControlNet residuals) holds world_size x its share,
+one after it (a head on the output) the full gradient; both average right. ``all_reduce_grads()``
+without ``params`` reduces only the transformer's parameters and refuses to run when the last call's
+inputs required grad (trainable modules upstream would stay partial): pass them all.
+Tensors replicated on every rank (text, timestep embeddings) carry per-rank shares of their gradient:
+the text output of the joint attention sums its incoming shares (one all-reduce, backward only)
+before spattn's backward, which wants the full gradient, and the joint q/k/v gradients spattn
+returns (full on every rank) are split back into equal shares.
+
+Caches (``transformer.enable_cache(...)``, before or after ``parallelize``): first-block cache
+works exactly: its skip/compute decision is taken on the statistic reduced over the mesh (the
+sums of |residual change| and |previous residual| over every rank's real image tokens), so every
+rank decides the same and the output equals the single-process cached run. The other caches
+(PyramidAttentionBroadcast, FasterCache, TaylorSeer, MagCache, SeaCache, TextKVCache) are refused
+at ``parallelize`` / ``enable_cache`` time with the cache named.
 
 Supported: diffusers 0.36 - 0.42 (tested with 0.42.1). Fused QKV projections, IP-adapter processors,
 attention masks other than Qwen-Image's text mask and diffusers' own context parallelism are
@@ -42,7 +56,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -90,6 +104,7 @@ class _State:
     seq_len: Optional[int] = None    # global image token count of the current call
     text_len: Optional[int] = None   # joint text length of the current call (Flux single blocks)
     bool_mask: Optional[Tuple[Tensor, Any, Tensor]] = None  # (source mask, its version, bool copy)
+    inputs_need_grad: bool = False   # the last call's inputs came from trainable modules upstream
 
     def as_bool(self, mask: Tensor) -> Tensor:
         """The text mask as bool, converted once per call: every layer then hands spattn the same
@@ -133,6 +148,19 @@ class _SumShares(torch.autograd.Function):
         for grp in ctx.mesh.groups():
             dist.all_reduce(g, group=grp)
         return g, None
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity; backward multiplies the gradient by ``factor`` (the gathered output's convention)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, factor: float) -> Tensor:
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return g * ctx.factor, None
 
 
 class _SplitShares(torch.autograd.Function):
@@ -363,8 +391,23 @@ def _output_hook(specs: Dict[int, Split], state: _State, where: str):
 
 def _gather_hook(dim: int, state: _State):
     def hook(mod, args, output):
+        world = state.mesh.world_size
+        if world > 1 and torch.is_grad_enabled() and output.requires_grad:
+            # The loss on the replicated output counts once per rank; scaling this rank's slice by the
+            # mesh size makes the *mean* of the ranks' gradients the single-process one, which is what
+            # DDP, FSDP and accelerate compute (see the module docstring).
+            output = _ScaleGrad.apply(output, float(world))
         return spattn.gather(output, state.mesh, dim=dim, seq_len=state.seq_len)
     return hook
+
+
+def _any_requires_grad(values) -> bool:
+    for v in values:
+        if isinstance(v, Tensor) and v.requires_grad:
+            return True
+        if isinstance(v, (list, tuple)) and _any_requires_grad(v):
+            return True
+    return False
 
 
 def _begin_hook(plan: ModelPlan, state: _State):
@@ -374,6 +417,7 @@ def _begin_hook(plan: ModelPlan, state: _State):
     def hook(mod, args, kwargs):
         nonlocal params
         state.seq_len, state.text_len, state.bool_mask = None, None, None
+        state.inputs_need_grad = torch.is_grad_enabled() and _any_requires_grad([*args, *kwargs.values()])
         if plan.text_len is not None:
             name, dim = plan.text_len
             params = params or list(inspect.signature(mod.forward).parameters)
@@ -383,6 +427,64 @@ def _begin_hook(plan: ModelPlan, state: _State):
     return hook
 
 
+# ---------------------------------------------------------------------------------------------------
+# diffusers caches: first-block cache decided on the mesh-wide statistic, the others refused
+# ---------------------------------------------------------------------------------------------------
+
+_FBC_HEAD = "fbc_leader_block_hook"
+# hook name prefix -> the cache config users know it by (diffusers.hooks)
+_REFUSED_CACHES = {"pyramid_attention_broadcast": "PyramidAttentionBroadcastConfig",
+                   "faster_cache": "FasterCacheConfig", "taylorseer_cache": "TaylorSeerCacheConfig",
+                   "mag_cache": "MagCacheConfig", "sea_cache": "SeaCacheConfig", "text_kv_cache": "TextKVCacheConfig"}
+
+
+def _hooks_of(model: torch.nn.Module):
+    """(module, hook name, hook) of every diffusers hook under ``model``."""
+    for m in model.modules():
+        reg = getattr(m, "_diffusers_hook", None)
+        for name, hook in (getattr(reg, "hooks", None) or {}).items():
+            yield m, name, hook
+
+
+def _refuse_cache(name: str) -> None:
+    raise ValueError(f"spattn.integrations.diffusers: {name} is not supported on a sequence-parallel transformer "
+                     f"(its cached values or decisions would differ between the ranks' shards); use "
+                     f"FirstBlockCacheConfig, which is exact here, or disable_cache() before parallelize")
+
+
+def _check_caches(model: torch.nn.Module) -> List[Any]:
+    """The first-block-cache head hooks to make mesh-wide; raises for any other cache."""
+    heads = []
+    for _, name, hook in _hooks_of(model):
+        for prefix, config in _REFUSED_CACHES.items():
+            if name.startswith(prefix):
+                _refuse_cache(config)
+        if name == _FBC_HEAD:
+            heads.append(hook)
+    return heads
+
+
+def _mesh_wide_decision(hook: Any, state: _State) -> Callable[[Tensor], bool]:
+    """first-block cache's decision (relative mean change of the first block's residual > threshold)
+    on the statistic over the whole sequence: one all-reduce of two sums, the same result on every rank.
+    Rows past the global length (padding of the contiguous shard) are left out."""
+
+    @torch.compiler.disable
+    def should_compute(residual: Tensor) -> bool:
+        prev = hook.state_manager.get_state().head_block_residual
+        if prev is None:
+            return True
+        mesh, n = state.mesh, residual.shape[1]
+        if state.seq_len is not None:   # contiguous shards of ceil(S / W) rows; the tail rows are padding
+            n = max(0, min(n, state.seq_len - mesh.sp_rank * n))
+        sums = torch.stack([(residual[:, :n] - prev[:, :n]).abs().sum(), prev[:, :n].abs().sum()]).double()
+        for g in mesh.groups():
+            dist.all_reduce(sums, group=g)
+        return bool((sums[0] / sums[1]).item() > hook.threshold)
+
+    return should_compute
+
+
 class SPHandle:
     """What ``parallelize`` did to one transformer; ``remove()`` undoes it."""
 
@@ -390,6 +492,23 @@ class SPHandle:
         self.model, self.mesh, self.plan = model, mesh, plan
         self._hooks: List[Any] = []
         self._processors: List[Tuple[torch.nn.Module, Any]] = []
+        self._state: Optional[_State] = None
+        self._fbc_heads: List[Any] = []   # first-block-cache head hooks whose decision we replaced
+
+    def _adopt_caches(self) -> None:
+        """Give every first-block-cache head hook the mesh-wide decision (refusing other caches)."""
+        for hook in _check_caches(self.model):
+            if hook not in self._fbc_heads:
+                hook._should_compute_remaining_blocks = _mesh_wide_decision(hook, self._state)
+                self._fbc_heads.append(hook)
+
+    def _enable_cache(self, config: Any) -> None:
+        """The model's ``enable_cache`` while parallelized: refuse what cannot be exact, then adopt."""
+        name = type(config).__name__
+        if name != "FirstBlockCacheConfig" and name in _REFUSED_CACHES.values():
+            _refuse_cache(name)
+        type(self.model).enable_cache(self.model, config)
+        self._adopt_caches()
 
     def remove(self) -> None:
         """Restore the model exactly: hooks removed, original processors back. Idempotent."""
@@ -397,21 +516,47 @@ class SPHandle:
             h.remove()
         for m, proc in self._processors:
             m.set_processor(proc)
-        self._hooks, self._processors = [], []
+        for hook in self._fbc_heads:   # back to diffusers' own (per-process) decision
+            hook.__dict__.pop("_should_compute_remaining_blocks", None)
+        if self.model.__dict__.get("enable_cache") == self._enable_cache:
+            del self.model.enable_cache
+        self._hooks, self._processors, self._fbc_heads = [], [], []
 
-    def all_reduce_grads(self, params=None) -> None:
-        """Sum every parameter's gradient over the mesh (in place): each rank then holds the
-        single-process gradient. One all-reduce per mesh group and gradient dtype."""
-        if self.mesh.world_size == 1:
+    def all_reduce_grads(self, params: Optional[Iterable[torch.nn.Parameter]] = None,
+                         group: Optional[dist.ProcessGroup] = None) -> None:
+        """Average gradients over the ranks (in place) so each holds the single-process gradient.
+
+        Args:
+            params: every trainable parameter, including those of modules outside the transformer
+                (an adapter feeding it, a head after it). Default: the transformer's own, which is
+                refused when the last call's inputs required grad (their modules would stay partial).
+            group: the ranks to average over. Default: the mesh. With data parallelism around the
+                mesh, pass the group of every DP x SP rank (e.g. ``dist.group.WORLD``).
+
+        What DDP / FSDP do for you; one all-reduce per group and gradient dtype.
+        """
+        if params is None:
+            if self._state is not None and self._state.inputs_need_grad:
+                raise ValueError(
+                    "SPHandle.all_reduce_grads: the transformer's inputs required grad in the last call, so "
+                    "trainable modules outside it hold partial gradients too; pass them all: "
+                    "all_reduce_grads(params=[p for m in (transformer, adapter) for p in m.parameters()])")
+            params = self.model.parameters()
+        groups = [group] if group is not None else self.mesh.groups()
+        size = 1
+        for g in groups:
+            size *= dist.get_world_size(g)
+        if size == 1:
             return
         by_dtype: Dict[torch.dtype, List[Tensor]] = {}
-        for p in (params if params is not None else self.model.parameters()):
+        for p in params:
             if p.grad is not None:
                 by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
         for grads in by_dtype.values():   # one flat buffer per dtype
             flat = torch.cat([g.reshape(-1) for g in grads])
-            for grp in self.mesh.groups():
+            for grp in groups:
                 dist.all_reduce(flat, group=grp)
+            flat /= size
             for g, f in zip(grads, flat.split([g.numel() for g in grads])):
                 g.copy_(f.view_as(g))
 
@@ -436,20 +581,27 @@ def parallelize(transformer: torch.nn.Module, mesh: spattn.SPMesh, *, backend: s
 
     Args:
         transformer: a diffusers ``QwenImageTransformer2DModel``, ``FluxTransformer2DModel`` or
-            ``WanTransformer3DModel`` (possibly inside a pipeline: ``pipe.transformer``).
+            ``WanTransformer3DModel`` (possibly inside a pipeline: ``pipe.transformer``), or
+            ``torch.compile`` of one (the model inside is parallelized; the compiled one retraces).
         mesh: the ``spattn.SPMesh`` (Ulysses x Ring) of the ranks that share the work.
         backend: single-device attention kernel for ``spattn.attention`` ("auto", "torch", "reference",
             "triton").
 
     Returns:
-        an ``SPHandle``: ``remove()`` restores the model; ``all_reduce_grads()`` sums parameter
-        gradients over the mesh after a backward pass (see the module docstring).
+        an ``SPHandle``: ``remove()`` restores the model; ``all_reduce_grads(params)`` averages
+        gradients over the mesh after a backward pass, for loops without DDP/FSDP (see the module docstring).
     """
     if not isinstance(mesh, spattn.SPMesh):
         raise TypeError(f"parallelize: mesh must be a spattn.SPMesh (spattn.init_mesh), got {type(mesh).__name__}")
+    # torch.compile(model) wraps the model; hooks and processors go on the model itself, and the
+    # compiled wrapper retraces when they change (its guards see them), so both orders work.
+    if type(transformer).__name__ == "OptimizedModule" and isinstance(getattr(transformer, "_orig_mod", None),
+                                                                     torch.nn.Module):
+        transformer = transformer._orig_mod
     plan = _plan_for(transformer)
     if getattr(transformer, "_parallel_config", None) is not None:
         raise ValueError("parallelize: diffusers' own parallelism is enabled on this model; use one or the other")
+    _check_caches(transformer)
     state = _State(mesh, backend)
 
     # Check everything before changing anything.
@@ -473,6 +625,7 @@ def parallelize(transformer: torch.nn.Module, mesh: spattn.SPMesh, *, backend: s
     ((_, gather_mod),) = _modules_at(transformer, plan.gather[0])
 
     handle = SPHandle(transformer, mesh, plan)
+    handle._state = state
     handle._hooks.append(transformer.register_forward_pre_hook(_begin_hook(plan, state), with_kwargs=True))
     for m, specs, where in targets:
         handle._hooks.append(m.register_forward_pre_hook(_input_hook(specs, m, state, where), with_kwargs=True))
@@ -482,4 +635,9 @@ def parallelize(transformer: torch.nn.Module, mesh: spattn.SPMesh, *, backend: s
     for m, proc, factory in swaps:
         m.set_processor(factory(state))
         handle._processors.append((m, proc))
+    handle._adopt_caches()
+    from .._exit import release_at_exit
+    release_at_exit(mesh)   # ring engines freed before interpreter teardown (see integrations/_exit.py)
+    if hasattr(transformer, "enable_cache"):   # caches enabled later are checked and adopted too
+        transformer.enable_cache = handle._enable_cache
     return handle
