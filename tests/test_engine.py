@@ -63,7 +63,7 @@ def _alive(pid: int) -> bool:
 @pytest.fixture(scope="module")
 def single_device():
     """The unmodified tiny pipeline in this process: the one-device reference."""
-    from spattn.cli.tiny import build_tiny_pipeline
+    from spattn.integrations.diffusers.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline("tiny-qwen-image")
     pipe.set_progress_bar_config(disable=True)

@@ -127,7 +127,7 @@ def quick_server(servers):
 @pytest.fixture(scope="module")
 def reference():
     """The single-device tiny pipeline: the float image the server's PNG must round to."""
-    from spattn.cli.tiny import build_tiny_pipeline
+    from spattn.integrations.diffusers.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline("tiny-qwen-image")
     pipe.set_progress_bar_config(disable=True)
