@@ -1,7 +1,9 @@
 """spattn.Engine: ranks kept alive across requests. Checked against the single-device pipeline (<= 1e-3),
 ``spattn generate``'s PNG with the same flags (identical), the same request run alone when batched
 (<= 1e-5); bad requests, a request failing on every rank or on one rank, cancellation, concurrent
-callers, a killed rank. One 2-rank tiny-qwen-image engine serves the module (64x64, 2 steps)."""
+callers, a killed rank. One 2-rank tiny-qwen-image engine serves the module (64x64, 2 steps); two more
+start for CFG parallel (cfg_degree=2: same image as `spattn generate --cfg-degree 2`, idle_fraction) and
+vae_parallel=False (the same image as the parallel decode, <= 1e-5)."""
 import os
 import signal
 import subprocess
@@ -104,6 +106,10 @@ def test_engine_arguments_checked_before_any_rank():
         Engine("tiny-qwen-image", ulysses_degree=0)
     with pytest.raises(ValueError, match="no such directory"):
         Engine("./no-such-model")
+    with pytest.raises(ValueError, match="cfg_degree: 3, but classifier-free guidance has two branches"):
+        Engine("tiny-qwen-image", cfg_degree=3)
+    with pytest.raises(ValueError, match="vae_parallel: expected True or False"):
+        Engine("tiny-qwen-image", vae_parallel="yes")
     with pytest.raises(ValueError, match="at most 8 local CPU ranks"):
         if torch.cuda.is_available():
             pytest.skip("GPU machine: the CPU rank limit does not apply")
@@ -165,6 +171,16 @@ def test_num_images_per_prompt_uses_consecutive_seeds(engine):
     one, = engine.generate("a tree", SamplingParams(seed=21, **SMALL))
     assert len(two.images) == 2
     assert np.abs(two.array[1].astype(np.float64) - one.array[0]).max() <= 1e-5
+
+
+def test_vae_parallel_on_and_off_give_the_same_image(engine):
+    """The module engine decodes with both ranks (the default); vae_parallel=False decodes on rank 0."""
+    on, = engine.generate("a lighthouse", SamplingParams(seed=8, **SMALL))
+    with Engine("tiny-qwen-image", ulysses_degree=2, vae_parallel=False) as off_engine:
+        off, = off_engine.generate("a lighthouse", SamplingParams(seed=8, **SMALL))
+    assert on.metrics["vae_parallel"] and not off.metrics["vae_parallel"]
+    assert np.abs(on.array.astype(np.float64) - off.array).max() <= 1e-5
+    assert on.array.std() > 0.05
 
 
 def test_concurrent_callers_each_get_their_own_seed(engine, single_device):
@@ -309,13 +325,3 @@ def test_cfg_engine_runs_both_branches_at_once(single_device, tmp_path):
 
     theirs = np.asarray(Image.open(png)).astype(np.float64) / 255
     assert np.abs(theirs - np.asarray(guided.images[0]).astype(np.float64) / 255).max() <= 1e-5
-
-
-def test_vae_parallel_on_and_off_give_the_same_image(engine):
-    """The module engine decodes with both ranks (the default); vae_parallel=False decodes on rank 0."""
-    on, = engine.generate("a lighthouse", SamplingParams(seed=8, **SMALL))
-    with Engine("tiny-qwen-image", ulysses_degree=2, vae_parallel=False) as off_engine:
-        off, = off_engine.generate("a lighthouse", SamplingParams(seed=8, **SMALL))
-    assert on.metrics["vae_parallel"] and not off.metrics["vae_parallel"]
-    assert np.abs(on.array.astype(np.float64) - off.array).max() <= 1e-5
-    assert on.array.std() > 0.05
