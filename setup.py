@@ -9,7 +9,7 @@ import os
 import shutil
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REBUILD = "pip install --no-build-isolation -e ."
@@ -193,8 +193,9 @@ setup(
     name="spattn",
     version="0.1.0",
     description="Sequence-parallel attention: Ulysses, Ring and hybrid, forward and backward",
-    packages=["spattn", "spattn.backends", "spattn.kernels", "spattn.cli", "spattn.integrations", "spattn.engine"],
-    # Triton kernels live at the top level (kernels/) as leaf code, installed as spattn.kernels.
+    # Every subpackage under spattn/ (a hand-written list missed spattn.integrations.diffusers, spattn.comm,
+    # spattn.parallel); Triton kernels live at the top level (kernels/) as leaf code, installed as spattn.kernels.
+    packages=find_packages(include=["spattn", "spattn.*"]) + ["spattn.kernels"],
     package_dir={"spattn": "spattn", "spattn.kernels": "kernels"},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy"],

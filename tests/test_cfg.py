@@ -29,7 +29,7 @@ def _tiny_wan():
     from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
-    from spattn.cli.tiny import _t5_tokenizer
+    from spattn.integrations.diffusers.tiny import _t5_tokenizer
 
     tokenizer = _t5_tokenizer()
     torch.manual_seed(0)
@@ -50,7 +50,7 @@ def _tiny_wan():
 def _pipe(model: str):
     from diffusers.utils import logging as dlog
 
-    from spattn.cli.tiny import build_tiny_pipeline
+    from spattn.integrations.diffusers.tiny import build_tiny_pipeline
 
     dlog.set_verbosity_error()   # "true_cfg_scale ignored" notes for the no-CFG calls
     if model == "tiny-wan-cfg":

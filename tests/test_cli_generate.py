@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 
 from spattn.cli import generate  # noqa: E402
 from spattn.cli.main import main  # noqa: E402
-from spattn.cli.tiny import TINY_MODELS, build_tiny_pipeline  # noqa: E402
+from spattn.integrations.diffusers.tiny import TINY_MODELS, build_tiny_pipeline  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ROW_FIELDS = ("configuration", "ulysses_degree", "ring_degree", "time_s", "speedup", "max_abs_diff")

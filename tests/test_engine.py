@@ -1,7 +1,9 @@
 """spattn.Engine: ranks kept alive across requests. Checked against the single-device pipeline (<= 1e-3),
 ``spattn generate``'s PNG with the same flags (identical), the same request run alone when batched
 (<= 1e-5); bad requests, a request failing on every rank or on one rank, cancellation, concurrent
-callers, a killed rank. One 2-rank tiny-qwen-image engine serves the module (64x64, 2 steps)."""
+callers, a killed rank. One 2-rank tiny-qwen-image engine serves the module (64x64, 2 steps); two more
+start for CFG parallel (cfg_degree=2: same image as `spattn generate --cfg-degree 2`, idle_fraction) and
+vae_parallel=False (the same image as the parallel decode, <= 1e-5)."""
 import os
 import signal
 import subprocess
@@ -63,7 +65,7 @@ def _alive(pid: int) -> bool:
 @pytest.fixture(scope="module")
 def single_device():
     """The unmodified tiny pipeline in this process: the one-device reference."""
-    from spattn.cli.tiny import build_tiny_pipeline
+    from spattn.integrations.diffusers.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline("tiny-qwen-image")
     pipe.set_progress_bar_config(disable=True)
@@ -104,6 +106,10 @@ def test_engine_arguments_checked_before_any_rank():
         Engine("tiny-qwen-image", ulysses_degree=0)
     with pytest.raises(ValueError, match="no such directory"):
         Engine("./no-such-model")
+    with pytest.raises(ValueError, match="cfg_degree: 3, but classifier-free guidance has two branches"):
+        Engine("tiny-qwen-image", cfg_degree=3)
+    with pytest.raises(ValueError, match="vae_parallel: expected True or False"):
+        Engine("tiny-qwen-image", vae_parallel="yes")
     with pytest.raises(ValueError, match="at most 8 local CPU ranks"):
         if torch.cuda.is_available():
             pytest.skip("GPU machine: the CPU rank limit does not apply")
@@ -165,6 +171,16 @@ def test_num_images_per_prompt_uses_consecutive_seeds(engine):
     one, = engine.generate("a tree", SamplingParams(seed=21, **SMALL))
     assert len(two.images) == 2
     assert np.abs(two.array[1].astype(np.float64) - one.array[0]).max() <= 1e-5
+
+
+def test_vae_parallel_on_and_off_give_the_same_image(engine):
+    """The module engine decodes with both ranks (the default); vae_parallel=False decodes on rank 0."""
+    on, = engine.generate("a lighthouse", SamplingParams(seed=8, **SMALL))
+    with Engine("tiny-qwen-image", ulysses_degree=2, vae_parallel=False) as off_engine:
+        off, = off_engine.generate("a lighthouse", SamplingParams(seed=8, **SMALL))
+    assert on.metrics["vae_parallel"] and not off.metrics["vae_parallel"]
+    assert np.abs(on.array.astype(np.float64) - off.array).max() <= 1e-5
+    assert on.array.std() > 0.05
 
 
 def test_concurrent_callers_each_get_their_own_seed(engine, single_device):
@@ -269,3 +285,43 @@ def test_torchrun_rank0_drives_the_others_serve(single_device, tmp_path):
         ranks.wait(timeout=900)
     ref = single_device("a cat on a windowsill", 3)
     assert np.abs(np.load(out)[0].astype(np.float64) - ref).max() <= 1e-3
+
+
+# ------------------------------------------------------------------------ CFG parallel, parallel VAE
+NEG = dict(negative_prompt="blurry, low quality", true_cfg_scale=4.0)
+
+
+def test_cfg_engine_runs_both_branches_at_once(single_device, tmp_path):
+    """cfg_degree=2 on 2 ranks: a guided request equals `spattn generate --cfg-degree 2` (same flags) and
+    the one-device pipeline; a request without guidance still runs and reports half the ranks idle."""
+    with Engine("tiny-qwen-image", cfg_degree=2) as eng:
+        h = eng.health()
+        assert eng.world == 2 and [r["rank"] for r in h["ranks"]] == [0, 1] and all(r["alive"] for r in h["ranks"])
+        assert h["cfg_degree"] == 2
+        guided, = eng.generate("a cat on a windowsill", SamplingParams(seed=4, **NEG, **SMALL))
+        plain, = eng.generate("a cat on a windowsill", SamplingParams(seed=4, **SMALL))
+    assert guided.metrics["cfg_parallel"] and guided.metrics["idle_fraction"] == 0.0
+    assert not plain.metrics["cfg_parallel"] and plain.metrics["idle_fraction"] == 0.5
+    assert np.abs(plain.array[0].astype(np.float64) - single_device("a cat on a windowsill", 4)).max() <= 1e-3
+
+    from spattn.integrations.diffusers.tiny import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline("tiny-qwen-image")
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe(prompt="a cat on a windowsill", generator=torch.Generator("cpu").manual_seed(4), output_type="np",
+               **NEG, **SMALL).images[0]
+    assert np.abs(guided.array[0].astype(np.float64) - ref).max() <= 1e-3
+    assert np.abs(ref - single_device("a cat on a windowsill", 4)).max() > 1e-2  # guidance changed the image
+
+    png = tmp_path / "cfg.png"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-m", "spattn", "generate", "--model", "tiny-qwen-image", "--prompt",
+                        "a cat on a windowsill", "--cfg-degree", "2", "--negative-prompt", NEG["negative_prompt"],
+                        "--true-cfg-scale", "4", "--width", "64", "--height", "64", "--num-inference-steps", "2",
+                        "--seed", "4", "--no-baseline", "--no-warmup", "--output", str(png)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    from PIL import Image
+
+    theirs = np.asarray(Image.open(png)).astype(np.float64) / 255
+    assert np.abs(theirs - np.asarray(guided.images[0]).astype(np.float64) / 255).max() <= 1e-5

@@ -3,7 +3,7 @@ plain HTTP (httpx). Image server: tiny-qwen-image, Ulysses 2, --max-batch-size 4
 2 steps); video server: tiny-wan, Ring 2. Checked: health while loading and ready, the OpenAI shapes and
 errors, 16 concurrent clients (none lost, each its own seed's image), the queue-full 429, a disconnect
 cancelling its request, the request timeout (504, one-rank server), SIGTERM with requests in flight, video
-jobs, a rank killed mid-request."""
+jobs, a rank killed mid-request; a CFG-parallel server (--cfg 2, 2 ranks) answering a negative-prompt request."""
 import base64
 import io
 import os
@@ -98,14 +98,15 @@ def servers():
     image = Server("tiny-qwen-image", "--usp", "2", "--max-batch-size", "4", "--max-queue", "16")
     video = Server("--model", "tiny-wan", "--ring", "2")
     quick = Server("tiny-qwen-image", "--request-timeout-s", "3")  # one rank, a short request timeout
+    cfg = Server("tiny-qwen-image", "--cfg", "2")   # the two guidance branches on two ranks
     try:
-        for server in (image, video, quick):
+        for server in (image, video, quick, cfg):
             server.wait_ready()
-        yield image, video, quick
+        yield image, video, quick, cfg
     finally:
-        for server in (image, video, quick):
+        for server in (image, video, quick, cfg):
             server.stop()
-        pids = image.rank_pids + video.rank_pids + quick.rank_pids
+        pids = image.rank_pids + video.rank_pids + quick.rank_pids + cfg.rank_pids
         _wait_for(lambda: not any(_alive(p) for p in pids), 15, f"rank processes {pids} gone")
 
 
@@ -125,17 +126,23 @@ def quick_server(servers):
 
 
 @pytest.fixture(scope="module")
+def cfg_server(servers):
+    return servers[3]
+
+
+@pytest.fixture(scope="module")
 def reference():
     """The single-device tiny pipeline: the float image the server's PNG must round to."""
-    from spattn.cli.tiny import build_tiny_pipeline
+    from spattn.integrations.diffusers.tiny import build_tiny_pipeline
 
     pipe = build_tiny_pipeline("tiny-qwen-image")
     pipe.set_progress_bar_config(disable=True)
 
-    def run(prompt: str, seed: int) -> np.ndarray:
+    def run(prompt: str, seed: int, **guidance) -> np.ndarray:
         g = torch.Generator("cpu").manual_seed(seed)
-        return pipe(prompt=prompt, generator=g, output_type="np", true_cfg_scale=1.0, width=64, height=64,
-                    num_inference_steps=2).images[0]
+        guidance = guidance or {"true_cfg_scale": 1.0}
+        return pipe(prompt=prompt, generator=g, output_type="np", width=64, height=64, num_inference_steps=2,
+                    **guidance).images[0]
 
     return run
 
@@ -332,3 +339,17 @@ def test_rank_killed_mid_request(video_server):
     assert "rank 1" in j["error"]["message"]
     later = httpx.post(video_server.url + "/v1/videos", json={"prompt": "x", "num_frames": 5}, timeout=30)
     assert later.status_code == 503 and later.json()["error"]["code"] == "engine_dead"
+
+
+# ------------------------------------------------------------------------------------ CFG parallel
+def test_cfg_server_answers_a_guided_openai_request(cfg_server, reference):
+    h = cfg_server.health().json()
+    assert h["cfg_degree"] == 2 and [r["rank"] for r in h["ranks"]] == [0, 1]
+    client = openai.OpenAI(base_url=cfg_server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    guidance = {"negative_prompt": "blurry", "true_cfg_scale": 4.0}
+    r = client.images.generate(prompt="a red boat", size="64x64", response_format="b64_json",
+                               extra_body={"num_inference_steps": 2, "seed": 6, **guidance})
+    assert r.usage.idle_fraction == 0.0   # both halves did useful work: one guidance branch each
+    ref = reference("a red boat", 6, **guidance)
+    assert np.abs(_png(r.data[0].b64_json) - ref).max() <= 1e-3 + 0.5 / 255 + 1e-9
+    assert np.abs(ref - reference("a red boat", 6)).max() > 1e-2   # the guidance mattered

@@ -195,7 +195,7 @@ def test_generate_vae_parallel_flag():
     assert not _generate_config(base + ["--height", "32", "--ulysses-degree", "4", "--no-vae-parallel"]).vae_parallel
     # 2 latent rows on 4 ranks: off by default, an error naming the fix when asked for.
     assert not _generate_config(base + ["--height", "16", "--ulysses-degree", "4"]).vae_parallel
-    with pytest.raises(UsageError, match="2 latent rows, fewer than the 4 ranks; use --height 32 or more"):
+    with pytest.raises(UsageError, match="2 latent rows, fewer than the 4 ranks that decode; use --height 32 or more"):
         _generate_config(base + ["--height", "16", "--ulysses-degree", "4", "--vae-parallel"])
 
 

@@ -253,7 +253,7 @@ def _guidance(args: argparse.Namespace, cls: str, model: str):
 
 def _guidance_distilled(model: str) -> bool:
     """Whether the transformer embeds a guidance scale (FLUX.1-dev, distilled Qwen-Image variants)."""
-    from .tiny import TINY_MODELS
+    from spattn.integrations.diffusers.tiny import TINY_MODELS
 
     if model in TINY_MODELS:
         return False   # both tiny transformers are built with guidance_embeds=False
@@ -289,18 +289,6 @@ def load_pipeline(cfg: Config, device):
     from spattn.engine.pipelines import load_pipeline as load
 
     return load(cfg.model, cfg.dtype, device)
-
-
-def parallelize_pipeline_vae(pipe, mesh, enabled: bool = True, backend: str = "auto"):
-    """Decode ``pipe``'s VAE with every SP rank of ``mesh`` (exact patch-parallel decode) when ``enabled``,
-    the VAE is supported and the mesh has more than one rank; returns the handle (``remove()`` undoes
-    it) or None when the VAE decodes on each rank alone. For Engine/serve as for generate."""
-    from spattn.integrations.diffusers import parallelize_vae, vae_supported
-
-    vae = getattr(pipe, "vae", None)
-    if not enabled or mesh.world_size == 1 or not vae_supported(vae):
-        return None
-    return parallelize_vae(vae, mesh, backend=backend)
 
 
 def _call_kwargs(cfg: Config) -> dict:
@@ -437,8 +425,9 @@ def rank_main(rank: int, world: int, cfg: Config, init_method: Optional[str]) ->
 
         mesh = spattn.init_mesh(ulysses_degree=cfg.ulysses_degree, ring_degree=cfg.ring_degree,
                                 cfg_degree=cfg.cfg_degree)
-        handle = parallelize_pipeline(pipe, mesh, backend=cfg.backend)   # CFG halves too, when cfg_degree 2
-        vae_handle = parallelize_pipeline_vae(pipe, mesh, cfg.vae_parallel, cfg.backend)
+        # CFG halves too, when cfg_degree 2; the VAE decoded by every SP rank when supported (handle.vae)
+        handle = parallelize_pipeline(pipe, mesh, backend=cfg.backend, vae=cfg.vae_parallel)
+        vae_handle = handle.vae
         try:
             desc = f"ulysses {cfg.ulysses_degree} x ring {cfg.ring_degree}"
             if cfg.cfg_degree > 1:
@@ -454,9 +443,7 @@ def rank_main(rank: int, world: int, cfg: Config, init_method: Optional[str]) ->
                                         decode_threads=cfg.cores if cpu and rank == 0 else None)
             idle = handle.last_run.idle_fraction if handle.last_run is not None else 0.0
         finally:
-            handle.remove()
-            if vae_handle is not None:
-                vae_handle.remove()
+            handle.remove()   # the VAE's patches too
         if rank == 0:
             diff = None if base_image is None else float(abs(image.astype("float64") - base_image).max())
             rows.append(_row(cfg, configuration_name(cfg.ulysses_degree, cfg.ring_degree, cfg.cfg_degree),

@@ -3,6 +3,9 @@
     spattn serve tiny-qwen-image --port 8091 --usp 2            # Ulysses 2
     spattn serve tiny-qwen-image --port 8091 --ring 2           # Ring 2
     spattn serve tiny-qwen-image --port 8091 --usp 2 --ring 2   # hybrid, 4 ranks
+    spattn serve tiny-qwen-image --port 8091 --cfg 2 --usp 2    # CFG parallel x Ulysses 2, 4 ranks
+
+Every rank decodes a band of each image (exact patch-parallel VAE) unless ``--no-vae-parallel``.
 
 Ranks are spawned here (or, under torchrun, rank 0 serves HTTP and the others serve rank 0's
 requests). SIGTERM / Ctrl-C: stop accepting, let in-flight requests finish (up to
@@ -49,7 +52,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g("--ulysses-degree", "--usp", dest="ulysses_degree", type=_positive_int, default=None,
       help="ranks splitting attention heads (default 1; under torchrun, the launched world when no degree is given)")
     g("--ring-degree", "--ring", dest="ring_degree", type=_positive_int, default=None,
-      help="ranks passing K/V around a ring (default 1); ranks = ulysses x ring")
+      help="ranks passing K/V around a ring (default 1); ranks = cfg x ulysses x ring")
+    g("--cfg", "--cfg-degree", "--cfg-parallel", dest="cfg_degree", type=_positive_int, default=1,
+      help="2: run the conditional and unconditional guidance branches of a request with negative_prompt "
+           "(Qwen-Image) or guidance_scale (Wan) at the same time on two halves of the ranks (default 1)")
+    g("--vae-parallel", action=argparse.BooleanOptionalAction, default=True,
+      help="decode each image with every rank, each on a band of rows (exact; default on); "
+           "--no-vae-parallel decodes on rank 0 alone")
     g("--max-batch-size", type=_positive_int, default=1,
       help="queued requests with the same size/steps/guidance run as one pipeline call (default 1)")
     g("--max-queue", type=_positive_int, default=64, help="waiting requests beyond this get 429 (default 64)")
@@ -82,18 +91,23 @@ def run(args: argparse.Namespace) -> int:
     from spattn.engine.pipelines import resolve_model
 
     launched = _launched()
+    c = args.cfg_degree
+    if c > 2:
+        return fail(f"--cfg {c}: classifier-free guidance has two branches; use --cfg 2 and give the other ranks "
+                    f"to --usp / --ring")
     if args.ulysses_degree is None and args.ring_degree is None:
-        args.ulysses_degree = launched[1] if launched else 1
+        args.ulysses_degree = max(1, launched[1] // c) if launched else 1
     u, r = args.ulysses_degree or 1, args.ring_degree or 1
 
     def make() -> Engine:
-        return Engine(model, ulysses_degree=u, ring_degree=r, backend=args.backend, dtype=args.dtype,
-                      max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+        return Engine(model, ulysses_degree=u, ring_degree=r, cfg_degree=c, backend=args.backend, dtype=args.dtype,
+                      vae_parallel=args.vae_parallel, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
 
     try:  # bad flags fail here, before any rank starts
         resolve_model(model)
-        if launched is not None and launched[1] != u * r:
-            raise ValueError(f"--usp {u} x --ring {r} = {u * r} ranks, but the launcher started {launched[1]}")
+        if launched is not None and launched[1] != c * u * r:
+            raise ValueError(f"--cfg {c} x --usp {u} x --ring {r} = {c * u * r} ranks, but the launcher started "
+                             f"{launched[1]}")
     except ValueError as e:
         return fail(str(e))
     if launched is not None and launched[0] != 0:
@@ -105,7 +119,9 @@ def run(args: argparse.Namespace) -> int:
     from spattn.engine.http import create_app
 
     app = create_app(make, model_name=model, request_timeout_s=args.request_timeout_s)
-    print(f"spattn serve: {model} on http://{args.host}:{args.port} (ulysses {u} x ring {r}); "
+    mesh = f"cfg {c} x ulysses {u} x ring {r}" if c > 1 else f"ulysses {u} x ring {r}"
+    vae = "parallel VAE" if args.vae_parallel else "VAE on rank 0"
+    print(f"spattn serve: {model} on http://{args.host}:{args.port} ({mesh}, {vae}); "
           f"GET /health is 200 once the ranks are loaded", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=int(max(1, args.graceful_timeout_s)))

@@ -90,29 +90,41 @@ def _launched() -> Optional[tuple]:
 
 
 class Engine:
-    """A pipeline loaded once on ``ulysses_degree x ring_degree`` ranks, serving ``generate`` calls.
+    """A pipeline loaded once on ``cfg_degree x ulysses_degree x ring_degree`` ranks, serving ``generate`` calls.
 
     Args:
         model: a built-in tiny pipeline (tiny-qwen-image, tiny-flux, tiny-wan), a local diffusers
             directory or a cached hub id (as ``spattn generate --model``).
-        ulysses_degree, ring_degree: the sequence-parallel mesh; ranks = their product. Spawned here
+        ulysses_degree, ring_degree: the sequence-parallel mesh. Spawned here
             (gloo on CPU, NCCL with one GPU each) unless under torchrun, where rank 0 drives and the
             other ranks serve inside ``Engine(...)`` until rank 0 closes it (``engine.is_driver``).
+        cfg_degree: 2 runs the two classifier-free guidance branches (Qwen-Image ``negative_prompt`` /
+            ``true_cfg_scale``, Wan ``guidance_scale``) at the same time on two halves of the ranks,
+            each half ``ulysses x ring``; ranks = cfg x ulysses x ring. A request without guidance
+            still runs (both halves repeat it): its ``metrics["idle_fraction"]`` is 0.5.
+        vae_parallel: decode with every rank (exact patch-parallel VAE, each CFG branch over its own
+            ranks) when the model's VAE is supported; False decodes on rank 0 alone (as
+            ``spattn generate --no-vae-parallel``).
         backend, dtype: as ``spattn generate`` (dtype "auto": bfloat16 on GPU, float32 on CPU).
         max_batch_size: compatible queued requests (same size, steps, guidance) run as one pipeline call.
         max_queue: queued requests beyond this raise ``EngineBusyError`` (None: unbounded).
         startup_timeout_s: loading longer than this is an error.
     """
 
-    def __init__(self, model: str, *, ulysses_degree: int = 1, ring_degree: int = 1, backend: str = "auto",
-                 dtype: str = "auto", max_batch_size: int = 1, max_queue: Optional[int] = None,
-                 startup_timeout_s: float = 900.0):
+    def __init__(self, model: str, *, ulysses_degree: int = 1, ring_degree: int = 1, cfg_degree: int = 1,
+                 backend: str = "auto", dtype: str = "auto", vae_parallel: bool = True, max_batch_size: int = 1,
+                 max_queue: Optional[int] = None, startup_timeout_s: float = 900.0):
         import torch
 
         for name, v in (("ulysses_degree", ulysses_degree), ("ring_degree", ring_degree),
-                        ("max_batch_size", max_batch_size)):
+                        ("cfg_degree", cfg_degree), ("max_batch_size", max_batch_size)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+        if cfg_degree > 2:
+            raise ValueError(f"cfg_degree: {cfg_degree}, but classifier-free guidance has two branches; use "
+                             f"cfg_degree=2 and give the other ranks to ulysses_degree / ring_degree")
+        if not isinstance(vae_parallel, bool):
+            raise ValueError(f"vae_parallel: expected True or False, got {vae_parallel!r}")
         if max_queue is not None and (not isinstance(max_queue, int) or max_queue < 1):
             raise ValueError(f"max_queue: expected a positive integer or None, got {max_queue!r}")
         if backend not in BACKENDS:
@@ -120,10 +132,12 @@ class Engine:
         if dtype not in DTYPES:
             raise ValueError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
         self.info: ModelInfo = resolve_model(model)
-        world = ulysses_degree * ring_degree
+        world = cfg_degree * ulysses_degree * ring_degree
         cuda = torch.cuda.is_available()
         launched = _launched()
         degrees = f"ulysses_degree {ulysses_degree} x ring_degree {ring_degree} = {world} ranks"
+        if cfg_degree > 1:
+            degrees = f"cfg_degree {cfg_degree} x {degrees}"
         if launched is not None and launched[1] != world:
             raise ValueError(f"{degrees}, but the launcher started {launched[1]}; pick degrees whose product is "
                              f"{launched[1]}")
@@ -138,6 +152,7 @@ class Engine:
             raise ValueError("backend: triton needs a CUDA GPU; use auto (torch on CPU)")
         self.model, self.world = model, world
         self.ulysses_degree, self.ring_degree, self.backend = ulysses_degree, ring_degree, backend
+        self.cfg_degree, self.vae_parallel = cfg_degree, vae_parallel
         self.max_batch_size, self.max_queue = max_batch_size, max_queue
         self.startup_timeout_s = startup_timeout_s
         self.is_driver = launched is None or launched[0] == 0
@@ -173,7 +188,8 @@ class Engine:
         threads = None if cuda else max(1, (os.cpu_count() or 1) // self.world)
         self._prefix = f"g{next(self._generation)}"
         return WorkerSpec(self.info.path, self.dtype, self.backend, self.ulysses_degree, self.ring_degree,
-                          host, self._channel.port, self._prefix, threads)
+                          host, self._channel.port, self._prefix, threads, cfg_degree=self.cfg_degree,
+                          vae_parallel=self.vae_parallel)
 
     def _start_spawned(self) -> None:
         import torch
@@ -324,6 +340,7 @@ class Engine:
         elif isinstance(params, Mapping):
             params = SamplingParams.from_dict(params)
         req = Request(prompt, params, resolve_params(params, self.info))
+        self._check_vae_rows(req.resolved["height"])
         with self._cv:
             self._raise_if_unusable()
             if self.max_queue is not None and len(self._queue) >= self.max_queue:
@@ -357,6 +374,16 @@ class Engine:
                 r.cancel()
             raise
 
+    def _check_vae_rows(self, height: int) -> None:
+        """The parallel VAE gives each SP rank at least one latent row: refuse a smaller image here, not
+        on the ranks (``spattn generate`` instead turns the parallel VAE off for it by default)."""
+        sp = self.ulysses_degree * self.ring_degree
+        rows = height // (self.info.spatial_multiple // 2)
+        if self.vae_parallel and sp > 1 and rows < sp:
+            raise ValueError(f"height: {height} gives {rows} latent rows, fewer than the {sp} ranks that decode "
+                             f"each image; use height >= {sp * (self.info.spatial_multiple // 2)}, or an engine "
+                             f"with vae_parallel=False (spattn serve --no-vae-parallel)")
+
     def _require_driver(self) -> None:
         if not self.is_driver:
             raise RuntimeError("this rank serves rank 0's requests; only rank 0 (engine.is_driver) submits")
@@ -383,7 +410,9 @@ class Engine:
         else:
             pids, alive = self._pids, [self._dead is None or self._dead.rank != r for r in range(self.world)]
         ranks = [{"rank": r, "pid": pid, "alive": a} for r, (pid, a) in enumerate(zip(pids, alive))]
-        out: Dict[str, Any] = {"status": self._state, "model": self.model, "ranks": ranks, **self.stats()}
+        out: Dict[str, Any] = {"status": self._state, "model": self.model, "ranks": ranks,
+                               "cfg_degree": self.cfg_degree, "ulysses_degree": self.ulysses_degree,
+                               "ring_degree": self.ring_degree, "vae_parallel": self.vae_parallel, **self.stats()}
         if self._dead is not None:
             out["error"] = str(self._dead)
             out["dead_rank"] = self._dead.rank
@@ -534,7 +563,10 @@ class Engine:
                 array=array, fps=p["fps"],
                 metrics={"queue_s": req.started - req.submitted, "exec_s": res["exec_s"],
                          "steps": p["num_inference_steps"], "peak_memory_bytes": res["peak_memory_bytes"],
-                         "batch_size": len(batch)})
+                         "batch_size": len(batch), "cfg_degree": self.cfg_degree,
+                         "cfg_parallel": bool(res.get("cfg")) and self.cfg_degree > 1,
+                         "idle_fraction": res.get("idle_fraction", 0.0),
+                         "vae_parallel": bool(res.get("vae_parallel"))})
             req.steps_done = p["num_inference_steps"]
             req._finish("completed", output=out)
             self.counters["completed"] += 1

@@ -231,7 +231,8 @@ def create_app(engine: Callable[[], Engine], *, model_name: str, request_timeout
         w, h = out.images[0].size
         return {"created": int(time.time()), "data": data, "size": f"{w}x{h}", "id": req.request_id,
                 "seed": out.seed, "usage": {"queue_s": round(out.metrics["queue_s"], 6),
-                                            "exec_s": round(out.metrics["exec_s"], 6)}}
+                                            "exec_s": round(out.metrics["exec_s"], 6),
+                                            "idle_fraction": out.metrics.get("idle_fraction", 0.0)}}
 
     # ------------------------------------------------------------------------------------ videos
     def job_view(job: Dict[str, Any]) -> Dict[str, Any]:

@@ -72,7 +72,9 @@ class GenerationOutput:
     ``array``: the pipeline's float output in [0, 1]: ``(n, H, W, 3)`` images or ``(F, H, W, 3)`` frames.
     ``metrics``: ``queue_s`` (submitted -> started), ``exec_s`` (the pipeline call, batch included),
     ``steps``, ``peak_memory_bytes`` (rank 0: CUDA peak allocated this request; on CPU the process peak
-    RSS), ``batch_size`` (requests run together).
+    RSS), ``batch_size`` (requests run together), ``cfg_degree`` (the engine's), ``cfg_parallel`` (the
+    two guidance branches ran at once), ``idle_fraction`` (share of the ranks that did no useful work:
+    0.5 for a request without guidance on a ``cfg_degree=2`` engine), ``vae_parallel`` (every rank decoded).
     """
 
     request_id: str

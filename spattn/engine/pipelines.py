@@ -34,8 +34,8 @@ class ModelInfo:
 
 
 def _tiny():
-    # The tiny pipelines live with the CLI that introduced them; imported lazily (diffusers, torch).
-    from spattn.cli import tiny
+    # Imported lazily: the tiny pipelines import torch (and diffusers when built).
+    from spattn.integrations.diffusers import tiny
 
     return tiny
 

@@ -34,6 +34,8 @@ class WorkerSpec:
     store_port: int
     prefix: str                 # key namespace of this set of ranks (a restart gets a new one)
     threads: Optional[int]      # CPU threads per rank
+    cfg_degree: int = 1         # 2: the two guidance branches on two halves of the ranks
+    vae_parallel: bool = True   # decode with every SP rank when the VAE is supported
 
 
 class _Cancelled(Exception):
@@ -66,7 +68,7 @@ def _heartbeat(spec: WorkerSpec, rank: int, stop: threading.Event) -> None:
 def serve_rank(rank: int, world: int, device, spec: WorkerSpec) -> None:
     """Load, parallelize, report ready, then run jobs until a stop job or the driver's disappearance."""
     import spattn
-    from spattn.integrations.diffusers import parallelize
+    from spattn.integrations.diffusers import parallelize_pipeline
 
     from .pipelines import load_pipeline, quiet_libraries
 
@@ -75,9 +77,10 @@ def serve_rank(rank: int, world: int, device, spec: WorkerSpec) -> None:
     pipe = load_pipeline(spec.model, spec.dtype, device)
     pipe.set_progress_bar_config(disable=True)
     handle = None
-    if world > 1:
-        mesh = spattn.init_mesh(ulysses_degree=spec.ulysses_degree, ring_degree=spec.ring_degree)
-        handle = parallelize(pipe.transformer, mesh, backend=spec.backend)
+    if world > 1:   # world = cfg x ulysses x ring; the VAE decoded by each branch's SP ranks (handle.vae)
+        mesh = spattn.init_mesh(ulysses_degree=spec.ulysses_degree, ring_degree=spec.ring_degree,
+                                cfg_degree=spec.cfg_degree)
+        handle = parallelize_pipeline(pipe, mesh, backend=spec.backend, vae=spec.vae_parallel)
     stop = threading.Event()
     threading.Thread(target=_heartbeat, args=(spec, rank, stop), daemon=True).start()
     channel.put(f"{spec.prefix}/ready/{rank}", os.getpid())
@@ -92,7 +95,7 @@ def serve_rank(rank: int, world: int, device, spec: WorkerSpec) -> None:
                 return
             if job["kind"] == "stop":
                 return
-            status = _run_job(pipe, job, rank, world, device, channel, spec.prefix, fault)
+            status = _run_job(pipe, handle, job, (rank, world, device), channel, spec.prefix, fault)
             channel.put(f"{spec.prefix}/done/{seq}/{rank}", status)
     finally:
         stop.set()
@@ -135,11 +138,16 @@ def _faulty(fault: Optional[str], rank: int, reqs: List[Dict[str, Any]]) -> bool
     return False
 
 
-def _run_job(pipe, job: Dict[str, Any], rank: int, world: int, device, channel: Channel, prefix: str,
+def _run_job(pipe, handle, job: Dict[str, Any], where: tuple, channel: Channel, prefix: str,
              fault: Optional[str]) -> tuple:
-    """Run one batch; rank 0 posts ``res``. Returns this rank's status ("ok" | "cancelled" | "error", msg)."""
+    """Run one batch on this rank (``where`` = (rank, world, device)); rank 0 posts ``res``. Returns this
+    rank's status ("ok" | "cancelled" | "error", msg). ``handle``: the ``PipelineHandle`` (None: one rank)."""
+    import warnings
+
     import torch
     import torch.distributed as dist
+
+    rank, world, device = where
 
     seq, reqs = job["seq"], job["requests"]
     cancel_key, prog_key = f"{prefix}/cancel/{seq}", f"{prefix}/prog/{seq}"
@@ -159,14 +167,17 @@ def _run_job(pipe, job: Dict[str, Any], rank: int, world: int, device, channel: 
         return {}
 
     kw = _call_kwargs(pipe, reqs)
-    # Only rank 0 returns images: the others skip the VAE decode.
-    kw["output_type"] = "np" if rank == 0 else "latent"
+    # Only rank 0 returns images: the others skip the VAE decode, unless every rank decodes its band.
+    vae_parallel = handle is not None and handle.vae is not None
+    kw["output_type"] = "np" if rank == 0 or vae_parallel else "latent"
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     try:
-        out = pipe(callback_on_step_end=on_step_end, **kw)
+        with warnings.catch_warnings():   # a CFG engine without guidance: reported as idle_fraction instead
+            warnings.filterwarnings("ignore", message="spattn CFG parallel")
+            out = pipe(callback_on_step_end=on_step_end, **kw)
     except _Cancelled:
         if rank == 0:
             channel.put(f"{prefix}/res/{seq}", {"status": "cancelled"})
@@ -190,6 +201,9 @@ def _run_job(pipe, job: Dict[str, Any], rank: int, world: int, device, channel: 
         arrays = out.frames if video else out.images
         n = 1 if video else kw["num_images_per_prompt"]
         per_request = [arrays[i] if video else arrays[i * n:(i + 1) * n] for i in range(len(reqs))]
+        run = None if handle is None else handle.last_run
         channel.put(f"{prefix}/res/{seq}", {"status": "ok", "arrays": per_request, "exec_s": exec_s,
-                                            "peak_memory_bytes": int(peak)})
+                                            "peak_memory_bytes": int(peak), "vae_parallel": vae_parallel,
+                                            "idle_fraction": 0.0 if run is None else run.idle_fraction,
+                                            "cfg": bool(run is not None and run.cfg)})
     return ("ok", None)

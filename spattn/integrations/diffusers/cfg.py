@@ -39,6 +39,7 @@ import torch.distributed as dist
 import spattn
 
 from .transformer import PLANS, SPHandle, parallelize
+from .vae import VAEHandle, parallelize_vae, vae_supported
 
 Tensor = torch.Tensor
 
@@ -159,7 +160,8 @@ class PipelineHandle:
     Attributes:
         mesh: the mesh; ``sp_handles``: the ``SPHandle`` of each parallelized transformer;
         executions: transformer forward passes this rank ran since ``parallelize_pipeline``;
-        last_run: ``RunInfo`` of the latest pipeline call (``None`` before the first).
+        last_run: ``RunInfo`` of the latest pipeline call (``None`` before the first);
+        vae: the ``VAEHandle`` when the VAE decodes patch-parallel (``vae=True``), else None.
     """
 
     def __init__(self, pipe, mesh: spattn.SPMesh, sp_handles: List[SPHandle]):
@@ -169,6 +171,7 @@ class PipelineHandle:
         self._run: Optional[RunInfo] = None
         self._pending: Optional[_Pending] = None
         self._undo: List[Callable[[], None]] = []
+        self.vae: Optional[VAEHandle] = None
 
     # -- the pipeline call ------------------------------------------------------------------------
     def _begin(self, cfg: bool, device: Optional[torch.device]) -> None:
@@ -263,6 +266,9 @@ class PipelineHandle:
         for h in self.sp_handles:
             h.remove()
         self.sp_handles = []
+        if self.vae is not None:
+            self.vae.remove()
+            self.vae = None
 
     def __enter__(self) -> "PipelineHandle":
         return self
@@ -340,7 +346,7 @@ def _guided_class(cls: type, handle: PipelineHandle, rule: Callable[[Dict[str, A
     return sub
 
 
-def parallelize_pipeline(pipe, mesh: spattn.SPMesh, *, backend: str = "auto") -> PipelineHandle:
+def parallelize_pipeline(pipe, mesh: spattn.SPMesh, *, backend: str = "auto", vae: bool = False) -> PipelineHandle:
     """Parallelize a loaded diffusers pipeline's transformer(s) over ``mesh``, CFG included.
 
     Every rank calls ``pipe(...)`` as usual with the same arguments and gets the same result. Each
@@ -353,6 +359,9 @@ def parallelize_pipeline(pipe, mesh: spattn.SPMesh, *, backend: str = "auto") ->
         pipe: a Qwen-Image, Flux or Wan pipeline (Wan 2.2's ``transformer_2`` included).
         mesh: ``spattn.init_mesh(ulysses_degree, ring_degree, cfg_degree=1 or 2)``.
         backend: attention backend for ``spattn.attention`` ("auto", "torch", "reference", "triton").
+        vae: also decode with every SP rank (``parallelize_vae`` on ``pipe.vae``; on a CFG mesh each
+            branch's ranks) when the VAE is supported and there is more than one SP rank; otherwise
+            each rank decodes alone. ``handle.vae`` says which happened (a ``VAEHandle`` or None).
 
     Returns:
         a ``PipelineHandle``: ``remove()`` (or ``with``) restores everything; ``last_run`` tells whether
@@ -383,6 +392,13 @@ def parallelize_pipeline(pipe, mesh: spattn.SPMesh, *, backend: str = "auto") ->
             h.remove()
         raise
     handle = PipelineHandle(pipe, mesh, sp_handles)
+    pipe_vae = getattr(pipe, "vae", None)
+    if vae and mesh.world_size > 1 and vae_supported(pipe_vae):
+        try:
+            handle.vae = parallelize_vae(pipe_vae, mesh, backend=backend)
+        except BaseException:
+            handle.remove()
+            raise
     if mesh.cfg_degree == 1:
         return handle
     from diffusers.hooks.hooks import HookRegistry
