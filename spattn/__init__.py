@@ -9,12 +9,13 @@ Layout: (batch, seq, heads, head_dim). LSE: natural log, fp32, (batch, heads, se
 """
 from . import config, ops
 from .attention import attention
+from .check import verify_identical
 from .layout import gather, local_seq_len, shard
 from .mesh import SPMesh, init_mesh
 
 # Nothing optional loads here: the C++ extension (spattn._C) loads on first use (ring engine, merges).
 
-__all__ = ["attention", "init_mesh", "SPMesh", "shard", "gather", "local_seq_len", "ops", "config"]
+__all__ = ["attention", "init_mesh", "SPMesh", "shard", "gather", "local_seq_len", "ops", "config", "verify_identical"]
 __version__ = "0.1.0"
 
 

@@ -236,6 +236,11 @@ def shard_inputs(input_ids: Tensor, mesh: "spattn.SPMesh", *, labels: Optional[T
     if labels is not None and labels.shape != input_ids.shape:
         raise ValueError(f"shard_inputs: labels {tuple(labels.shape)} must have the shape of input_ids "
                          f"{tuple(input_ids.shape)} (unshifted; shifting happens here)")
+    # Every SP rank must shard the same full batch: compared (by digest) at the model's first attention.
+    spattn.verify_identical(mesh, {"input_ids": input_ids, "labels": labels, "position_ids": position_ids,
+                                   "attention_mask": attention_mask},
+                            hint="give every rank of the mesh the same full batch (the same data order and seed "
+                                 "on every SP rank; split data across data-parallel groups only)")
     cu = None
     if attention_mask is not None and not bool(attention_mask.to(torch.bool).all()):
         input_ids, labels, position_ids, cu = pack_padded(input_ids, attention_mask, labels, position_ids)

@@ -410,6 +410,10 @@ def _any_requires_grad(values) -> bool:
     return False
 
 
+_SAME_INPUTS_HINT = ("every rank must call the pipeline with the same prompt, size and seed: pass a generator "
+                     "seeded the same on every rank (generator=torch.Generator(device).manual_seed(seed))")
+
+
 def _begin_hook(plan: ModelPlan, state: _State):
     """First pre-hook on the transformer: a new call, a new image sequence."""
     params = None
@@ -418,9 +422,14 @@ def _begin_hook(plan: ModelPlan, state: _State):
         nonlocal params
         state.seq_len, state.text_len, state.bool_mask = None, None, None
         state.inputs_need_grad = torch.is_grad_enabled() and _any_requires_grad([*args, *kwargs.values()])
+        params = params or list(inspect.signature(mod.forward).parameters)
+        # Every rank must enter with the same full inputs (a per-rank seed silently mixes images):
+        # their digests are compared by the first attention call, an error naming them on every rank.
+        named = {**{params[i]: a for i, a in enumerate(args) if i < len(params)}, **kwargs}
+        spattn.verify_identical(state.mesh, {n: t for n, t in named.items() if isinstance(t, Tensor)},
+                                hint=_SAME_INPUTS_HINT)
         if plan.text_len is not None:
             name, dim = plan.text_len
-            params = params or list(inspect.signature(mod.forward).parameters)
             x = kwargs.get(name, args[params.index(name)] if params.index(name) < len(args) else None)
             state.text_len = None if x is None else x.shape[dim]
         return None

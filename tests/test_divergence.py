@@ -1,0 +1,82 @@
+"""Ranks that diverge (issue 16 items 2 and 12): inputs a parallelized model assumes identical are
+verified by digest, and the argument check waits only when a call's signature changes."""
+import pytest
+import torch
+import torch.distributed as dist
+
+import spattn
+from dist_harness import run_on_ranks
+from sp_cases import get_mesh
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+
+def _qwen_with_seed(same_seed: bool) -> str:
+    from spattn.integrations.diffusers import parallelize
+    from test_integration_diffusers import build, inputs
+
+    model = build("qwen")
+    mesh = get_mesh(2, 1)
+    kw = inputs("qwen", seed=1 if same_seed else 1 + dist.get_rank())  # a user who forgot to share the seed
+    handle = parallelize(model, mesh)
+    try:
+        with torch.no_grad():
+            model(**kw)
+        return "ok"
+    except ValueError as e:
+        return str(e)
+    finally:
+        handle.remove()
+
+
+def test_diffusers_inputs_that_differ_are_an_error_on_every_rank():
+    assert run_on_ranks(2, _qwen_with_seed, True) == "ok"
+    msg = run_on_ranks(2, _qwen_with_seed, False)
+    assert "differ across ranks: hidden_states, encoder_hidden_states" in msg and "seeded the same" in msg, msg
+
+
+def _llm_with_rank_data(same: bool) -> str:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from spattn.integrations.transformers import register, shard_inputs
+
+    mesh = get_mesh(2, 1)
+    register(mesh)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    model.set_attn_implementation("spattn")
+    g = torch.Generator().manual_seed(0 if same else dist.get_rank())
+    ids = torch.randint(0, 64, (1, 16), generator=g)
+    try:
+        with torch.no_grad():
+            model(**shard_inputs(ids, mesh, labels=ids))
+        return "ok"
+    except ValueError as e:
+        return str(e)
+
+
+def test_llm_batches_that_differ_are_an_error_on_every_rank():
+    assert run_on_ranks(2, _llm_with_rank_data, True) == "ok"
+    msg = run_on_ranks(2, _llm_with_rank_data, False)
+    assert "input_ids" in msg and "labels" in msg and "same full batch" in msg, msg
+
+
+def _repeat_does_not_wait() -> list:
+    mesh = spattn.init_mesh(ulysses_degree=2)
+    x = torch.randn(1, 8, 4, 16, generator=torch.Generator().manual_seed(0))
+    spattn.attention(x, x, x, mesh)                 # new signature: waited for, then agreed
+    after_first = len(mesh.check_state.pending)
+    for _ in range(3):
+        spattn.attention(x, x, x, mesh)             # the agreed signature again: not waited for
+    in_flight_or_reaped = mesh.check_calls
+    y = torch.randn(1, 6, 4, 16)
+    spattn.attention(y, y, y, mesh)                 # a new shape: waits (all its gathers compared)
+    return [after_first, in_flight_or_reaped, len(mesh.check_state.pending)]
+
+
+def test_agreed_signature_is_not_waited_for():
+    after_first, calls, pending_after_change = run_on_ranks(2, _repeat_does_not_wait)
+    assert after_first == 0 and calls == 4 and pending_after_change == 0
