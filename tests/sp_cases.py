@@ -5,7 +5,6 @@ with ``spattn.gather``; rank 0 computes the references and returns the errors fo
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 

@@ -123,8 +123,8 @@ def padded_case(u: int, r: int, layouts):
         reduce_gradients(sp, mesh)
         T = int(mask.sum())
         logits = spattn.gather(out.logits, mesh, seq_len=T, layout=layout, cu_seqlens=inputs["spattn_cu_seqlens"])
-        gerr = max(_rel(p.grad, q.grad) for p, q in zip(sp.parameters(), ref.parameters()))
-        errs[layout] = (_rel(logits[0], out_ref.logits[mask.bool()]), _rel(global_loss(out.loss, mesh), out_ref.loss),
+        gerr = max(rel_err(p.grad, q.grad) for p, q in zip(sp.parameters(), ref.parameters()))
+        errs[layout] = (rel_err(logits[0], out_ref.logits[mask.bool()]), rel_err(global_loss(out.loss, mesh), out_ref.loss),
                         gerr)
     dist.barrier()
     return errs

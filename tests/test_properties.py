@@ -38,6 +38,8 @@ def cases(draw) -> Case:
         text=text,
         joint_strategy=draw(st.sampled_from(["front", "rear"])),
         seed=draw(st.integers(0, 1000)),
+        # text padding masks too (issue 16 item 13): right-padded, all padded short, with holes
+        mask=draw(st.sampled_from(["", "", "pad", "short", "hole"])) if text >= 5 else "",
     )
 
 

@@ -11,7 +11,6 @@ import multiprocessing as mp
 import os
 import queue
 import time
-import traceback
 from datetime import timedelta
 
 import pytest

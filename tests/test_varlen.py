@@ -8,7 +8,6 @@ invisible one.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -448,7 +447,8 @@ def packed_llm_case(u: int, r: int, layout: str):
     from transformers import AutoModelForCausalLM
 
     from spattn.integrations.transformers import global_loss, reduce_gradients, register, shard_inputs
-    from test_integration_transformers import _rel, tiny_config
+    from spattn.testing import rel_err
+    from test_integration_transformers import tiny_config
 
     mesh = get_mesh(u, r)
     register(mesh)
@@ -478,13 +478,13 @@ def packed_llm_case(u: int, r: int, layout: str):
         out.loss.backward()
         reduce_gradients(sp, mesh)
         logits = spattn.gather(out.logits, mesh, seq_len=S, layout=lay, cu_seqlens=inputs["spattn_cu_seqlens"])
-        gerr = max(_rel(p.grad, q.grad) for p, q in zip(sp.parameters(), ref.parameters()))
+        gerr = max(rel_err(p.grad, q.grad) for p, q in zip(sp.parameters(), ref.parameters()))
         blind = float("inf")
         if lay != "balanced":  # (balanced shards depend on the boundaries: no blind run of the same shards)
             with torch.no_grad():  # without the boundaries: what a document-blind ring computes
                 kw = {n: x for n, x in inputs.items() if n != "spattn_cu_seqlens"}
-                blind = _rel(spattn.gather(sp(**kw).logits, mesh, seq_len=S, layout=lay), logits_ref)
-        res[lay] = (_rel(logits, logits_ref), _rel(global_loss(out.loss, mesh), loss_ref.detach()), gerr, blind)
+                blind = rel_err(spattn.gather(sp(**kw).logits, mesh, seq_len=S, layout=lay), logits_ref)
+        res[lay] = (rel_err(logits, logits_ref), rel_err(global_loss(out.loss, mesh), loss_ref.detach()), gerr, blind)
     dist.barrier()
     return res
 

@@ -8,7 +8,7 @@ global positions: the backend gets ``q_offset`` / ``k_offset`` and masks the win
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 Window = Tuple[int, int]
 Call = Tuple[int, int, int, int, bool]  # q_lo, q_hi, k_lo, k_hi, causal (local sequence indices)

@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 import spattn
 
-from .transformer import PLANS, SPHandle, parallelize
+from .transformer import SPHandle, parallelize
 from .vae import VAEHandle, parallelize_vae, vae_supported
 
 Tensor = torch.Tensor
