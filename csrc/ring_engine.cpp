@@ -115,26 +115,6 @@ class RingEngine {
     return recv;
   }
 
-  // Whether the exchange in flight finished within ``timeout_ms`` (host-side transfers; a CUDA
-  // exchange never blocks the host, so it is reported finished). Lets a caller wait in slices and
-  // give up between them (spattn's cross-rank check); wait() then returns at once.
-  bool wait_for(int64_t timeout_ms) {
-    TORCH_CHECK(in_flight_, "spattn RingEngine.wait_for called without start()");
-#ifdef SPATTN_WITH_CUDA
-    if (comm_) return true;
-#endif
-    for (auto& w : works_) {
-      if (w->isCompleted()) continue;
-      try {
-        w->wait(std::chrono::milliseconds(timeout_ms));
-      } catch (const std::exception& e) {
-        if (std::string(e.what()).find("timed out") == std::string::npos) throw;
-        return false;
-      }
-    }
-    return true;
-  }
-
   int rank() const { return rank_; }
   int size() const { return size_; }
   int next() const { return next_; }
@@ -223,7 +203,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("like"))
       .def("start", &spattn::RingEngine::start, py::arg("send"), py::call_guard<py::gil_scoped_release>())
       .def("wait", &spattn::RingEngine::wait, py::call_guard<py::gil_scoped_release>())
-      .def("wait_for", &spattn::RingEngine::wait_for, py::arg("timeout_ms"), py::call_guard<py::gil_scoped_release>())
       .def_property_readonly("rank", &spattn::RingEngine::rank)
       .def_property_readonly("size", &spattn::RingEngine::size)
       .def_property_readonly("next", &spattn::RingEngine::next, "next rank (group-local)")

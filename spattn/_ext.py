@@ -121,11 +121,6 @@ class CppRingComm:
         """Wait for the exchange started last; return the received block (an engine buffer)."""
         return self._engine.wait()
 
-    def wait_for(self, timeout) -> bool:
-        """Whether the exchange in flight finished within ``timeout`` (a timedelta); ``wait()`` then
-        returns at once. For waits that watch for a reason to give up (comm.collectives.watched)."""
-        return self._engine.wait_for(int(timeout.total_seconds() * 1000))
-
 
 def ring_engine_class(required: bool = False):
     """The C++ ring engine class (``CppRingComm``), or None when the extension is not usable.

@@ -47,7 +47,6 @@ import torch
 import torch.distributed as dist
 
 from . import config
-from .comm.collectives import watched
 
 Tensor = torch.Tensor
 ProcessGroup = dist.ProcessGroup
@@ -320,12 +319,12 @@ def check_signature(mesh, sig: Tensor) -> None:
     """This call's signature against every rank's (module docstring): waits only when ``sig`` is not
     the last signature all ranks agreed on; raises the same ValueError on every rank when the rows
     differ, RankFailure when a rank does not join within the check's timeout."""
-    st = mesh.check_state
-    _reap(mesh, everything=False)
     _start(mesh, sig)
-    if st.agreed is None or not torch.equal(sig, st.agreed):
-        _reap(mesh, everything=True)
-        st.agreed = sig
+    # Every call waits for its own gather before its first collective. (Waiting only when the
+    # signature changes needs a wait that can give up while a peer's mismatch is reported; gloo closes
+    # the connection of a wait that times out, so that variant is not used: docs/reliability.md 1b.)
+    _reap(mesh, everything=True)
+    mesh.check_state.agreed = sig
 
 
 def verify_identical(mesh, tensors: Mapping[str, Optional[Tensor]], hint: str = "") -> None:
@@ -340,15 +339,6 @@ def verify_identical(mesh, tensors: Mapping[str, Optional[Tensor]], hint: str = 
     row = torch.tensor([dist.get_rank()] + [_digest((t,)) if t is not None else -1 for t in tensors.values()],
                        dtype=torch.int64)
     _start(mesh, row, names, hint)
-
-
-def poll(mesh) -> None:
-    """While a collective of this call waits: compare the check's gathers that have finished. A
-    mismatch abandons the collective in flight, so the mesh is broken afterwards (build a new one)."""
-    for g in list(mesh.check_state.pending):
-        if all(w.is_completed() for w in g.works):
-            mesh.check_state.pending.remove(g)
-            _finish(mesh, g)
 
 
 def diagnose(mesh) -> None:
@@ -461,16 +451,11 @@ def _alive(pid: int) -> bool:
 
 @contextmanager
 def guard_collectives(groups: Sequence[ProcessGroup], what: str, mesh=None) -> Iterator[None]:
-    """Around a call's collectives: a host wait that stays blocked polls the mesh's check (a peer that
-    raised on an argument mismatch never joins: the same ValueError here instead of a hang); a
-    communication error inside (a peer died or timed out mid-forward or mid-backward) is re-raised as
-    that mismatch when the check saw one, else as RankFailure naming dead peers where that can be told."""
+    """Around a call's collectives: a communication error inside (a peer died or timed out mid-forward
+    or mid-backward) is re-raised as the argument mismatch the check saw, if any, else as RankFailure
+    naming dead peers where that can be told."""
     try:
-        if mesh is None or not mesh.check_mode or mesh.world_size == 1:
-            yield
-        else:
-            with watched(lambda: poll(mesh)):
-                yield
+        yield
     except (RankFailure, ValueError, TypeError):
         raise
     except Exception as e:

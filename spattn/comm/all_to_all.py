@@ -135,11 +135,8 @@ class _Keep:
     def __init__(self, work, *keep):
         self.work, self.keep = work, keep
 
-    def wait(self, timeout=None):
-        if timeout is None:
-            wait_work(self.work)
-        else:  # a slice of a watched wait (comm.collectives.wait_work): raises if not done in time
-            self.work.wait(timeout)
+    def wait(self):
+        wait_work(self.work)
         self.keep = ()
 
 

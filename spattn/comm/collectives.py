@@ -3,9 +3,7 @@ these (never ``torch.distributed`` directly) for its all-gathers, all-reduces an
 from __future__ import annotations
 
 import contextlib
-import contextvars
-from datetime import timedelta
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Sequence
 
 import torch
 import torch.distributed as dist
@@ -15,40 +13,11 @@ ProcessGroup = dist.ProcessGroup
 
 
 # ----------------------------------------------------------------------------------------------
-# Waiting: every wait of a transfer goes through wait_work, so a wait can watch for a reason to stop
+# Waiting: every wait of a transfer goes through wait_work (one place to change how waits behave)
 # ----------------------------------------------------------------------------------------------
-_WATCH: "contextvars.ContextVar[Optional[Callable[[], None]]]" = contextvars.ContextVar("spattn_watch",
-                                                                                         default=None)
-WATCH_SLICE = timedelta(milliseconds=50)
-
-
-@contextlib.contextmanager
-def watched(poll: Callable[[], None]) -> Iterator[None]:
-    """Within the block, a host-side wait that is still blocked after ``WATCH_SLICE`` calls ``poll()``
-    between slices; ``poll`` raises to abandon the wait (the cross-rank check uses it: a peer that
-    raised on an argument mismatch never joins this transfer)."""
-    token = _WATCH.set(poll)
-    try:
-        yield
-    finally:
-        _WATCH.reset(token)
-
-
 def wait_work(work) -> None:
-    """``work.wait()``, in slices with ``poll()`` between them inside ``watched`` (host waits only:
-    a CUDA work's wait does not block the host)."""
-    poll = _WATCH.get()
-    if poll is None:
-        work.wait()
-        return
-    while True:
-        try:
-            work.wait(WATCH_SLICE)
-            return
-        except RuntimeError as e:
-            if "timed out" not in str(e).lower():
-                raise
-            poll()
+    """``work.wait()``: finish a transfer started with ``async_op=True``."""
+    work.wait()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,10 +81,6 @@ class _CountingRing:
         self._inner.start(send)
 
     def wait(self) -> Tensor:
-        poll, wait_for = _WATCH.get(), getattr(self._inner, "wait_for", None)
-        if poll is not None and wait_for is not None:  # the C++ engine: wait in slices, polling between
-            while not wait_for(WATCH_SLICE):
-                poll()
         return self._inner.wait()
 
     def __getattr__(self, name):  # group, size, next, prev, ...
