@@ -10,10 +10,16 @@ the hot path.
       a new option) waits for its gather before any collective of the call: equal rows, or the same
       ValueError everywhere naming the rank(s) and the field(s) that differ, with each rank's value;
     * a signature equal to the last agreed one does not wait: its gather completes in the background
-      and is compared at a later call (or when a collective fails). Ranks that all repeat the agreed
-      signature agree with each other, so nothing can pair up wrongly; a rank whose signature changed
-      while another's did not waits, sees the difference and raises, and the other one's collective
-      then fails and reports the same difference (never a silent wait).
+      and is compared at a later call, or when a collective fails. Ranks that all repeat the agreed
+      signature agree with each other, so nothing can pair up wrongly. A rank whose signature changed
+      while another's did not waits, sees the difference, raises, and destroys the mesh's groups
+      (``SPMesh.release_groups``): the other rank, blocked in a collective it entered alone, gets a
+      closed connection at once and reports the same difference (``run_guarded``). Never a
+      silent wait, and no blocking collective on the hot path of a steady loop.
+
+    That needs groups the mesh may destroy: ``init_mesh`` on gloo makes its own. A mesh over groups
+    it does not own (the caller's, or NCCL, whose peers a destroyed communicator does not wake)
+    waits for every call's gather before its first collective instead.
 
 Inputs that a parallelized model assumes identical on every rank (latents, timestep, text
 embeddings; an LLM's full ``input_ids``) are verified the same way: ``verify_identical`` starts the
@@ -38,10 +44,9 @@ import struct
 import time
 import zlib
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Deque, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -50,9 +55,10 @@ from . import config
 
 Tensor = torch.Tensor
 ProcessGroup = dist.ProcessGroup
+T = TypeVar("T")
 
 __all__ = ["check_mode", "timeout_s", "signature", "check_across_ranks", "check_signature", "side_groups", "RankFailure",
-           "FIELDS", "guard_collectives", "CheckState", "verify_identical"]
+           "FIELDS", "run_guarded", "CheckState", "verify_identical"]
 
 # Fields of the signature, in order. Shapes are spread over one field per dimension and small
 # options are encoded directly, so an error can print every rank's value, not a hash.
@@ -236,11 +242,13 @@ class _Gather:
 
 
 class CheckState:
-    """Per mesh: the last signature every rank was seen to agree on, and the gathers in flight."""
+    """Per mesh: the last signature every rank was seen to agree on, the gathers in flight, and how
+    many calls waited for their gather (a steady loop over an owned mesh waits once)."""
 
     def __init__(self) -> None:
         self.agreed: Optional[Tensor] = None
         self.pending: Deque[_Gather] = deque()
+        self.waits = 0
 
 
 def _start(mesh, row: Tensor, names=None, hint: str = "") -> _Gather:
@@ -261,14 +269,11 @@ def _finish(mesh, g: _Gather) -> None:
     """Wait for ``g`` (RankFailure naming the missing ranks past the timeout) and compare its rows
     (the same ValueError on every rank when they differ)."""
     t0 = time.monotonic()
-    groups = side_groups(mesh)
     try:
         for w in g.works:
             w.wait()
     except Exception as e:  # gloo timeout or a closed connection: name who is missing
-        ranks = [r for grp in groups for r in dist.get_process_group_ranks(grp)]
-        key = "check/" + "/".join(_group_name(grp) for grp in groups)  # the same string on every rank
-        why = describe_missing(sorted(set(ranks)), key, g.number, time.monotonic() - t0, mesh.timeout_s)
+        why = _missing(mesh, g.number, time.monotonic() - t0)
         mesh.mark_broken(why)
         raise RankFailure(f"spattn.attention: the cross-rank argument check failed: {why} "
                           f"[{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}]") from e
@@ -281,6 +286,14 @@ def _finish(mesh, g: _Gather) -> None:
         # did not wait): they are abandoned, so on every rank the mesh is done. Build a new one.
         mesh.mark_broken("ranks called attention with different arguments")
         raise ValueError(_mismatch(rows, bad, g))
+
+
+def _missing(mesh, number: int, waited: float) -> str:
+    """Who did not reach check number ``number`` (describe_missing over the check's group)."""
+    groups = side_groups(mesh)
+    ranks = sorted({r for grp in groups for r in dist.get_process_group_ranks(grp)})
+    key = "check/" + "/".join(_group_name(grp) for grp in groups)  # the same string on every rank
+    return describe_missing(ranks, key, number, waited, mesh.timeout_s)
 
 
 def _mismatch(rows: Tensor, bad: Tensor, g: _Gather) -> str:
@@ -303,13 +316,12 @@ def _mismatch(rows: Tensor, bad: Tensor, g: _Gather) -> str:
 
 
 def _reap(mesh, everything: bool) -> None:
-    """Compare the gathers in flight that are done (all of them, waiting, with ``everything``);
-    input digests are always waited for: the call that follows them is where they must hold."""
+    """Compare the gathers in flight that are done, in order (all of them, waiting, with
+    ``everything``; the oldest also when more than MAX_PENDING are in flight)."""
     pending = mesh.check_state.pending
     while pending:
         g = pending[0]
-        if not (everything or g.names is not None or all(w.is_completed() for w in g.works)
-                or len(pending) > MAX_PENDING):
+        if not (everything or len(pending) > MAX_PENDING or all(w.is_completed() for w in g.works)):
             break
         pending.popleft()
         _finish(mesh, g)
@@ -317,21 +329,25 @@ def _reap(mesh, everything: bool) -> None:
 
 def check_signature(mesh, sig: Tensor) -> None:
     """This call's signature against every rank's (module docstring): waits only when ``sig`` is not
-    the last signature all ranks agreed on; raises the same ValueError on every rank when the rows
-    differ, RankFailure when a rank does not join within the check's timeout."""
+    the last signature all ranks agreed on (every call, on a mesh that does not own its groups); raises
+    the same ValueError on every rank when the rows differ, RankFailure when a rank does not join
+    within the check's timeout."""
     _start(mesh, sig)
-    # Every call waits for its own gather before its first collective. (Waiting only when the
-    # signature changes needs a wait that can give up while a peer's mismatch is reported; gloo closes
-    # the connection of a wait that times out, so that variant is not used: docs/reliability.md 1b.)
+    state = mesh.check_state
+    if mesh.owns_groups and state.agreed is not None and torch.equal(sig, state.agreed):
+        _reap(mesh, everything=False)  # earlier gathers that are done: an input digest that differs
+        return
+    state.waits += 1
     _reap(mesh, everything=True)
-    mesh.check_state.agreed = sig
+    state.agreed = sig
 
 
 def verify_identical(mesh, tensors: Mapping[str, Optional[Tensor]], hint: str = "") -> None:
     """Check that ``tensors`` (name -> tensor, the same names on every rank of ``mesh``) hold the same
     values on every rank, without waiting: the digests' gather completes in the background and the
-    mesh's next ``spattn.attention`` call compares it, raising on every rank a ValueError that names
-    the differing inputs and ``hint`` (the likely fix). No-op with the check off or on a mesh of one.
+    first ``spattn.attention`` call on the mesh that finds it done compares it (usually the next one
+    or the one after), raising on every rank a ValueError that names the differing inputs and
+    ``hint`` (the likely fix). No-op with the check off or on a mesh of one.
     Must be called by every rank of the mesh, the same number of times."""
     if mesh.world_size == 1 or not mesh.check_mode or not dist.is_initialized():
         return
@@ -449,29 +465,38 @@ def _alive(pid: int) -> bool:
         return True
 
 
-@contextmanager
-def guard_collectives(groups: Sequence[ProcessGroup], what: str, mesh=None) -> Iterator[None]:
-    """Around a call's collectives: a communication error inside (a peer died or timed out mid-forward
-    or mid-backward) is re-raised as the argument mismatch the check saw, if any, else as RankFailure
-    naming dead peers where that can be told."""
+def run_guarded(mesh, what: str, fn: Callable[..., T], *args) -> T:
+    """``fn(*args)``: the part of a call that communicates (``what``: "forward" or "backward"), with its
+    failures explained. A communication error inside (a peer died or timed out, or released the
+    mesh's groups after a mismatch) is re-raised as the argument mismatch the check saw, if any, else
+    as RankFailure naming dead peers where that can be told; either way the mesh is marked broken and
+    its own groups are released, so a peer blocked on this rank fails in turn. The error is raised
+    after the handler, unchained: the failed frames (which hold the groups) are gone by then, so
+    releasing the groups really closes their connections."""
+    t0 = time.monotonic()
     try:
-        yield
+        return fn(*args)
     except (RankFailure, ValueError, TypeError):
         raise
     except Exception as e:
         if not _is_comm_error(e):
             raise
-        diagnose(mesh)  # a mismatch seen by the check is the cause: raise that instead
-        ranks = sorted({r for g in groups if g is not None for r in dist.get_process_group_ranks(g)})
+        detail = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    diagnose(mesh)  # a mismatch seen by the check is the cause: raise that instead (it releases the groups)
+    pending = mesh.check_state.pending
+    if pending and mesh.check_groups:  # a check gather still open: some rank never reached that call
+        who = _missing(mesh, pending[-1].number, time.monotonic() - t0)
+    else:
         try:
+            ranks = sorted({r for g in mesh.groups() for r in dist.get_process_group_ranks(g)})
             store = dist.distributed_c10d._get_default_store()
             dead = _dead(store, [r for r in ranks if r != dist.get_rank()])
             who = f"rank(s) {dead} died (process gone)" if dead else \
                 f"a peer among ranks {ranks} failed or timed out (no dead process found on this host)"
         except Exception:
             who = "the rendezvous store is unreachable: the rank hosting it (usually global rank 0) has likely died"
-        raise RankFailure(f"spattn.attention: communication failed during {what}: {who} "
-                          f"[{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}]") from e
+    mesh.mark_broken(f"communication failed during {what}")
+    raise RankFailure(f"spattn.attention: communication failed during {what}: {who} [{detail}]")
 
 
 def _is_comm_error(e: BaseException) -> bool:

@@ -8,10 +8,13 @@ of classifier-free guidance; ``cfg_group`` joins the ranks of equal ``sp_rank`` 
 """
 from __future__ import annotations
 
+import gc
 import itertools
+import threading
 from collections import OrderedDict
 from typing import Callable, List, Optional, Sequence
 
+import torch
 import torch.distributed as dist
 
 from . import config
@@ -48,6 +51,9 @@ class SPMesh:
     Args:
         ulysses_group: group whose ranks exchange heads by all-to-all (``None``: degree 1).
         ring_group: group whose ranks pass K/V blocks around a ring (``None``: degree 1).
+        owned: the groups were made for this mesh alone (init_mesh on gloo), so it may destroy them
+            when its ranks fall out of step; the cross-rank check then waits only when a call's
+            signature changes (spattn.check).
 
     Attributes:
         ulysses_degree, ring_degree, world_size (= their product),
@@ -59,7 +65,7 @@ class SPMesh:
 
     def __init__(self, ulysses_group: Optional[ProcessGroup] = None, ring_group: Optional[ProcessGroup] = None,
                  *, check_group: Optional[ProcessGroup] = None, cfg_group: Optional[ProcessGroup] = None,
-                 check: Optional[int] = None, timeout_s: Optional[float] = None):
+                 check: Optional[int] = None, timeout_s: Optional[float] = None, owned: bool = False):
         for name, g in (("ulysses_group", ulysses_group), ("ring_group", ring_group), ("cfg_group", cfg_group)):
             if g is not None and not dist.is_initialized():
                 raise RuntimeError(f"spattn.SPMesh: {name} given but torch.distributed is not initialized; "
@@ -84,6 +90,9 @@ class SPMesh:
         self.cfg_group = cfg_group
         self.cfg_degree = _group_size(cfg_group)
         self.cfg_rank = _group_rank(cfg_group)
+        # Groups this mesh made itself (init_mesh on gloo): it may destroy them when its ranks fall out of
+        # step, which wakes a peer blocked in one of them (spattn.check relies on it to skip waits).
+        self.owns_groups = bool(owned) and self.world_size * self.cfg_degree > 1
         backends = {dist.get_backend(g) for g in (ulysses_group, ring_group) if g is not None}
         self.comm_backend: Optional[str] = backends.pop() if len(backends) == 1 else (
             None if not backends else "mixed")
@@ -118,8 +127,31 @@ class SPMesh:
         return self._check_calls
 
     def mark_broken(self, why: str) -> None:
-        """The ranks fell out of step: every later call on this mesh fails fast with ``why``."""
+        """The ranks fell out of step: every later call on this mesh fails fast with ``why``, and the
+        groups it owns are released (``release_groups``)."""
         self._check_broken = why
+        self.release_groups()
+
+    def release_groups(self) -> None:
+        """Destroy the groups this mesh made (only those: never the world or a caller's group). Their
+        connections close, so a peer blocked in one of them (it entered a collective this rank will
+        never join) fails at once instead of after the group's timeout. The mesh is unusable after."""
+        if not self.owns_groups:
+            return
+        groups = [g for g in (self.ulysses_group, self.ring_group, self.cfg_group) if g is not None]
+        self.ulysses_group = self.ring_group = self.cfg_group = _RELEASED
+        self.owns_groups = False
+        self.comm_cache.clear()  # ring exchanges (and the C++ engine) hold the groups too
+        self._plans.clear()
+        self._calls.clear()
+        for g in groups:
+            try:
+                dist.destroy_process_group(g)
+            except Exception:  # already gone (e.g. torch.distributed shut down): nothing to release
+                pass
+        # The connections close when the last reference goes; a transfer still blocked inside the
+        # group would hold its destructor, so the references are dropped off this thread.
+        threading.Thread(target=_drop, args=(groups,), daemon=True, name="spattn-release").start()
 
     @property
     def check_mode(self) -> int:
@@ -173,6 +205,29 @@ class SPMesh:
                 f"sp_rank={self.sp_rank}/{self.world_size})")
 
 
+class _Released:
+    """Stands for a group a broken mesh released: any use is an error, never the default group."""
+
+    def __repr__(self) -> str:
+        return "<process group released: this mesh's ranks fell out of step; build a new mesh>"
+
+
+_RELEASED = _Released()
+
+
+def _timeout_of(group: ProcessGroup):
+    """The collective timeout ``group`` was made with (None where torch does not tell)."""
+    try:
+        return group._get_backend(torch.device("cpu")).options._timeout
+    except Exception:  # not gloo, or torch's internals moved: new_group's default
+        return None
+
+
+def _drop(groups: List[ProcessGroup]) -> None:
+    groups.clear()
+    gc.collect()
+
+
 def init_mesh(ulysses_degree: int = 1, ring_degree: int = 1, group: Optional[ProcessGroup] = None,
               cfg_degree: int = 1, *, check: Optional[int] = None, timeout_s: Optional[float] = None) -> SPMesh:
     """Build the ``cfg_degree x ulysses_degree x ring_degree`` mesh over ``group`` (default: the world).
@@ -219,17 +274,22 @@ def init_mesh(ulysses_degree: int = 1, ring_degree: int = 1, group: Optional[Pro
     # With the default group every rank creates every group in the same order (the portable way).
     # For a subgroup only its members call us, so each creates just the groups it belongs to.
     local = group is not None and size != dist.get_world_size()
+    # On gloo every group is the mesh's own, even one spanning the whole group: a mesh whose ranks fall
+    # out of step destroys its groups to wake a blocked peer (SPMesh.release_groups), and must not
+    # destroy the caller's. Other backends share the caller's group where it is the same set of ranks.
+    own = dist.get_backend(group) == "gloo"
+    parent_timeout = _timeout_of(group if group is not None else dist.group.WORLD)  # not new_group's 30 min
 
     def build(sets: List[List[int]], degree: int) -> Optional[ProcessGroup]:
         if degree == 1:
             return None
-        if degree == size:
+        if degree == size and not own:
             return group if group is not None else dist.group.WORLD
         mine = None
         for s in sets:
             if local and me not in s:
                 continue
-            g = dist.new_group(s, use_local_synchronization=local)
+            g = dist.new_group(s, use_local_synchronization=local, timeout=parent_timeout)
             if me in s:
                 mine = g
         return mine
@@ -246,4 +306,4 @@ def init_mesh(ulysses_degree: int = 1, ring_degree: int = 1, group: Optional[Pro
             g = new_side_group(p, local, timeout)
             if me in p:
                 side = g
-    return SPMesh(ulysses_group=ug, ring_group=rg, check_group=side, cfg_group=cg, **opts)
+    return SPMesh(ulysses_group=ug, ring_group=rg, check_group=side, cfg_group=cg, owned=own, **opts)

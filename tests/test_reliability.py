@@ -97,6 +97,56 @@ def test_mismatch_message_shows_each_ranks_value():
     assert "rank 1: 'zigzag'" in msg and "rank 2: 'contiguous'" in msg, msg
 
 
+def steady_loop_body(owned: bool) -> list:
+    """Repeated identical calls: an owned mesh (init_mesh on gloo) waits for the check's gather on the
+    first call only; a mesh over the caller's groups waits on every call."""
+    _no_check_env()
+    if owned:
+        mesh = spattn.init_mesh(ulysses_degree=2)
+    else:
+        mesh = spattn.SPMesh(ulysses_group=dist.new_group([0, 1]))
+    x = torch.randn(1, 8, 4, 16, generator=torch.Generator().manual_seed(0))
+    ref = spattn.attention(x, x, x, mesh)
+    for _ in range(5):
+        assert torch.equal(spattn.attention(x, x, x, mesh), ref)
+    return [mesh.owns_groups, mesh.check_state.waits, mesh.check_calls]
+
+
+def test_steady_loop_waits_only_when_the_signature_changes():
+    assert run_on_ranks(2, steady_loop_body, True) == [True, 1, 6]
+    assert run_on_ranks(2, steady_loop_body, False) == [False, 6, 6]
+
+
+def late_change_body(u: int, r: int) -> list:
+    """After calls all ranks agreed on, rank 1 alone changes its arguments: it waits for the check and
+    raises; the others repeat the agreed call without waiting and enter its collectives alone. Rank 1
+    destroys the mesh's groups, so they fail at once (not after the groups' 30-minute timeout) with
+    the same error. Returns [message, seconds]."""
+    _no_check_env()
+    mesh = spattn.init_mesh(ulysses_degree=u, ring_degree=r, timeout_s=60)
+    x = torch.randn(1, 8, 4, 16, generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        spattn.attention(x, x, x, mesh)
+    t0 = time.monotonic()
+    try:
+        spattn.attention(x, x, x, mesh, causal=dist.get_rank() == 1)
+    except ValueError as e:
+        took = time.monotonic() - t0
+        got = [None] * dist.get_world_size()
+        dist.all_gather_object(got, (str(e), took))  # the default group still works
+        assert all(m == got[0][0] for m, _ in got), got
+        return [got[0][0], max(t for _, t in got), mesh.check_broken is not None]
+    raise AssertionError("late mismatch not detected")
+
+
+@pytest.mark.parametrize("u,r", [(2, 1), (2, 2)])
+def test_late_change_on_one_rank_fails_every_rank_at_once(u, r):
+    msg, took, broken = run_on_ranks(u * r, late_change_body, u, r, timeout=120)
+    assert "  causal: " in msg and "Odd one(s) out: ranks [1]" in msg, msg
+    assert broken
+    assert took < 30, f"a rank waited {took:.1f}s: it was not woken by the released groups"
+
+
 def hand_built_mesh_body() -> str:
     """An SPMesh built from the user's own groups (no init_mesh): the side groups are made on the
     first checked call, and a mismatch is still an error on every rank."""

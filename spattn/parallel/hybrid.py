@@ -18,7 +18,6 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from .. import check
 from ..call import AttnCall, Inputs
 from ..comm.all_to_all import A2ASpec, start_head_to_seq, start_seq_to_head
 from ..comm.collectives import all_gather, all_reduce_over
@@ -45,12 +44,11 @@ class Chunk:
 
 @dataclass(frozen=True)
 class Plan:
-    """Everything static about one call on this rank: chunks, the LSE's exchange, the groups used."""
+    """Everything static about one call on this rank: its chunks and the LSE's exchange."""
 
     chunks: Tuple[Chunk, ...]
     heads: Optional[HeadPlan]        # the whole head plan (None without Ulysses)
     lse_spec: Optional[A2ASpec]      # (B, s, h, 1)-shaped LSE exchange back to sequence sharding
-    groups: Tuple[object, ...]       # every group the call communicates over (failure diagnosis)
 
     def with_lens(self, jlens: Optional[Tensor]) -> "Plan":
         """This plan with the call's joint key lengths (a per-call tensor, never cached)."""
@@ -81,7 +79,7 @@ def build_plan(call: AttnCall) -> Plan:
 
     if U == 1:
         ch = Chunk(setup(call.kernel), None, None, (0, hq), (0, hkv))
-        return Plan((ch,), None, None, tuple(mesh.groups()))
+        return Plan((ch,), None, None)
     plan, u, pieces = head_plan(hq, hkv, U), mesh.ulysses_rank, geo.pieces_per_rank
     order = ulysses_order(geo, U)
     chunks = []
@@ -92,7 +90,7 @@ def build_plan(call: AttnCall) -> Plan:
             A2ASpec(mesh.ulysses_group, [p.q_ranges, p.kv_ranges, p.kv_ranges], pieces, order),
             A2ASpec(mesh.ulysses_group, [p.q_ranges], pieces, order), p.q_ranges[u], p.kv_ranges[u]))
     lse_spec = A2ASpec(mesh.ulysses_group, [plan.q_ranges], pieces, order)
-    return Plan(tuple(chunks), plan, lse_spec, tuple(mesh.groups()))
+    return Plan(tuple(chunks), plan, lse_spec)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,20 +183,19 @@ def _mask_lse(lse: Tensor, call: AttnCall) -> Tensor:
 
 def forward(plan: Plan, call: AttnCall, x: Inputs) -> Tuple[List[Tensor], List[Optional[Tensor]]]:
     """Results [out, (joint_out), (lse, (joint_lse))] and the saved tensors (``saved_slots`` order)."""
-    with check.guard_collectives(plan.groups, "forward", call.mesh):
-        (out, lse, t_out, t_lse), saved = _pipeline_forward(plan, x)
-        mesh, ret_lse = call.mesh, call.opts.return_lse
-        if mesh.ulysses_degree > 1:
-            ranges = plan.heads.q_ranges
-            if ret_lse:  # (B, h, U*s) head-sharded -> (B, s, h, 1) for the all-to-all -> (B, H, s)
-                (lse_s,) = start_head_to_seq([lse.transpose(1, 2).unsqueeze(-1).contiguous()], plan.lse_spec,
-                                             [lse.new_empty(call.q_shape[:3] + (1,))], add=[False]).wait()
-                lse = lse_s.squeeze(-1).transpose(1, 2).contiguous()
-            if call.joint:
-                t_out = _gather_heads(t_out, mesh.ulysses_group, ranges)
-                if ret_lse:
-                    t_lse = _gather_heads(t_lse.transpose(1, 2).unsqueeze(-1).contiguous(), mesh.ulysses_group,
-                                          ranges).squeeze(-1).transpose(1, 2)
+    (out, lse, t_out, t_lse), saved = _pipeline_forward(plan, x)
+    mesh, ret_lse = call.mesh, call.opts.return_lse
+    if mesh.ulysses_degree > 1:
+        ranges = plan.heads.q_ranges
+        if ret_lse:  # (B, h, U*s) head-sharded -> (B, s, h, 1) for the all-to-all -> (B, H, s)
+            (lse_s,) = start_head_to_seq([lse.transpose(1, 2).unsqueeze(-1).contiguous()], plan.lse_spec,
+                                         [lse.new_empty(call.q_shape[:3] + (1,))], add=[False]).wait()
+            lse = lse_s.squeeze(-1).transpose(1, 2).contiguous()
+        if call.joint:
+            t_out = _gather_heads(t_out, mesh.ulysses_group, ranges)
+            if ret_lse:
+                t_lse = _gather_heads(t_lse.transpose(1, 2).unsqueeze(-1).contiguous(), mesh.ulysses_group,
+                                      ranges).squeeze(-1).transpose(1, 2)
     res = [out] + ([t_out] if call.joint else [])
     if ret_lse:
         res += [_mask_lse(lse, call)] + ([t_lse] if call.joint else [])
@@ -209,18 +206,17 @@ def backward(plan: Plan, call: AttnCall, saved: Sequence[Optional[Tensor]], dout
              dt_out: Optional[Tensor]) -> List[Tensor]:
     """[dq, dk, dv, (djq, djk, djv)] from the saved tensors: nothing recomputed, nothing re-exchanged
     but the gradients. ``dt_out``: gradient of the (replicated, all heads) joint output, or None."""
-    with check.guard_collectives(plan.groups, "backward", call.mesh):
-        chunks, joint = plan.chunks, call.joint
-        if joint and dt_out is not None and call.mesh.ulysses_degree > 1:
-            dt_out = dt_out[:, :, chunks[0].q_heads[0]:chunks[-1].q_heads[1]]  # joint_out gathered this rank's heads
-        grads = list(_pipeline_backward(plan, call, saved, dout, dt_out))
-        if not joint:
-            return grads[:3]
-        dj = grads[3:]
-        if call.mesh.world_size > 1:  # joint tensors are replicated: every rank's share, summed
-            flat = all_reduce_over(torch.cat([g.reshape(-1) for g in dj]), call.mesh.groups())
-            dj = [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in dj]), dj)]
-        return grads[:3] + dj
+    chunks, joint = plan.chunks, call.joint
+    if joint and dt_out is not None and call.mesh.ulysses_degree > 1:
+        dt_out = dt_out[:, :, chunks[0].q_heads[0]:chunks[-1].q_heads[1]]  # joint_out gathered this rank's heads
+    grads = list(_pipeline_backward(plan, call, saved, dout, dt_out))
+    if not joint:
+        return grads[:3]
+    dj = grads[3:]
+    if call.mesh.world_size > 1:  # joint tensors are replicated: every rank's share, summed
+        flat = all_reduce_over(torch.cat([g.reshape(-1) for g in dj]), call.mesh.groups())
+        dj = [f.view_as(g) for f, g in zip(flat.split([g.numel() for g in dj]), dj)]
+    return grads[:3] + dj
 
 
 def _pipeline_backward(plan: Plan, call: AttnCall, flat: Sequence[Optional[Tensor]], dout: Tensor,

@@ -129,16 +129,23 @@ def _attention_op(q: Tensor, k: Tensor, v: Tensor, joint: List[Tensor], jlens: O
     x = _inputs(q, k, v, joint, jlens, cu_seqlens)
     call = _call(x, ids)
     check.check_across_ranks(call, x)
-    plan = call.mesh.plan_for(call, hybrid.build_plan).with_lens(jlens)
-    res, saved = hybrid.forward(plan, call, x)
+    res, saved, n_chunks = check.run_guarded(call.mesh, "forward", _run_forward, call, x)
     if not _saves(ids[2]):
         return _fresh(res, x)
-    slots = hybrid.saved_slots(call, len(plan.chunks))
+    slots = hybrid.saved_slots(call, n_chunks)
     new = [t for t, slot in zip(saved, slots) if slot == "new"]
     if len(saved) != len(slots) or len(new) != len(hybrid.new_saved_meta(call)):
         raise RuntimeError(f"spattn: the strategy saved {len(saved)} tensors ({len(new)} new), its slot map says "
                            f"{len(slots)}: hybrid.saved_slots is out of date with hybrid.forward")
     return _fresh(res + new, x)
+
+
+def _run_forward(call: AttnCall, x: Inputs):
+    """The communicating part of the forward (``check.run_guarded`` runs it: its frame, which holds
+    the plan and so the groups, is gone when a failure is reported)."""
+    plan = call.mesh.plan_for(call, hybrid.build_plan).with_lens(x.jlens)
+    res, saved = hybrid.forward(plan, call, x)
+    return res, saved, len(plan.chunks)
 
 
 @_attention_op.register_fake
@@ -164,17 +171,22 @@ def _attention_backward_op(dout: Tensor, djout: Optional[Tensor], inputs: List[T
     joint = list(inputs[3:3 + n_joint])
     x = _inputs(q, k, v, joint, jlens, cu_seqlens)
     call = _call(x, ids)
-    plan = call.mesh.plan_for(call, hybrid.build_plan).with_lens(jlens)
-    rest = inputs[3 + n_joint:]
+    grads = check.run_guarded(call.mesh, "backward", _run_backward, call, x, inputs[3 + n_joint:], dout, djout)
+    return _fresh(grads, (dout, djout, *inputs, jlens))
+
+
+def _run_backward(call: AttnCall, x: Inputs, rest: Sequence[Tensor], dout: Tensor, djout: Optional[Tensor]):
+    """The communicating part of the backward (run by ``check.run_guarded``, as ``_run_forward``)."""
+    plan = call.mesh.plan_for(call, hybrid.build_plan).with_lens(x.jlens)
+    q, k, v, joint = x.q, x.k, x.v, x.jq is not None
     named = dict(q=q, k=k, v=v, out=rest[0])
     if joint:
-        named.update(jq=joint[0], jk=joint[1], jv=joint[2], jout=rest[1])
+        named.update(jq=x.jq, jk=x.jk, jv=x.jv, jout=rest[1])
     saved = _unpack_saved(call, plan, named, iter(rest[1 + bool(joint):]))
     dt = None
     if joint:
         dt = djout.contiguous() if djout is not None else torch.zeros_like(named["jout"])
-    grads = hybrid.backward(plan, call, saved, dout.contiguous(), dt)
-    return _fresh(grads, (dout, djout, *inputs, jlens))
+    return hybrid.backward(plan, call, saved, dout.contiguous(), dt)
 
 
 def _joint_of(inputs: Sequence[Tensor], ids: Sequence[int]) -> bool:
@@ -222,7 +234,7 @@ def _setup_context(ctx, inputs, output):
         ctx.mark_non_differentiable(*output[1 + bool(joint):n_res])
 
 
-def _backward(ctx, grads):
+def _autograd_backward(ctx, grads):
     jlens, cu_seqlens, *inputs = ctx.saved_tensors
     dout = grads[0] if grads[0] is not None else torch.zeros_like(inputs[3 + 3 * ctx.joint])
     djout = grads[1] if ctx.joint else None
@@ -230,7 +242,7 @@ def _backward(ctx, grads):
     return g[0], g[1], g[2], (list(g[3:]) if ctx.joint else []), None, None, None
 
 
-_attention_op.register_autograd(_backward, setup_context=_setup_context)
+_attention_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
 def run(x: Inputs, mesh: SPMesh, opts_id: int, seq_len: Optional[int] = None) -> List[Tensor]:
