@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import spattn
-from spattn.backends.reference import attention_ref
+from spattn.backends.reference import attention_ref, visible
 from spattn.testing import DTYPES, assert_within_tolerance, error_table, gather_checked
 _MESHES: Dict[Tuple[int, int], spattn.SPMesh] = {}
 
@@ -45,11 +45,19 @@ class Case:
     chunks: Optional[int] = None  # Ulysses pipeline head chunks (attention(ulysses_chunks=...))
     seed: int = 0
     mask: str = ""                # joint_mask: "" none, "pad", "short", "hole", "empty" (see text_mask)
+    docs: Tuple[int, ...] = ()    # packed documents' lengths (cu_seqlens; batch 1, no text); () none
+    window: Tuple[int, int] = (-1, -1)  # window_size (left, right), -1 unbounded
 
 
     @property
     def kvh(self) -> int:
         return self.kv_heads or self.heads
+
+    @property
+    def cu_seqlens(self) -> Optional[torch.Tensor]:
+        if not self.docs:
+            return None
+        return torch.tensor([0] + list(torch.tensor(self.docs).cumsum(0)), dtype=torch.int32)
 
 
 def text_mask(c: Case) -> Optional[torch.Tensor]:
@@ -109,13 +117,15 @@ def _full_reference(c: Case, q, k, v, dout, joint, dtype, impl: str):
     if km is not None:  # key mask over the joint sequence; image keys are always visible
         img_keys = torch.ones(c.batch, c.seq, dtype=torch.bool)
         km = torch.cat([km, img_keys] if c.joint_strategy == "front" else [img_keys, km], dim=1)
-    if impl == "ref":
-        o, lse = attention_ref(qq, kk, vv, c.causal, key_mask=km)
-    else:
-        o = F.scaled_dot_product_attention(qq.transpose(1, 2), kk.transpose(1, 2), vv.transpose(1, 2),
-                                           attn_mask=None if km is None else km[:, None, None, :],
-                                           is_causal=c.causal, enable_gqa=c.kvh != c.heads).transpose(1, 2)
-        lse = None
+    # Packed documents: each attends only within itself, so the reference runs document by document.
+    bounds = c.cu_seqlens.tolist() if c.docs else [0, qq.shape[1]]
+    outs, lses = [], []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        o, lse = _attend(c, qq[:, lo:hi], kk[:, lo:hi], vv[:, lo:hi], km, impl)
+        outs.append(o)
+        lses.append(lse)
+    o = torch.cat(outs, dim=1)
+    lse = torch.cat(lses, dim=2) if impl == "ref" else None
     T = c.text
     if joint:
         img = slice(T, None) if c.joint_strategy == "front" else slice(0, c.seq)
@@ -133,6 +143,20 @@ def _full_reference(c: Case, q, k, v, dout, joint, dtype, impl: str):
     return res
 
 
+def _attend(c: Case, q, k, v, km, impl: str):
+    """One sequence's attention with the case's causal, window and key mask: fp64 math or SDPA."""
+    window = None if c.window == (-1, -1) else c.window
+    if impl == "ref":
+        return attention_ref(q, k, v, c.causal, key_mask=km, window=window)
+    mask = visible(q.shape[1], k.shape[1], c.causal, window) if window else None
+    if km is not None:
+        mask = km[:, None, None, :] if mask is None else mask & km[:, None, None, :]
+    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                       is_causal=c.causal and mask is None,
+                                       enable_gqa=c.kvh != c.heads).transpose(1, 2)
+    return o, None
+
+
 def run_case(c: Case, **options) -> Optional[dict]:
     """Run on every rank. Returns, on rank 0, {name: (err, sdpa_err, ref_max)}. ``options``: more
     keyword options of spattn.attention (e.g. ring_impl, allgather_bytes)."""
@@ -143,12 +167,14 @@ def _run_case(c: Case, options: dict) -> Optional[dict]:
     mesh = get_mesh(c.u, c.r)
     q, k, v, dout, joint = _inputs(c)
     kw = dict(seq_len=c.seq, layout=c.layout)
+    if c.docs:
+        kw["cu_seqlens"] = c.cu_seqlens
     ql, kl, vl = (spattn.shard(t, mesh, **kw).requires_grad_() for t in (q, k, v))
     dl = spattn.shard(dout, mesh, **kw)
-    args = {}
+    args = {} if c.window == (-1, -1) else dict(window_size=c.window)
     if joint:
         jts = [t.clone().requires_grad_() for t in joint[:3]]
-        args = dict(joint_q=jts[0], joint_k=jts[1], joint_v=jts[2], joint_strategy=c.joint_strategy,
+        args.update(joint_q=jts[0], joint_k=jts[1], joint_v=jts[2], joint_strategy=c.joint_strategy,
                     joint_mask=text_mask(c))
     res = spattn.attention(ql, kl, vl, mesh, causal=c.causal, return_lse=True, backend=c.backend,
                            ring_engine=c.engine, ulysses_chunks=c.chunks, **args, **kw, **options)

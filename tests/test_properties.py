@@ -1,4 +1,5 @@
-"""Property-based tests: random meshes and shapes, output/LSE/gradients equal the fp64 reference
+"""Property-based tests: random meshes and shapes (with text tokens and their masks, packed documents
+and sliding windows), output/LSE/gradients equal the fp64 reference
 within tests/test_sp.py's tolerances (at most 2x SDPA's own error in the dtype, plus a floor).
 
 Bounded and reproducible: ``derandomize=True`` (a fixed seed), a fixed example budget, so the file
@@ -26,12 +27,23 @@ def cases(draw) -> Case:
     heads = kvh * draw(st.sampled_from([1, 2, 3]))
     causal = draw(st.booleans())
     text = 0 if causal else draw(st.sampled_from([0, 0, 1, 5]))
+    seq = draw(st.integers(1, 40))  # includes sequences shorter than the mesh (padding-only ranks)
+    batch = draw(st.integers(1, 2))
+    mask = draw(st.sampled_from(["", "", "pad", "short", "hole"])) if text >= 5 else ""
+    # packed documents (batch 1, no text) and sliding windows too (issue 16 item 13)
+    docs: tuple = ()
+    if batch == 1 and not text and seq >= 2 and draw(st.booleans()):
+        cuts = sorted(draw(st.lists(st.integers(1, seq - 1), min_size=1, max_size=3, unique=True)))
+        docs = tuple(b - a for a, b in zip([0] + cuts, cuts + [seq]))
+    window = (-1, -1)
+    if not mask:  # (a text row whose window holds only masked keys would have no key at all)
+        window = draw(st.sampled_from([(-1, -1), (-1, -1), (0, 0), (1, 2), (3, -1), (-1, 3), (8, 0), (5, 5)]))
     return Case(
         u=u, r=world // u,
-        seq=draw(st.integers(1, 40)),  # includes sequences shorter than the mesh (padding-only ranks)
+        seq=seq,
         heads=heads, kv_heads=kvh,
         head_dim=draw(st.sampled_from([8, 16, 24, 40])),
-        batch=draw(st.integers(1, 2)),
+        batch=batch,
         dtype=draw(st.sampled_from(["fp32", "fp32", "bf16", "fp16"])),
         causal=causal,
         layout=draw(st.sampled_from(["contiguous", "zigzag"])),
@@ -39,7 +51,7 @@ def cases(draw) -> Case:
         joint_strategy=draw(st.sampled_from(["front", "rear"])),
         seed=draw(st.integers(0, 1000)),
         # text padding masks too (issue 16 item 13): right-padded, all padded short, with holes
-        mask=draw(st.sampled_from(["", "", "pad", "short", "hole"])) if text >= 5 else "",
+        mask=mask, docs=docs, window=window,
     )
 
 
