@@ -23,7 +23,6 @@ ABOVE_PUBLIC = 10  # integrations, cli, engine, launch, demo: anything below the
 PARAM_EXEMPT = {
     ("spattn.attention", "attention"),  # the public API (flash-attn's style: every option a keyword)
     ("spattn.integrations.transformers", "spattn_attention_forward"),  # transformers' AttentionInterface
-    ("spattn.cli.generate", "_row"),  # TODO(tool engineer): 9 parameters, owned by the CLI
     ("spattn.engine.engine", "__init__"),  # Engine(model, *, ...): vLLM-style keyword options (issue 18's API)
 }
 

@@ -26,7 +26,7 @@ import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 MAX_CPU_RANKS = 8
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -416,8 +416,8 @@ def rank_main(rank: int, world: int, cfg: Config, init_method: Optional[str]) ->
                 base_image, base_time = _timed(pipe, cfg, device, "baseline", show=True)
                 if not cuda:
                     torch.set_num_threads(threads)
-                rows.append(_row(cfg, "Baseline (diffusers)", 1, 1, base_time, base_time, 0.0, world=1,
-                                 threads=cfg.cores if not cuda else None))
+                rows.append(_row(cfg, "Baseline (diffusers)", base_time, base_time, 0.0, degrees=(1, 1),
+                                 ranks=(1, cfg.cores if not cuda else None)))
                 rows[-1]["vae_parallel"] = False
             if barrier is not None:
                 barrier()
@@ -447,8 +447,8 @@ def rank_main(rank: int, world: int, cfg: Config, init_method: Optional[str]) ->
         if rank == 0:
             diff = None if base_image is None else float(abs(image.astype("float64") - base_image).max())
             rows.append(_row(cfg, configuration_name(cfg.ulysses_degree, cfg.ring_degree, cfg.cfg_degree),
-                             cfg.ulysses_degree, cfg.ring_degree, seconds, base_time, diff, world=world,
-                             threads=threads if not cuda else None))
+                             seconds, base_time, diff, degrees=(cfg.ulysses_degree, cfg.ring_degree),
+                             ranks=(world, threads if not cuda else None)))
             rows[-1].update(cfg_degree=cfg.cfg_degree, idle_fraction=idle, vae_parallel=vae_handle is not None)
             _report(cfg, rows, image, device, world, threads)
         if barrier is not None:
@@ -458,12 +458,13 @@ def rank_main(rank: int, world: int, cfg: Config, init_method: Optional[str]) ->
             dist.destroy_process_group()
 
 
-def _row(cfg: Config, name: str, u: int, r: int, seconds: float, base_time: Optional[float],
-         diff: Optional[float], world: int, threads: Optional[int]) -> dict:
+def _row(cfg: Config, name: str, seconds: float, base_time: Optional[float], diff: Optional[float],
+         degrees: Tuple[int, int], ranks: Tuple[int, Optional[int]]) -> dict:
+    """One row of the table and the JSON: ``degrees`` (Ulysses, ring), ``ranks`` (world, threads per rank)."""
     return {
-        "configuration": name, "ulysses_degree": u, "ring_degree": r, "time_s": round(seconds, 4),
+        "configuration": name, "ulysses_degree": degrees[0], "ring_degree": degrees[1], "time_s": round(seconds, 4),
         "speedup": None if base_time is None else round(base_time / seconds, 4), "max_abs_diff": diff,
-        "ranks": world, "threads_per_rank": threads, "model": cfg.model_label, "width": cfg.width,
+        "ranks": ranks[0], "threads_per_rank": ranks[1], "model": cfg.model_label, "width": cfg.width,
         "height": cfg.height, "num_inference_steps": cfg.num_inference_steps, "dtype": cfg.dtype,
         "backend": cfg.backend, "seed": cfg.seed, "cfg_degree": 1, "idle_fraction": 0.0,
         "negative_prompt": cfg.negative_prompt, "true_cfg_scale": cfg.true_cfg_scale,
