@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+from datetime import timedelta
 import threading
 from collections import OrderedDict
 from typing import Callable, List, Optional, Sequence
@@ -278,7 +279,10 @@ def init_mesh(ulysses_degree: int = 1, ring_degree: int = 1, group: Optional[Pro
     # out of step destroys its groups to wake a blocked peer (SPMesh.release_groups), and must not
     # destroy the caller's. Other backends share the caller's group where it is the same set of ranks.
     own = dist.get_backend(group) == "gloo"
-    parent_timeout = _timeout_of(group if group is not None else dist.group.WORLD)  # not new_group's 30 min
+    # The groups' collective timeout: with the check on, the check's (a peer that does not join a
+    # collective within it is named, as one that does not join the check's gather); else the parent's.
+    group_timeout = (timedelta(seconds=timeout if timeout is not None else config.settings().timeout_s) if mode
+                     else _timeout_of(group if group is not None else dist.group.WORLD))
 
     def build(sets: List[List[int]], degree: int) -> Optional[ProcessGroup]:
         if degree == 1:
@@ -289,7 +293,7 @@ def init_mesh(ulysses_degree: int = 1, ring_degree: int = 1, group: Optional[Pro
         for s in sets:
             if local and me not in s:
                 continue
-            g = dist.new_group(s, use_local_synchronization=local, timeout=parent_timeout)
+            g = dist.new_group(s, use_local_synchronization=local, timeout=group_timeout)
             if me in s:
                 mine = g
         return mine
