@@ -175,7 +175,10 @@ def signature(call, x) -> Tensor:
 
 
 def check_across_ranks(call, x) -> None:
-    """The per-call cross-rank signature check, on by default; check mode 0 skips it."""
+    """The per-call cross-rank signature check, on by default; check mode 0 skips it (a mesh whose
+    ranks fell out of step fails fast either way: its groups may be released)."""
+    if call.mesh.check_broken:
+        raise _broken(call.mesh)
     if not call.check or call.mesh.world_size == 1:
         return
     sig = call.__dict__.get("_signature")
@@ -188,6 +191,11 @@ def check_across_ranks(call, x) -> None:
 
 class RankFailure(RuntimeError):
     """Another rank of the mesh raised, died, or did not join a collective in time."""
+
+
+def _broken(mesh) -> RankFailure:
+    return RankFailure(f"spattn.attention: this mesh's ranks fell out of step earlier ({mesh.check_broken}); "
+                       f"build a new mesh (or restart) after fixing that")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,8 +279,7 @@ class CheckState:
 def _start(mesh, row: Tensor, names=None, hint: str = "") -> _Gather:
     """Start the all-gather of ``row`` over the mesh's side group; it is compared later (``_finish``)."""
     if mesh.check_broken:
-        raise RankFailure(f"spattn.attention: this mesh's ranks fell out of step earlier "
-                          f"({mesh.check_broken}); build a new mesh (or restart) after fixing that")
+        raise _broken(mesh)
     groups = side_groups(mesh)
     row = row.view(1, -1).contiguous()
     outs = [row.new_empty((g.size(), row.shape[1])) for g in groups]
