@@ -15,7 +15,6 @@ throughput.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import signal
 import statistics
@@ -30,6 +29,9 @@ OUT_DIR = os.path.join(ROOT, "bench", "out")
 sys.path.insert(0, ROOT)
 
 from spattn.launch import free_port  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from results import write_csv  # noqa: E402  (bench/results.py)
 
 
 def _percentile(xs: List[float], q: float) -> float:
@@ -107,16 +109,6 @@ def load(url: str, args) -> Dict:
             "requests_per_s": round(len(latencies) / wall, 3),
             "p50_s": round(statistics.median(latencies), 3) if latencies else None,
             "p99_s": round(_percentile(latencies, 99), 3) if latencies else None}
-
-
-def write_csv(rows: List[Dict], path: str) -> None:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        if new:
-            w.writeheader()
-        w.writerows(rows)
 
 
 def plot(rows: List[Dict], path: str, title: str) -> None:

@@ -21,7 +21,6 @@ of them, so a ratio of 1.00 means communication and splitting cost nothing; it i
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 import statistics
@@ -38,6 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from demo import DTYPES, timeit  # noqa: E402  (bench/demo.py)
+from results import write_csv  # noqa: E402  (bench/results.py)
 from spattn.cli.costmodel import factorizations, mode_name  # noqa: E402
 from spattn.launch import LocalRanks, init_rank  # noqa: E402
 
@@ -250,24 +250,6 @@ def environment(args) -> Dict[str, str]:
                 python=platform.python_version(), torch=torch.__version__, triton=tri, spattn_rev=_git_rev(),
                 dtype=args.dtype, causal=str(args.causal), layout=args.layout, backend=args.backend,
                 engine=args.engine, batch=str(args.batch))
-
-
-def write_csv(rows: Sequence[Dict], path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fields = list(rows[0])
-    if os.path.exists(path):
-        with open(path, newline="") as f:
-            old = next(csv.reader(f), None)
-        if old != fields:  # another layout: never mix columns in one file
-            root, ext = os.path.splitext(path)
-            path = f"{root}_{datetime.now().strftime('%Y%m%d_%H%M%S')}{ext}"
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-    return path
 
 
 def plot(rows: Sequence[Dict], path: str, title: str) -> Optional[str]:

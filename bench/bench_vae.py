@@ -21,7 +21,6 @@ the activation column is what parallel decode is for (a band is 1/P of the image
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -36,6 +35,9 @@ from typing import Dict, List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from results import write_csv  # noqa: E402  (bench/results.py)
+
 OUT_DIR = os.path.join(ROOT, "bench", "out")
 MODELS = ("qwen", "wan", "flux")
 
@@ -138,23 +140,6 @@ def _git_rev() -> str:
                               text=True).stdout.strip() or "unknown"
     except OSError:
         return "unknown"
-
-
-def write_csv(rows: Sequence[Dict], path: str) -> str:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fields = list(rows[0])
-    if os.path.exists(path):
-        with open(path, newline="") as f:
-            if next(csv.reader(f), None) != fields:   # another layout: never mix columns in one file
-                root, ext = os.path.splitext(path)
-                path = f"{root}_{datetime.now().strftime('%Y%m%d_%H%M%S')}{ext}"
-    new = not os.path.exists(path)
-    with open(path, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
-    return path
 
 
 def plot(rows: Sequence[Dict], path: str, title: str) -> Optional[str]:

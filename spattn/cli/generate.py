@@ -28,6 +28,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+from .argtypes import positive_int
+
 MAX_CPU_RANKS = 8
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 BACKENDS = ("auto", "torch", "triton", "reference")
@@ -73,27 +75,17 @@ class Config:
         return self.cfg_degree * self.ulysses_degree * self.ring_degree
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument
     g("--model", default="tiny-qwen-image",
       help="diffusers pipeline directory or cached hub id (Qwen-Image, Flux), or a built-in tiny random "
            "pipeline: tiny-qwen-image (default), tiny-flux")
     g("--prompt", default=DEFAULT_PROMPT, help=f"text prompt (default: {DEFAULT_PROMPT!r})")
-    g("--ulysses-degree", "--usp", dest="ulysses_degree", type=_positive_int, default=None,
+    g("--ulysses-degree", "--usp", dest="ulysses_degree", type=positive_int, default=None,
       help="ranks splitting attention heads by all-to-all (default 1; 2 when neither degree is given)")
-    g("--ring-degree", "--ring", dest="ring_degree", type=_positive_int, default=None,
+    g("--ring-degree", "--ring", dest="ring_degree", type=positive_int, default=None,
       help="ranks passing K/V around a ring (default 1); ranks used = ulysses x ring")
-    g("--cfg-degree", "--cfg-parallel", dest="cfg_degree", type=_positive_int, default=1,
+    g("--cfg-degree", "--cfg-parallel", dest="cfg_degree", type=positive_int, default=1,
       help="2: run the conditional and unconditional branches of classifier-free guidance at the same time "
            "on two halves of the ranks (needs --negative-prompt); ranks used = cfg x ulysses x ring (default 1)")
     g("--negative-prompt", default=None,
@@ -102,17 +94,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       help="true CFG scale, > 1 (default 4.0 with --negative-prompt, as Qwen-Image's pipeline)")
     g("--guidance-scale", type=float, default=None,
       help="embedded guidance of guidance-distilled models (e.g. FLUX.1-dev); the pipeline default otherwise")
-    g("--width", type=_positive_int, default=512, help="image width, a multiple of 16 (default 512)")
-    g("--height", type=_positive_int, default=512, help="image height, a multiple of 16 (default 512)")
-    g("--num-inference-steps", type=_positive_int, default=20, help="denoising steps (default 20)")
+    g("--width", type=positive_int, default=512, help="image width, a multiple of 16 (default 512)")
+    g("--height", type=positive_int, default=512, help="image height, a multiple of 16 (default 512)")
+    g("--num-inference-steps", type=positive_int, default=20, help="denoising steps (default 20)")
     g("--seed", type=int, default=0, help="generator seed, the same on every rank (default 0)")
     g("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
     g("--backend", choices=BACKENDS, default="auto", help="spattn attention backend (default auto)")
     g("--output", default="spattn_generate.png",
       help="PNG written by rank 0 (default spattn_generate.png; spattn_generate.mp4 for video models)")
-    g("--num-frames", type=_positive_int, default=None,
+    g("--num-frames", type=positive_int, default=None,
       help="video models (tiny-wan, Wan): frames, 4k+1 (default 81; 17 for tiny-wan)")
-    g("--fps", type=_positive_int, default=16, help="video models: MP4 frames per second (default 16)")
+    g("--fps", type=positive_int, default=16, help="video models: MP4 frames per second (default 16)")
     g("--json", dest="json_path", metavar="PATH", default=None,
       help="write the table as a JSON list of rows (baseline first)")
     g("--baseline", action=argparse.BooleanOptionalAction, default=True,

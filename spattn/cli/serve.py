@@ -20,25 +20,7 @@ import sys
 
 from spattn.engine.engine import BACKENDS, DTYPES
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
-    return value
+from .argtypes import positive_float, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,23 +30,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
            "directory or a cached hub id)")
     g("--model", default=None, help="the model (instead of the positional MODEL)")
     g("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
-    g("--port", type=_positive_int, default=8091, help="port (default 8091)")
-    g("--ulysses-degree", "--usp", dest="ulysses_degree", type=_positive_int, default=None,
+    g("--port", type=positive_int, default=8091, help="port (default 8091)")
+    g("--ulysses-degree", "--usp", dest="ulysses_degree", type=positive_int, default=None,
       help="ranks splitting attention heads (default 1; under torchrun, the launched world when no degree is given)")
-    g("--ring-degree", "--ring", dest="ring_degree", type=_positive_int, default=None,
+    g("--ring-degree", "--ring", dest="ring_degree", type=positive_int, default=None,
       help="ranks passing K/V around a ring (default 1); ranks = cfg x ulysses x ring")
-    g("--cfg", "--cfg-degree", "--cfg-parallel", dest="cfg_degree", type=_positive_int, default=1,
+    g("--cfg", "--cfg-degree", "--cfg-parallel", dest="cfg_degree", type=positive_int, default=1,
       help="2: run the conditional and unconditional guidance branches of a request with negative_prompt "
            "(Qwen-Image) or guidance_scale (Wan) at the same time on two halves of the ranks (default 1)")
     g("--vae-parallel", action=argparse.BooleanOptionalAction, default=True,
       help="decode each image with every rank, each on a band of rows (exact; default on); "
            "--no-vae-parallel decodes on rank 0 alone")
-    g("--max-batch-size", type=_positive_int, default=1,
+    g("--max-batch-size", type=positive_int, default=1,
       help="queued requests with the same size/steps/guidance run as one pipeline call (default 1)")
-    g("--max-queue", type=_positive_int, default=64, help="waiting requests beyond this get 429 (default 64)")
-    g("--request-timeout-s", type=_positive_float, default=600.0,
+    g("--max-queue", type=positive_int, default=64, help="waiting requests beyond this get 429 (default 64)")
+    g("--request-timeout-s", type=positive_float, default=600.0,
       help="a request not answered within this gets 504 and is cancelled (default 600)")
-    g("--graceful-timeout-s", type=_positive_float, default=30.0,
+    g("--graceful-timeout-s", type=positive_float, default=30.0,
       help="on SIGTERM, how long in-flight requests may finish (default 30)")
     g("--backend", choices=BACKENDS, default="auto", help="spattn attention backend (default auto)")
     g("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
