@@ -251,6 +251,8 @@ def _gather_async(out: Tensor, row: Tensor, group: ProcessGroup):
         except (AttributeError, RuntimeError):  # torch's internals moved: the public call
             pass
     return _all_gather(out, row, group=group, async_op=True)
+
+
 MAX_PENDING = 32  # gathers left in flight before the oldest is waited for (it finished long ago)
 
 
@@ -309,11 +311,10 @@ def _finish(mesh, g: _Gather) -> None:
     rows = torch.tensor(ordered, dtype=torch.int64)
     bad = (rows != rows[0]).any(dim=0)
     bad[0] = False  # column 0 is who sent the row
-    if bool(bad.any()):
-        # A peer may be inside this call's collectives already (it repeated the agreed signature and
-        # did not wait): they are abandoned, so on every rank the mesh is done. Build a new one.
-        mesh.mark_broken("ranks called attention with different arguments")
-        raise ValueError(_mismatch(rows, bad, g))
+    # A peer may be inside this call's collectives already (it repeated the agreed signature and did
+    # not wait): they are abandoned, so on every rank the mesh is done. Build a new one.
+    mesh.mark_broken("ranks called attention with different arguments")
+    raise ValueError(_mismatch(rows, bad, g))
 
 
 def _missing(mesh, number: int, waited: float) -> str:
@@ -374,9 +375,9 @@ def verify_identical(mesh, tensors: Mapping[str, Optional[Tensor]], hint: str = 
     """Check that ``tensors`` (name -> tensor, the same names on every rank of ``mesh``) hold the same
     values on every rank, without waiting: the digests' gather completes in the background and the
     first ``spattn.attention`` call on the mesh that finds it done compares it (usually the next one
-    or the one after), raising on every rank a ValueError that names the differing inputs and
-    ``hint`` (the likely fix); the next ``verify_identical`` call compares it at the latest. No-op with the check off or on a mesh of one.
-    Must be called by every rank of the mesh, the same number of times."""
+    or the one after), and the next ``verify_identical`` call at the latest, raising on every rank a
+    ValueError that names the differing inputs and ``hint`` (the likely fix). No-op with the check off
+    or on a mesh of one. Must be called by every rank of the mesh, the same number of times."""
     if mesh.world_size == 1 or not mesh.check_mode or not dist.is_initialized():
         return
     # The previous model call's digests are compared now at the latest (their gather finished long ago,

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import gc
 import itertools
-from datetime import timedelta
 import threading
 from collections import OrderedDict
+from datetime import timedelta
 from typing import Callable, List, Optional, Sequence
 
 import torch
