@@ -26,6 +26,15 @@ GLOO_TIMEOUT_S = float(os.environ.get("SPATTN_TEST_GLOO_TIMEOUT", "60"))
 DEFAULT_TIMEOUT_S = float(os.environ.get("SPATTN_TEST_TIMEOUT", "180"))
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def _worker(rank: int, world: int, init_method: str, tasks, results) -> None:
     import faulthandler
 

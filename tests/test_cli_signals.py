@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from dist_harness import pid_alive
+
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
@@ -33,13 +35,6 @@ def _children(pid: int):
             out.append(int(d))
     return out
 
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def _ranks_up(pid: int):
@@ -93,6 +88,6 @@ def test_interrupt_stops_every_rank_within_3s_with_one_line(how, tmp_path):
     # Every process the launcher started is gone: the ranks at once, multiprocessing's resource
     # tracker once it sees the launcher's end of its pipe close.
     gone_by = time.monotonic() + 2.0
-    while any(_alive(c) for c in everyone) and time.monotonic() < gone_by:
+    while any(pid_alive(c) for c in everyone) and time.monotonic() < gone_by:
         time.sleep(0.05)
-    assert not [c for c in everyone if _alive(c)]
+    assert not [c for c in everyone if pid_alive(c)]

@@ -23,6 +23,7 @@ from spattn.engine import (Engine, EngineDeadError, RequestCancelled, RequestFai
                            SamplingParams)
 from spattn.engine.pipelines import resolve_model  # noqa: E402
 from spattn.engine.params import resolve_params  # noqa: E402
+from dist_harness import pid_alive  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(width=64, height=64, num_inference_steps=2)
@@ -47,19 +48,12 @@ def engine():
 def _assert_gone(pids, within_s=10.0):
     deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
-        alive = [p for p in pids if _alive(p)]
+        alive = [p for p in pids if pid_alive(p)]
         if not alive:
             return
         time.sleep(0.1)
     raise AssertionError(f"rank processes still alive: {alive}")
 
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 @pytest.fixture(scope="module")

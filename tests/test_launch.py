@@ -9,6 +9,7 @@ import time
 import pytest
 
 from spattn.launch import LocalRanks, RankFailed, free_port
+from dist_harness import pid_alive
 
 
 def _ok(rank, world, init_method, path):
@@ -75,17 +76,10 @@ def test_children_die_with_the_launcher(when, tmp_path):
     p.send_signal(signal.SIGKILL)
     p.wait(timeout=10)
     deadline = time.monotonic() + (10 if ready else 120)
-    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+    while time.monotonic() < deadline and any(pid_alive(pid) for pid in pids):
         time.sleep(0.1)
-    assert not any(_alive(pid) for pid in pids)
+    assert not any(pid_alive(pid) for pid in pids)
 
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_run_ranks_names_the_failed_rank_and_returns_1(capsys):

@@ -25,6 +25,7 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
 from spattn.launch import free_port  # noqa: E402
+from dist_harness import pid_alive  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {"size": "64x64", "num_inference_steps": 2}
@@ -74,13 +75,6 @@ class Server:
                 self.proc.wait(10)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split()[2] != "Z"
-    except FileNotFoundError:
-        return False
-
 
 def _wait_for(cond, timeout: float, what: str):
     deadline = time.monotonic() + timeout
@@ -107,7 +101,7 @@ def servers():
         for server in (image, video, quick, cfg):
             server.stop()
         pids = image.rank_pids + video.rank_pids + quick.rank_pids + cfg.rank_pids
-        _wait_for(lambda: not any(_alive(p) for p in pids), 15, f"rank processes {pids} gone")
+        _wait_for(lambda: not any(pid_alive(p) for p in pids), 15, f"rank processes {pids} gone")
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +157,7 @@ def test_health_loading_then_ready(image_server):
     assert code == 503 and body["status"] == "loading"
     r = image_server.health()
     assert r.status_code == 200 and r.json()["status"] == "ok"
-    assert [x["rank"] for x in r.json()["ranks"]] == [0, 1] and all(_alive(p) for p in image_server.rank_pids)
+    assert [x["rank"] for x in r.json()["ranks"]] == [0, 1] and all(pid_alive(p) for p in image_server.rank_pids)
 
 
 def test_openai_client_image_matches_single_device(image_server, reference):
@@ -297,7 +291,7 @@ def test_sigterm_drains_in_flight_requests(image_server):
     assert len(results) == 2 and not any(t.is_alive() for t in threads)
     assert all(r.status_code in (200, 503) for r in results) and any(r.status_code == 200 for r in results)
     image_server.proc.wait(60)
-    _wait_for(lambda: not any(_alive(p) for p in image_server.rank_pids), 15, "ranks gone after SIGTERM")
+    _wait_for(lambda: not any(pid_alive(p) for p in image_server.rank_pids), 15, "ranks gone after SIGTERM")
 
 
 # ---------------------------------------------------------------------------------------- video
