@@ -4,13 +4,16 @@ process). This module makes that an error on every rank, by default, without a b
 the hot path.
 
     per call: this rank's signature, one int64 per field (N_FIELDS of them)
-        --asynchronous all-gather over a small gloo side group (fixed size: cannot hang on the
-          mismatch itself)--> (world, N_FIELDS) on every rank, compared when it is needed:
+        --posted to a shared-memory board (spattn.comm.board) when every rank of the mesh is on this
+          host: a few microseconds, no collective, nobody woken; else an asynchronous all-gather over
+          a small gloo side group (fixed size: cannot hang on the mismatch itself)-->
+        every rank's row, read (board) or compared (gather) only when it is needed:
     * a signature that differs from the last one all ranks agreed on (the first call, a new shape,
       a new option) waits for its gather before any collective of the call: equal rows, or the same
       ValueError everywhere naming the rank(s) and the field(s) that differ, with each rank's value;
-    * a signature equal to the last agreed one does not wait: its gather completes in the background
-      and is compared at a later call, or when a collective fails. Ranks that all repeat the agreed
+    * a signature equal to the last agreed one does not wait: its post is read by whoever needs it
+      (its gather completes in the background and is compared at a later call), or when a collective
+      fails. Ranks that all repeat the agreed
       signature agree with each other, so nothing can pair up wrongly. A rank whose signature changed
       while another's did not waits, sees the difference, raises, and destroys the mesh's groups
       (``SPMesh.release_groups``): the other rank, blocked in a collective it entered alone, gets a
@@ -52,12 +55,13 @@ import torch
 import torch.distributed as dist
 
 from . import config
+from .comm.board import Board, open_board
 
 Tensor = torch.Tensor
 ProcessGroup = dist.ProcessGroup
 T = TypeVar("T")
 
-__all__ = ["check_mode", "timeout_s", "signature", "check_across_ranks", "check_signature", "side_groups", "RankFailure",
+__all__ = ["open_check_board", "check_mode", "timeout_s", "signature", "check_across_ranks", "check_signature", "side_groups", "RankFailure",
            "FIELDS", "run_guarded", "CheckState", "verify_identical"]
 
 # Fields of the signature, in order. Shapes are spread over one field per dimension and small
@@ -128,19 +132,27 @@ def _decode(field: str, v: int) -> str:
 
 
 def _digest(ts: Sequence[Optional[Tensor]]) -> int:
-    """Exact content digest (bit patterns weighted by position, int64 wrap-around), equal iff the
-    tensors are bitwise equal with overwhelming probability. Reads the data: check mode 2 only."""
+    """Content digest, equal iff the tensors are bitwise equal (and equally shaped) but for a chance
+    of about 2**-32 per differing tensor. On the CPU a CRC of the bytes where they lie (no copy); on a
+    device, bit patterns weighted by position and summed there (int64 wrap-around), so one scalar
+    crosses to the host."""
     acc = 0
     for n, t in enumerate(ts):
         if t is None:
             continue
-        flat = t.detach().contiguous().reshape(-1)
-        if flat.dtype.is_floating_point:
-            ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]
-            flat = flat.view(ints)
-        flat = flat.to(torch.int64)
-        w = torch.arange(1, flat.numel() + 1, dtype=torch.int64, device=flat.device) * 2654435761
-        acc = (acc * 1000003 + int((flat * w).sum().item()) + n) & ((1 << 63) - 1)
+        t = t.detach()
+        shape = zlib.crc32(f"{t.dtype}{tuple(t.shape)}".encode())
+        if t.device.type == "cpu":
+            part = shape << 32 | zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+        else:
+            flat = t.contiguous().reshape(-1)
+            if flat.dtype.is_floating_point:
+                ints = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]
+                flat = flat.view(ints)
+            flat = flat.to(torch.int64)
+            w = torch.arange(1, flat.numel() + 1, dtype=torch.int64, device=flat.device) * 2654435761
+            part = int((flat * w).sum().item()) + shape
+        acc = (acc * 1000003 + part + n) & ((1 << 62) - 1)
     return acc
 
 
@@ -235,6 +247,7 @@ def side_groups(mesh) -> List[ProcessGroup]:
             ranks = {r for ring in rings for r in ring}
         groups = [new_side_group(sorted(ranks), True, mesh.timeout_s)]
         mesh.set_check_groups(groups)
+        mesh.check_state.board = open_check_board(groups[0])
     return groups
 
 
@@ -269,13 +282,25 @@ class _Gather:
 
 
 class CheckState:
-    """Per mesh: the last signature every rank was seen to agree on, the gathers in flight, and how
-    many calls waited for their gather (a steady loop over an owned mesh waits once)."""
+    """Per mesh: the last signature every rank was seen to agree on, the board the signatures are
+    posted to (None: they are gathered), the gathers in flight, the number of the last signature
+    posted, and how many calls waited for the others' (a steady loop over an owned mesh waits once)."""
 
     def __init__(self) -> None:
-        self.agreed: Optional[Tensor] = None
+        self.agreed: Optional[List[int]] = None
+        self.board: Optional[Board] = None
         self.pending: Deque[_Gather] = deque()
+        self.posted = 0
         self.waits = 0
+
+
+USE_BOARD = True  # tests switch it off to exercise the gathers (the path of meshes spanning hosts)
+
+
+def open_check_board(group: ProcessGroup) -> Optional[Board]:
+    """The board for the signatures of the mesh whose check group is ``group`` (None where its ranks
+    span hosts); collective over ``group``, once per mesh, where the group is made."""
+    return open_board(group, N_FIELDS) if USE_BOARD else None
 
 
 def _start(mesh, row: Tensor, names=None, hint: str = "") -> _Gather:
@@ -314,7 +339,7 @@ def _finish(mesh, g: _Gather) -> None:
     # A peer may be inside this call's collectives already (it repeated the agreed signature and did
     # not wait): they are abandoned, so on every rank the mesh is done. Build a new one.
     mesh.mark_broken("ranks called attention with different arguments")
-    raise ValueError(_mismatch(rows, bad, g))
+    raise ValueError(_mismatch(rows, bad, g.names, g.hint))
 
 
 def _missing(mesh, number: int, waited: float) -> str:
@@ -325,16 +350,16 @@ def _missing(mesh, number: int, waited: float) -> str:
     return describe_missing(ranks, key, number, waited, mesh.timeout_s)
 
 
-def _mismatch(rows: Tensor, bad: Tensor, g: _Gather) -> str:
+def _mismatch(rows: Tensor, bad: Tensor, names: Optional[Tuple[str, ...]] = None, hint: str = "") -> str:
     cols = bad.nonzero().flatten().tolist()
     odd = [int(r[0]) for r in rows if not torch.equal(r[1:], rows[0][1:])]
     if len(odd) * 2 > rows.shape[0]:  # no majority in agreement with the lowest rank: name its side
         odd = [int(rows[0][0])]
-    if g.names is not None:
-        differ = [g.names[c - 1] for c in cols]
+    if names is not None:
+        differ = [names[c - 1] for c in cols]
         return (f"spattn: the inputs of this parallelized model differ across ranks: {', '.join(differ)} "
                 f"(ranks {odd} disagree with the rest). Sequence parallelism needs the same full inputs on "
-                f"every rank; {g.hint or 'set the same seed on every rank'}.")
+                f"every rank; {hint or 'set the same seed on every rank'}.")
     lines = [f"  {FIELDS[c]}: " + ", ".join(f"rank {int(r[0])}: {_decode(FIELDS[c], int(r[c]))}" for r in rows)
              for c in cols]
     return ("spattn.attention: ranks called attention with different arguments (the "
@@ -361,14 +386,44 @@ def check_signature(mesh, sig: Tensor) -> None:
     the last signature all ranks agreed on (every call, on a mesh that does not own its groups); raises
     the same ValueError on every rank when the rows differ, RankFailure when a rank does not join
     within the check's timeout."""
-    _start(mesh, sig)
-    state = mesh.check_state
-    if mesh.owns_groups and state.agreed is not None and torch.equal(sig, state.agreed):
+    if mesh.check_broken:
+        raise _broken(mesh)
+    side_groups(mesh)  # made (with the board) on a hand-built mesh's first call
+    state, row = mesh.check_state, sig.tolist()
+    if state.board is None:
+        _start(mesh, sig)
+    else:
+        state.posted = mesh.count_check()
+        state.board.post(state.posted, row)
+    if mesh.owns_groups and row == state.agreed:
         _reap(mesh, everything=False)  # earlier gathers that are done: an input digest that differs
         return
     state.waits += 1
     _reap(mesh, everything=True)
-    state.agreed = sig
+    if state.board is not None:
+        t0 = time.monotonic()
+        absent = _compare_posts(mesh, state.posted, mesh.timeout_s)
+        if absent:
+            why = _absent_text(absent, time.monotonic() - t0, mesh.timeout_s)
+            mesh.mark_broken(why)
+            raise RankFailure(f"spattn.attention: the cross-rank argument check failed: {why}")
+    state.agreed = row
+
+
+def _compare_posts(mesh, n: int, timeout: float) -> List[int]:
+    """Every rank's signature post number ``n`` from the board, waiting up to ``timeout`` s for them:
+    the same ValueError on every rank when they differ (the mesh is then broken); else the global ranks
+    that did not post in time."""
+    got = mesh.check_state.board.wait(n, timeout)
+    ranks = dist.get_process_group_ranks(mesh.check_groups[0])
+    rows = sorted(v for v in got.values() if v is not None)  # column 0: the global rank
+    if any(r[1:] != rows[0][1:] for r in rows):
+        t = torch.tensor(rows, dtype=torch.int64)
+        bad = (t != t[0]).any(dim=0)
+        bad[0] = False
+        mesh.mark_broken("ranks called attention with different arguments")
+        raise ValueError(_mismatch(t, bad))
+    return [ranks[r] for r, v in got.items() if v is None]
 
 
 def verify_identical(mesh, tensors: Mapping[str, Optional[Tensor]], hint: str = "") -> None:
@@ -391,11 +446,15 @@ def verify_identical(mesh, tensors: Mapping[str, Optional[Tensor]], hint: str = 
     _start(mesh, row, names, hint)
 
 
-def diagnose(mesh) -> None:
-    """After a failed collective: raise the argument mismatch a finished gather shows, if any (the
-    real cause, rather than the peer's absence it led to)."""
+def diagnose(mesh) -> List[int]:
+    """After a failed collective: raise the argument mismatch the board or a finished gather shows, if
+    any (the real cause, rather than the peer's absence it led to). Returns the ranks the board shows
+    did not reach the last checked call (a second's grace)."""
     if mesh is None:
-        return
+        return []
+    absent = []
+    if mesh.check_state.board is not None and mesh.check_state.posted:
+        absent = _compare_posts(mesh, mesh.check_state.posted, 1.0)
     for g in list(mesh.check_state.pending):
         deadline = time.monotonic() + 1.0
         while not all(w.is_completed() for w in g.works) and time.monotonic() < deadline:
@@ -403,6 +462,7 @@ def diagnose(mesh) -> None:
         if all(w.is_completed() for w in g.works):
             mesh.check_state.pending.remove(g)
             _finish(mesh, g)
+    return absent
 
 
 def _group_name(g: ProcessGroup) -> str:
@@ -446,11 +506,23 @@ def describe_missing(ranks: Sequence[int], key: str, call: int, waited: float,
             break
         time.sleep(0.05)
     silent = [r for r in ranks if r not in reported]
-    dead = _dead_of(pids, silent)
+    return _who(_dead_of(pids, silent), silent, store_lost, waited, timeout)
+
+
+def _absent_text(ranks: Sequence[int], waited: float, timeout: float) -> str:
+    """describe_missing's words for ``ranks``, known (from the board) not to have reached the call."""
+    try:
+        dead = _dead(dist.distributed_c10d._get_default_store(), ranks)
+    except Exception:  # no store: dead or alive cannot be told
+        dead = []
+    return _who(dead, ranks, False, waited, timeout)
+
+
+def _who(dead: Sequence[int], silent: Sequence[int], store_lost: bool, waited: float, timeout: float) -> str:
     late = [r for r in silent if r not in dead]
     parts = []
     if dead:
-        parts.append(f"rank(s) {dead} died (process gone)")
+        parts.append(f"rank(s) {list(dead)} died (process gone)")
     if late:
         parts.append(f"rank(s) {late} did not reach this call (they raised earlier, are stuck elsewhere, "
                      f"or called attention a different number of times)")
@@ -516,9 +588,11 @@ def run_guarded(mesh, what: str, fn: Callable[..., T], *args) -> T:
         if not _is_comm_error(e):
             raise
         detail = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    diagnose(mesh)  # a mismatch seen by the check is the cause: raise that instead (it releases the groups)
+    absent = diagnose(mesh)  # a mismatch seen by the check is the cause: raise that instead (it releases the groups)
     pending = mesh.check_state.pending
-    if pending and mesh.check_groups:  # a check gather still open: some rank never reached that call
+    if absent:
+        who = _absent_text(absent, time.monotonic() - t0, mesh.timeout_s)
+    elif pending and mesh.check_groups:  # a check gather still open: some rank never reached that call
         who = _missing(mesh, pending[-1].number, time.monotonic() - t0)
     else:
         try:

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from . import config
-from .check import CheckState, new_side_group
+from .check import CheckState, new_side_group, open_check_board
 from .comm.ring_comm import RingCommCache
 
 ProcessGroup = dist.ProcessGroup
@@ -310,4 +310,7 @@ def init_mesh(ulysses_degree: int = 1, ring_degree: int = 1, group: Optional[Pro
             g = new_side_group(p, local, timeout)
             if me in p:
                 side = g
-    return SPMesh(ulysses_group=ug, ring_group=rg, check_group=side, cfg_group=cg, owned=own, **opts)
+    mesh = SPMesh(ulysses_group=ug, ring_group=rg, check_group=side, cfg_group=cg, owned=own, **opts)
+    if side is not None:  # where the signatures are posted (None: ranks on several hosts gather them)
+        mesh.check_state.board = open_check_board(side)
+    return mesh

@@ -97,33 +97,56 @@ def test_mismatch_message_shows_each_ranks_value():
     assert "rank 1: 'zigzag'" in msg and "rank 2: 'contiguous'" in msg, msg
 
 
-def steady_loop_body(owned: bool) -> list:
-    """Repeated identical calls: an owned mesh (init_mesh on gloo) waits for the check's gather on the
-    first call only; a mesh over the caller's groups waits on every call."""
+class _transport:
+    """Within: the check's signatures go through ``transport`` ("board": shared memory, what ranks on
+    one host use; "gather": the all-gathers of meshes spanning hosts) for meshes built inside."""
+
+    def __init__(self, transport: str):
+        self.on = transport == "board"
+
+    def __enter__(self):
+        from spattn import check
+        self.was, check.USE_BOARD = check.USE_BOARD, self.on
+
+    def __exit__(self, *exc):
+        from spattn import check
+        check.USE_BOARD = self.was
+
+
+def steady_loop_body(owned: bool, transport: str) -> list:
+    """Repeated identical calls: an owned mesh (init_mesh on gloo) waits for the others' signatures on
+    the first call only; a mesh over the caller's groups waits on every call."""
     _no_check_env()
-    if owned:
-        mesh = spattn.init_mesh(ulysses_degree=2)
-    else:
-        mesh = spattn.SPMesh(ulysses_group=dist.new_group([0, 1]))
-    x = torch.randn(1, 8, 4, 16, generator=torch.Generator().manual_seed(0))
-    ref = spattn.attention(x, x, x, mesh)
+    with _transport(transport):
+        if owned:
+            mesh = spattn.init_mesh(ulysses_degree=2)
+        else:
+            mesh = spattn.SPMesh(ulysses_group=dist.new_group([0, 1]))
+        x = torch.randn(1, 8, 4, 16, generator=torch.Generator().manual_seed(0))
+        ref = spattn.attention(x, x, x, mesh)
     for _ in range(5):
         assert torch.equal(spattn.attention(x, x, x, mesh), ref)
-    return [mesh.owns_groups, mesh.check_state.waits, mesh.check_calls]
+    on_board = mesh.check_state.board is not None
+    assert on_board == (transport == "board"), (on_board, transport)
+    return [mesh.owns_groups, mesh.check_state.waits, mesh.check_calls, len(mesh.check_state.pending)]
 
 
-def test_steady_loop_waits_only_when_the_signature_changes():
-    assert run_on_ranks(2, steady_loop_body, True) == [True, 1, 6]
-    assert run_on_ranks(2, steady_loop_body, False) == [False, 6, 6]
+@pytest.mark.parametrize("transport", ["board", "gather"])
+def test_steady_loop_waits_only_when_the_signature_changes(transport):
+    # On the board nothing is left in flight; gathers complete in the background (compared later).
+    owned = run_on_ranks(2, steady_loop_body, True, transport)
+    assert owned[:3] == [True, 1, 6] and (owned[3] == 0 if transport == "board" else owned[3] <= 5), owned
+    assert run_on_ranks(2, steady_loop_body, False, transport) == [False, 6, 6, 0]
 
 
-def late_change_body(u: int, r: int) -> list:
+def late_change_body(u: int, r: int, transport: str) -> list:
     """After calls all ranks agreed on, rank 1 alone changes its arguments: it waits for the check and
     raises; the others repeat the agreed call without waiting and enter its collectives alone. Rank 1
     destroys the mesh's groups, so they fail at once (not after the groups' 30-minute timeout) with
     the same error. Returns [message, seconds]."""
     _no_check_env()
-    mesh = spattn.init_mesh(ulysses_degree=u, ring_degree=r, timeout_s=60)
+    with _transport(transport):
+        mesh = spattn.init_mesh(ulysses_degree=u, ring_degree=r, timeout_s=60)
     x = torch.randn(1, 8, 4, 16, generator=torch.Generator().manual_seed(0))
     for _ in range(3):
         spattn.attention(x, x, x, mesh)
@@ -139,12 +162,54 @@ def late_change_body(u: int, r: int) -> list:
     raise AssertionError("late mismatch not detected")
 
 
-@pytest.mark.parametrize("u,r", [(2, 1), (2, 2)])
-def test_late_change_on_one_rank_fails_every_rank_at_once(u, r):
-    msg, took, broken = run_on_ranks(u * r, late_change_body, u, r, timeout=120)
+@pytest.mark.parametrize("u,r,transport", [(2, 1, "board"), (2, 2, "board"), (2, 2, "gather")])
+def test_late_change_on_one_rank_fails_every_rank_at_once(u, r, transport):
+    msg, took, broken = run_on_ranks(u * r, late_change_body, u, r, transport, timeout=120)
     assert "  causal: " in msg and "Odd one(s) out: ranks [1]" in msg, msg
     assert broken
     assert took < 30, f"a rank waited {took:.1f}s: it was not woken by the released groups"
+
+
+def split_hosts_body() -> list:
+    """Ranks that do not share a host (faked: rank 1 reports another boot id) get no board: the check
+    gathers instead, and a mismatch is still the same error on every rank."""
+    from spattn.comm import board
+    real = board._host_id
+    board._host_id = (lambda: "elsewhere/0") if dist.get_rank() == 1 else real
+    try:
+        mesh = spattn.init_mesh(ulysses_degree=2)
+    finally:
+        board._host_id = real
+    x = torch.randn(1, 8, 4, 16, generator=torch.Generator().manual_seed(0))
+    spattn.attention(x, x, x, mesh)
+    try:
+        spattn.attention(x, x, x, mesh, softmax_scale=0.5 if dist.get_rank() else 0.25)
+    except ValueError as e:
+        return [mesh.check_state.board is None, str(e)]
+    raise AssertionError("mismatch not detected")
+
+
+def test_ranks_on_several_hosts_gather_their_signatures():
+    no_board, msg = run_on_ranks(2, split_hosts_body)
+    assert no_board and "  softmax_scale: " in msg and "rank 1: 0.5" in msg, msg
+
+
+def test_board_reads_only_whole_posts(tmp_path):
+    """The board's reader never takes a half-written post (its seal does not match) nor a slot's older
+    post for a newer one, and reports a rank that did not post in time as None."""
+    from spattn.comm.board import SLOTS, Board
+    path = str(tmp_path / "board")
+    me, peer = Board(path, 2, 0, 3), Board(path, 2, 1, 3)
+    peer.post(7, [1, 2, 3])
+    assert me.read(1, 7) == [1, 2, 3] and me.read(1, 7 + SLOTS) is None and me.read(1, 8) is None
+    off = me._offset(1, 7) + 8  # tear the post: its first value changes, its seal does not
+    me._mm[off:off + 8] = (99).to_bytes(8, "little", signed=True)
+    assert me.read(1, 7) is None
+    peer.post(7 + SLOTS, [4, 5, 6])  # the slot's next post replaces it
+    me.post(7 + SLOTS, [4, 5, 6])
+    assert me.wait(7 + SLOTS, 1.0) == {0: [4, 5, 6], 1: [4, 5, 6]}
+    t0 = time.monotonic()
+    assert me.wait(8, 0.2) == {0: None, 1: None} and time.monotonic() - t0 < 5
 
 
 def hand_built_mesh_body() -> str:
