@@ -4,9 +4,9 @@
     python bench/bench_check.py -P 8 --iters 5000
 
 Per world size, prints the median and p90 microseconds of (a) building the signature, (b) the
-signature all-gather over the side group (check=1), (c) the same with the joint-contents
-digest (check=2, a 1x64x8x64 text), and (d) one tiny attention forward with the check off
-and on, as the difference a user sees.
+signature exchange (check=1: posted to the shared-memory board on one host, else all-gathered),
+(c) the same with the joint-contents digest (check=2, a 1x64x8x64 text), and (d) one tiny attention
+forward with the check off and on, as the difference a user sees.
 """
 from __future__ import annotations
 
