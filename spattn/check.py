@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple, TypeVar
 
+import numpy
 import torch
 import torch.distributed as dist
 
@@ -143,7 +144,9 @@ def _digest(ts: Sequence[Optional[Tensor]]) -> int:
         t = t.detach()
         shape = zlib.crc32(f"{t.dtype}{tuple(t.shape)}".encode())
         if t.device.type == "cpu":
-            part = shape << 32 | zlib.crc32(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+            if t.dtype.is_floating_point or t.dtype == torch.bool:  # (bfloat16 is no numpy type)
+                t = t.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
+            part = shape << 32 | zlib.crc32(numpy.ascontiguousarray(t.numpy()))  # any strides, even 0
         else:
             flat = t.contiguous().reshape(-1)
             if flat.dtype.is_floating_point:

@@ -77,3 +77,20 @@ def _inputs_gather_is_async() -> list:
 
 def test_input_digests_are_gathered_in_the_background():
     assert run_on_ranks(2, _inputs_gather_is_async) == [1, 0]
+
+
+def test_input_digest_sees_values_not_layout():
+    """The digest of an input is a function of its dtype, shape and values: any strides (a timestep
+    expanded from a scalar has stride 0), bf16 and bool included; one bit or a transpose changes it."""
+    from spattn.check import _digest
+
+    x = torch.randn(2, 8, 4, generator=torch.Generator().manual_seed(0))
+    assert _digest((torch.tensor(0.5).expand(3),)) == _digest((torch.full((3,), 0.5),))
+    assert _digest((torch.tensor(7).expand(1),)) == _digest((torch.tensor([7]),))  # size 1, stride 0
+    assert _digest((x.transpose(0, 1).contiguous().transpose(0, 1),)) == _digest((x,))
+    flipped = x.clone()
+    flipped.view(torch.int32)[0, 0, 0] ^= 1  # the lowest bit of one element
+    for other in (flipped, x.transpose(1, 2), x.reshape(8, 2, 4), x.double()):
+        assert _digest((other,)) != _digest((x,))
+    assert _digest((x.bfloat16(),)) == _digest((x.bfloat16().clone(),)) != _digest((x.half(),))
+    assert _digest((x > 0,)) == _digest(((x > 0).clone(),))
