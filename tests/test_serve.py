@@ -251,12 +251,13 @@ def test_client_disconnect_cancels_at_a_step(image_server):
 
 def test_queue_full_gets_429_with_retry_after(image_server):
     slow = {"prompt": "slow", "seed": 1, "size": "64x64", "num_inference_steps": 2000}
-    threads = [threading.Thread(target=lambda: pytest.raises(httpx.ReadTimeout, _post, image_server, slow, 40))
-               for _ in range(17)]  # 1 running + 16 queued; each disconnects after 40 s
+    # 1 running + 16 queued; each disconnects after 20 s (they are queued within a second or two)
+    threads = [threading.Thread(target=lambda: pytest.raises(httpx.ReadTimeout, _post, image_server, slow, 20))
+               for _ in range(17)]
     for t in threads:
         t.start()
         time.sleep(0.05)
-    _wait_for(lambda: _stats(image_server)["queued"] == 16, 30, "16 queued requests")
+    _wait_for(lambda: _stats(image_server)["queued"] == 16, 15, "16 queued requests")
     r = _post(image_server, {"prompt": "one too many", **SMALL}, timeout=30)
     assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
     assert r.json()["error"]["code"] == "queue_full"
