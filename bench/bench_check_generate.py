@@ -41,7 +41,7 @@ def _run(check: str, extra: Sequence[str]) -> float:
         return float(rows[-1]["time_s"])
 
 
-def _rank_ab(rank: int, world: int, init_method: str, extra: Sequence[str], pairs: int) -> Optional[list]:
+def _rank_ab(rank: int, world: int, init_method: str, cfg, pairs: int) -> Optional[list]:
     """One rank of the in-process A/B: [(check mode, seconds)] per run on rank 0."""
     import torch
     import torch.distributed as dist
@@ -51,9 +51,6 @@ def _rank_ab(rank: int, world: int, init_method: str, extra: Sequence[str], pair
     from spattn.integrations.diffusers import parallelize_pipeline
     from spattn.launch import init_rank
 
-    p = argparse.ArgumentParser()
-    gen.add_arguments(p)
-    cfg = gen.validate(p.parse_args(["--no-baseline", *extra]))
     init_rank(rank, world, init_method, backend="gloo", timeout_s=600, threads=max(1, cfg.cores // world))
     gen._quiet_libraries()
     pipe = gen.load_pipeline(cfg, torch.device("cpu"))
@@ -61,7 +58,8 @@ def _rank_ab(rank: int, world: int, init_method: str, extra: Sequence[str], pair
     runs = []
     for i in range(pairs):
         for check in ((1, 0) if i % 2 == 0 else (0, 1)):
-            mesh = spattn.init_mesh(ulysses_degree=cfg.ulysses_degree, ring_degree=cfg.ring_degree, check=check)
+            mesh = spattn.init_mesh(ulysses_degree=cfg.ulysses_degree, ring_degree=cfg.ring_degree,
+                                    cfg_degree=cfg.cfg_degree, check=check)
             handle = parallelize_pipeline(pipe, mesh, backend=cfg.backend, vae=cfg.vae_parallel)
             try:
                 gen.generate_image(pipe, cfg, 1)  # generate's warm-up: the first call, where the check waits
@@ -82,7 +80,7 @@ def _in_process(pairs: int, extra: Sequence[str]) -> None:
     gen.add_arguments(p)
     cfg = gen.validate(p.parse_args(["--no-baseline", *extra]))
     world = cfg.ulysses_degree * cfg.ring_degree * cfg.cfg_degree
-    with LocalRanks(_rank_ab, world, args=(tuple(extra), pairs)) as ranks:
+    with LocalRanks(_rank_ab, world, args=(cfg, pairs)) as ranks:
         runs = ranks.wait(timeout=3600)
     for n, (check, t) in enumerate(runs):
         print(f"in-process run {n}: check={check}  {t:.3f} s", flush=True)

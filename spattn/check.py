@@ -134,7 +134,7 @@ def _decode(field: str, v: int) -> str:
 
 def _digest(ts: Sequence[Optional[Tensor]]) -> int:
     """Content digest, equal iff the tensors are bitwise equal (and equally shaped) but for a chance
-    of about 2**-32 per differing tensor. On the CPU a CRC of the bytes where they lie (no copy); on a
+    of about 2**-32 per differing tensor. On the CPU a CRC of the bytes (copied only if strided); on a
     device, bit patterns weighted by position and summed there (int64 wrap-around), so one scalar
     crosses to the host."""
     acc = 0
@@ -331,18 +331,22 @@ def _finish(mesh, g: _Gather) -> None:
         mesh.mark_broken(why)
         raise RankFailure(f"spattn.attention: the cross-rank argument check failed: {why} "
                           f"[{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}]") from e
-    # Compared as Python ints: a handful of rows, every call; tensors only to report a difference.
     by_rank = {r[0]: r for r in torch.cat(g.outs).tolist()}  # a rank in both side groups: one row
-    ordered = [by_rank[r] for r in sorted(by_rank)]
-    if all(r[1:] == ordered[0][1:] for r in ordered):
+    _compare(mesh, [by_rank[r] for r in sorted(by_rank)], g.names, g.hint)
+
+
+def _compare(mesh, rows: List[List[int]], names: Optional[Tuple[str, ...]] = None, hint: str = "") -> None:
+    """Every rank's row (column 0: its global rank; in rank order), compared as Python ints (a handful,
+    every call): the same ValueError on every rank where they differ, naming what differs."""
+    if all(r[1:] == rows[0][1:] for r in rows):
         return
-    rows = torch.tensor(ordered, dtype=torch.int64)
-    bad = (rows != rows[0]).any(dim=0)
+    t = torch.tensor(rows, dtype=torch.int64)
+    bad = (t != t[0]).any(dim=0)
     bad[0] = False  # column 0 is who sent the row
     # A peer may be inside this call's collectives already (it repeated the agreed signature and did
     # not wait): they are abandoned, so on every rank the mesh is done. Build a new one.
     mesh.mark_broken("ranks called attention with different arguments")
-    raise ValueError(_mismatch(rows, bad, g.names, g.hint))
+    raise ValueError(_mismatch(t, bad, names, hint))
 
 
 def _missing(mesh, number: int, waited: float) -> str:
@@ -353,7 +357,7 @@ def _missing(mesh, number: int, waited: float) -> str:
     return describe_missing(ranks, key, number, waited, mesh.timeout_s)
 
 
-def _mismatch(rows: Tensor, bad: Tensor, names: Optional[Tuple[str, ...]] = None, hint: str = "") -> str:
+def _mismatch(rows: Tensor, bad: Tensor, names: Optional[Tuple[str, ...]], hint: str) -> str:
     cols = bad.nonzero().flatten().tolist()
     odd = [int(r[0]) for r in rows if not torch.equal(r[1:], rows[0][1:])]
     if len(odd) * 2 > rows.shape[0]:  # no majority in agreement with the lowest rank: name its side
@@ -418,14 +422,8 @@ def _compare_posts(mesh, n: int, timeout: float) -> List[int]:
     the same ValueError on every rank when they differ (the mesh is then broken); else the global ranks
     that did not post in time."""
     got = mesh.check_state.board.wait(n, timeout)
+    _compare(mesh, sorted(v for v in got.values() if v is not None))
     ranks = dist.get_process_group_ranks(mesh.check_groups[0])
-    rows = sorted(v for v in got.values() if v is not None)  # column 0: the global rank
-    if any(r[1:] != rows[0][1:] for r in rows):
-        t = torch.tensor(rows, dtype=torch.int64)
-        bad = (t != t[0]).any(dim=0)
-        bad[0] = False
-        mesh.mark_broken("ranks called attention with different arguments")
-        raise ValueError(_mismatch(t, bad))
     return [ranks[r] for r, v in got.items() if v is None]
 
 
