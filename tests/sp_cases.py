@@ -108,53 +108,71 @@ def _full_reference(c: Case, q, k, v, dout, joint, dtype, impl: str):
     ts = [t.detach().to(dtype).requires_grad_() for t in (q, k, v)]
     jts = [t.detach().to(dtype).requires_grad_() for t in joint[:3]] if joint else []
     qq, kk, vv = ts
+    grad_out = dout.to(dtype)  # d(loss)/d(out) of the loss below, row by row over the joint sequence
     if joint:
         jq, jk, jv = jts
         front = c.joint_strategy == "front"
         cat = (lambda t, j: torch.cat([j, t] if front else [t, j], dim=1))
         qq, kk, vv = cat(qq, jq), cat(kk, jk), cat(vv, jv)
+        grad_out = cat(grad_out, joint[3].to(dtype))
     km = text_mask(c)
     if km is not None:  # key mask over the joint sequence; image keys are always visible
         img_keys = torch.ones(c.batch, c.seq, dtype=torch.bool)
         km = torch.cat([km, img_keys] if c.joint_strategy == "front" else [img_keys, km], dim=1)
     # Packed documents: each attends only within itself, so the reference runs document by document.
     bounds = c.cu_seqlens.tolist() if c.docs else [0, qq.shape[1]]
-    outs, lses = [], []
-    for lo, hi in zip(bounds[:-1], bounds[1:]):
-        o, lse = _attend(c, qq[:, lo:hi], kk[:, lo:hi], vv[:, lo:hi], km, impl)
-        outs.append(o)
-        lses.append(lse)
-    o = torch.cat(outs, dim=1)
-    lse = torch.cat(lses, dim=2) if impl == "ref" else None
+    if impl == "ref":
+        o, lse = _ref_with_grads(c, (qq, kk, vv), km, bounds, grad_out)
+    else:
+        o = torch.cat([_sdpa(c, qq[:, lo:hi], kk[:, lo:hi], vv[:, lo:hi], km)
+                       for lo, hi in zip(bounds[:-1], bounds[1:])], dim=1)
+        lse = None
+        (o * grad_out).sum().backward()
     T = c.text
     if joint:
         img = slice(T, None) if c.joint_strategy == "front" else slice(0, c.seq)
         txt = slice(0, T) if c.joint_strategy == "front" else slice(c.seq, None)
         o_img, o_txt = o[:, img], o[:, txt]
         lse_img = lse[:, :, img] if lse is not None else None
-        loss = (o_img * dout.to(dtype)).sum() + (o_txt * joint[3].to(dtype)).sum()
     else:
         o_img, o_txt, lse_img = o, None, lse
-        loss = (o * dout.to(dtype)).sum()
-    loss.backward()
     res = {"out": o_img, "lse": lse_img, "dq": ts[0].grad, "dk": ts[1].grad, "dv": ts[2].grad}
     if joint:
         res.update({"jout": o_txt, "djq": jts[0].grad, "djk": jts[1].grad, "djv": jts[2].grad})
     return res
 
 
-def _attend(c: Case, q, k, v, km, impl: str):
-    """One sequence's attention with the case's causal, window and key mask: fp64 math or SDPA."""
+def _ref_with_grads(c: Case, qkv, km, bounds, grad_out):
+    """fp64 reference over the joint sequence, a block of query rows at a time, each block's backward run
+    before the next block's forward: a 6889-token case never holds its (S, S) score matrices and their
+    autograd buffers at once (3x faster on one thread, same numbers). Returns out, lse; the gradients
+    reach ``qkv``'s inputs."""
+    leaves = [t.detach().requires_grad_() for t in qkv]
+    ql, kl, vl = leaves
     window = None if c.window == (-1, -1) else c.window
-    if impl == "ref":
-        return attention_ref(q, k, v, c.causal, key_mask=km, window=window)
+    outs, lses = [], []
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        rows = max(16, (1 << 21) // (ql.shape[0] * ql.shape[2] * (hi - lo)))  # ~16 MB of fp64 scores
+        for a in range(lo, hi, rows):
+            b = min(a + rows, hi)
+            o, lse = attention_ref(ql[:, a:b], kl[:, lo:hi], vl[:, lo:hi], c.causal, key_mask=km, window=window,
+                                   q_offset=a - lo)
+            (o * grad_out[:, a:b]).sum().backward()
+            outs.append(o.detach())
+            lses.append(lse.detach())  # (a kept graph would keep every block's scores alive)
+    torch.autograd.backward(list(qkv), [t.grad for t in leaves])
+    return torch.cat(outs, dim=1), torch.cat(lses, dim=2)
+
+
+def _sdpa(c: Case, q, k, v, km):
+    """One sequence's attention in torch's SDPA with the case's causal, window and key mask."""
+    window = None if c.window == (-1, -1) else c.window
     mask = visible(q.shape[1], k.shape[1], c.causal, window) if window else None
     if km is not None:
         mask = km[:, None, None, :] if mask is None else mask & km[:, None, None, :]
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                       is_causal=c.causal and mask is None,
-                                       enable_gqa=c.kvh != c.heads).transpose(1, 2)
-    return o, None
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                          is_causal=c.causal and mask is None,
+                                          enable_gqa=c.kvh != c.heads).transpose(1, 2)
 
 
 def run_case(c: Case, **options) -> Optional[dict]:
