@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from spattn.launch import LocalRanks, init_rank  # noqa: E402
 from spattn.layout import Geometry  # noqa: E402
-from spattn.parallel.blocks import RingSetup, visible_pairs  # noqa: E402
+from spattn.parallel.blocks import BlockPlan, visible_pairs  # noqa: E402
 
 
 def lognormal_docs(seq: int, mean: float, sigma: float, seed: int) -> List[int]:
@@ -46,20 +46,20 @@ def lognormal_docs(seq: int, mean: float, sigma: float, seed: int) -> List[int]:
     return out
 
 
-def ring_setups(seq: int, R: int, U: int, layout: str, causal: bool, docs) -> List[RingSetup]:
-    """The RingSetup of every ring rank, built as spattn.attention builds it."""
+def ring_plans(seq: int, R: int, U: int, layout: str, causal: bool, docs) -> List[BlockPlan]:
+    """The BlockPlan of every ring rank, built as spattn.attention builds it."""
     b = None if docs is None else tuple(int(x) for x in torch.tensor([0] + list(docs)).cumsum(0))
     geo = Geometry(seq, U * R, layout, U, b)
     L = U * geo.chunk
     starts = tuple(tuple(s * L for s in geo.ring_segments(r, R)) for r in range(R))
-    return [RingSetup(None, R, i, L, starts, seq, causal, 1.0, None, docs=b) for i in range(R)]
+    return [BlockPlan(R, i, L, starts, seq, causal, docs=b) for i in range(R)]
 
 
 def plan_stats(seq: int, R: int, U: int, layout: str, causal: bool, docs) -> Tuple[List[int], int]:
     """(visible pairs per ring rank, max backend calls per rank)."""
     pairs, calls = [], 0
-    for st in ring_setups(seq, R, U, layout, causal, docs):
-        plans = [st.plan(src) for src in range(R)]
+    for st in ring_plans(seq, R, U, layout, causal, docs):
+        plans = [st.calls(src) for src in range(R)]
         pairs.append(sum(visible_pairs(p) for p in plans))
         calls = max(calls, sum(len(p) for p in plans))
     return pairs, calls

@@ -19,7 +19,7 @@ import torch
 
 from spattn.backends import get_backend
 from spattn.layout import Geometry
-from spattn.parallel.blocks import RingSetup
+from spattn.parallel.blocks import BlockPlan
 
 
 def _time(fn, reps: int) -> float:
@@ -47,10 +47,6 @@ def backend_rows(seq: int, heads: int, head_dim: int, windows, reps: int):
     return rows
 
 
-class _Windowed:
-    supports_window = True
-
-
 def plan_rows(seq: int, ring: int, windows):
     geo = Geometry(seq, ring, "zigzag")
     starts = geo.ring_starts(ring, 1)
@@ -58,10 +54,10 @@ def plan_rows(seq: int, ring: int, windows):
     for w in [None] + list(windows):
         pairs = blocks = skipped = 0
         for i in range(ring):
-            st = RingSetup(None, ring, i, geo.chunk, starts, seq, True, 1.0, _Windowed(),
+            st = BlockPlan(ring, i, geo.chunk, starts, seq, True,
                            window=(-1, -1) if w is None else (w - 1, -1))
             for src in range(ring):
-                calls = st.plan(src)
+                calls = st.calls(src)
                 blocks += bool(calls)
                 skipped += st.window_skipped(src)
                 pairs += sum((q1 - q0) * (k1 - k0) for q0, q1, k0, k1, _ in calls)

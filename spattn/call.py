@@ -10,7 +10,7 @@ line, (2) a field of ``Options`` (+ its check in ``build_call``, + a field of ``
 is resolved there), (3) the code that uses it. ``check.signature`` reads ``AttnCall`` fields by
 name, so an option that must agree across ranks adds one entry there too (``check.FIELDS``).
 ``window_size`` is the example: ``Options.window_size`` (as given), ``_check_window`` (checked and
-normalized into ``AttnCall.window``), the plan (``parallel.blocks.RingSetup.window``) and one field of
+normalized into ``AttnCall.window``), the plan (``parallel.blocks.BlockPlan.window``) and one field of
 the cross-rank check.
 """
 from __future__ import annotations

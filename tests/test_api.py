@@ -11,7 +11,7 @@ import spattn
 from dist_harness import run_on_ranks
 from sp_cases import expect_error, mesh_info, mismatched_shards, shard_gather_roundtrip, subgroup_mesh
 from spattn.ops import merge_ref
-from spattn.parallel.blocks import RingSetup
+from spattn.parallel.blocks import BlockPlan
 
 
 # -- mesh ---------------------------------------------------------------------------------------------
@@ -153,7 +153,7 @@ def _setup(R, rank, layout, seq_len=None, causal=True):
     L = 8
     starts = tuple((r * L,) if layout == "contiguous" else (r * L, (2 * R - 1 - r) * L) for r in range(R))
     n = L * R * (1 if layout == "contiguous" else 2)
-    return RingSetup(None, R, rank, L, starts, seq_len or n, causal, 1.0, None)
+    return BlockPlan(R, rank, L, starts, seq_len or n, causal)
 
 
 def _work(calls):
@@ -163,8 +163,8 @@ def _work(calls):
 @pytest.mark.parametrize("R", [2, 4, 8])
 def test_zigzag_balances_causal_work(R):
     for step in range(R):
-        works = {_work(_setup(R, i, "zigzag").plan((i - step) % R)) for i in range(R)}
-        calls = [len(_setup(R, i, "zigzag").plan((i - step) % R)) for i in range(R)]
+        works = {_work(_setup(R, i, "zigzag").calls((i - step) % R)) for i in range(R)}
+        calls = [len(_setup(R, i, "zigzag").calls((i - step) % R)) for i in range(R)]
         assert len(works) == 1, f"step {step}: unequal causal work {works}"
         assert max(calls) == 1, "every zigzag step is a single backend call"
 
@@ -173,14 +173,14 @@ def test_zigzag_balances_causal_work(R):
 def test_masked_steps_are_skipped(R):
     for i in range(R):
         for src in range(R):
-            calls = _setup(R, i, "contiguous").plan(src)
+            calls = _setup(R, i, "contiguous").calls(src)
             assert (calls == []) == (src > i)
             assert all(c[4] == (src == i) for c in calls)
 
 
 def test_padding_trims_keys_noncausal():
     st = _setup(2, 0, "contiguous", seq_len=13, causal=False)
-    assert st.plan(1) == [(0, 8, 0, 5, False)]          # rank 1 holds 5 real keys of 8
+    assert st.calls(1) == [(0, 8, 0, 5, False)]          # rank 1 holds 5 real keys of 8
     assert st.pad_rows() == [] and _setup(2, 1, "contiguous", seq_len=13).pad_rows() == [(5, 8)]
 
 

@@ -22,7 +22,7 @@ import spattn
 from dist_harness import run_on_ranks
 from sp_cases import Case, get_mesh, run_case
 from spattn.layout import Geometry
-from spattn.parallel.blocks import RingSetup, visible_pairs
+from spattn.parallel.blocks import BlockPlan, visible_pairs
 from spattn.testing import DTYPES, assert_within_tolerance, error_table, gather_checked
 
 FACTORS = {2: [(2, 1), (1, 2)], 4: [(4, 1), (2, 2), (1, 4)], 8: [(8, 1), (4, 2), (2, 4), (1, 8)]}
@@ -103,14 +103,9 @@ def vcheck(c: VCase) -> None:
 
 
 # -- the plan, exactly: every visible pair once, no invisible pair, no masked work ----------------
-class _DocsBackend:
-    """Stands for a backend that masks documents itself (only the plan reads it)."""
-    supports_docs = True
-
-
 def _plan_coverage(R: int, U: int, docs, causal: bool, layout: str, kernel_docs: bool = False):
     """Count matrix (S_pad, S_pad) of how often each (query, key) pair is computed by the plans of
-    every ring rank (positions in global order), using RingSetup exactly as attention() builds it.
+    every ring rank (positions in global order), using BlockPlan exactly as attention() builds it.
     ``kernel_docs``: the plan for a backend with ``supports_docs``; its calls count only the pairs
     the document ids leave visible."""
     seq = sum(docs)
@@ -122,14 +117,13 @@ def _plan_coverage(R: int, U: int, docs, causal: bool, layout: str, kernel_docs:
     cnt = torch.zeros(P, P, dtype=torch.int32)
     calls_total = 0
     for i in range(R):
-        st_ = RingSetup(None, R, i, L, starts, seq, causal, 1.0, _DocsBackend() if kernel_docs else None, docs=b)
-        assert st_.kernel_docs == kernel_docs
+        st_ = BlockPlan(R, i, L, starts, seq, causal, docs=b, kernel_docs=kernel_docs)
 
         def glob(local, r):
             return starts[r][local // L] + local % L
 
         for src in range(R):
-            for q0, q1, k0, k1, cz in st_.plan(src):
+            for q0, q1, k0, k1, cz in st_.calls(src):
                 calls_total += 1
                 qi = torch.tensor([glob(x, i) for x in range(q0, q1)])
                 ki = torch.tensor([glob(x, src) for x in range(k0, k1)])
@@ -185,10 +179,10 @@ def test_plan_one_document_is_the_plain_plan():
             L = geo.chunk
             starts = tuple((r * L,) if geo.pieces_per_rank == 1 else (r * L, (2 * R - 1 - r) * L) for r in range(R))
             for i in range(R):
-                plain = RingSetup(None, R, i, L, starts, seq, causal, 1.0, None)
-                docs = RingSetup(None, R, i, L, starts, seq, causal, 1.0, None, docs=(0, seq))
+                plain = BlockPlan(R, i, L, starts, seq, causal)
+                docs = BlockPlan(R, i, L, starts, seq, causal, docs=(0, seq))
                 for src in range(R):
-                    assert visible_pairs(docs.plan(src)) == visible_pairs(plain.plan(src))
+                    assert visible_pairs(docs.calls(src)) == visible_pairs(plain.calls(src))
 
 
 def test_plan_skips_invisible_pairs():
@@ -392,7 +386,7 @@ def test_balanced_within_10_percent():
         geo = Geometry(32768, 8, layout, 1, b)
         L = geo.chunk
         starts = tuple(tuple(s * L for s in geo.ring_segments(r, 8)) for r in range(8))
-        pairs = [sum(visible_pairs(RingSetup(None, 8, i, L, starts, 32768, True, 1.0, None, docs=b).plan(src))
+        pairs = [sum(visible_pairs(BlockPlan(8, i, L, starts, 32768, True, docs=b).calls(src))
                      for src in range(8)) for i in range(8)]
         imb[layout] = max(pairs) / (sum(pairs) / 8) - 1
         assert sum(pairs) == sum(n * (n + 1) // 2 for n in lens)  # exactly the visible pairs, no more

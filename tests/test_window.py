@@ -367,15 +367,11 @@ def test_window_sp_triton_backend():
 
 
 # -- the windowed plan: every visible pair exactly once, blocks outside the window skipped and counted --
-class _WindowBackend:
-    supports_window = True
-
-
 def _window_plan_coverage(R, U, seq, causal, window, layout):
     """Count matrix (S, S) of how often each (query, key) pair is computed by the windowed plans of every
     ring rank, with each call's positional mask (causal and window at the call's global offsets)."""
     from spattn.layout import Geometry
-    from spattn.parallel.blocks import RingSetup, call_kw_for
+    from spattn.parallel.blocks import BlockPlan, call_kw_for
 
     geo = Geometry(seq, U * R, layout)
     L = U * geo.chunk
@@ -384,11 +380,11 @@ def _window_plan_coverage(R, U, seq, causal, window, layout):
     cnt = torch.zeros(P, P, dtype=torch.int32)
     skipped = 0
     for i in range(R):
-        st_ = RingSetup(None, R, i, L, starts, seq, causal, 1.0, _WindowBackend(), window=window)
+        st_ = BlockPlan(R, i, L, starts, seq, causal, window=window)
         kws = call_kw_for(st_, "cpu")
         for src in range(R):
             skipped += st_.window_skipped(src)
-            for q0, q1, k0, k1, cz in st_.plan(src):
+            for q0, q1, k0, k1, cz in st_.calls(src):
                 kw = kws(src)(q0, q1, k0, k1)
                 qi = torch.arange(q1 - q0) + kw["q_offset"]
                 ki = torch.arange(k1 - k0) + kw["k_offset"]
@@ -412,18 +408,18 @@ def test_window_plan_skips_blocks_outside_it():
     """A window shorter than a shard on 4 contiguous ranks: each rank computes its own block and its
     predecessor's only; the 2 + 2 + 2 + 3 other (query, key) blocks are skipped and counted."""
     from spattn.layout import Geometry
-    from spattn.parallel.blocks import RingSetup
+    from spattn.parallel.blocks import BlockPlan
 
     R, seq = 4, 64
     geo = Geometry(seq, R, "contiguous")
     starts = geo.ring_starts(R, 1)
     computed = skipped = 0
     for i in range(R):
-        st_ = RingSetup(None, R, i, geo.chunk, starts, seq, True, 1.0, _WindowBackend(), window=(5, -1))
+        st_ = BlockPlan(R, i, geo.chunk, starts, seq, True, window=(5, -1))
         for src in range(R):
-            computed += bool(st_.plan(src))
+            computed += bool(st_.calls(src))
             skipped += st_.window_skipped(src)
-        assert {src for src in range(R) if st_.plan(src)} == ({i, i - 1} if i else {0})
+        assert {src for src in range(R) if st_.calls(src)} == ({i, i - 1} if i else {0})
     assert (computed, skipped) == (7, 3)  # causal: blocks after the queries are not in the per-pair plan at all
 
 

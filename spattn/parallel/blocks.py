@@ -1,15 +1,16 @@
 """Block plans and block execution: which (query, key) blocks of a ring step are visible, and running them.
 
-``RingSetup`` is the planner of one ring call on this rank: each rank's post-Ulysses sequence is a
+``BlockPlan`` is the planner of one ring call on this rank: each rank's post-Ulysses sequence is a
 list of segments of length L at known global starts (1 segment contiguous, 2 zigzag, up to 16
 balanced), so a (query, key) segment pair is either fully visible, the causal diagonal, or masked;
-``plan(src)`` turns that into as few backend calls as possible and skips masked work entirely.
+``calls(src)`` turns that into as few backend calls as possible and skips masked work entirely.
+``RingRun`` pairs a plan with what runs it: the ring's group, the backend, the exchange's buffers.
 
-Packed documents (``RingSetup.docs``): a backend that masks documents itself (``supports_docs``, the
+Packed documents (``BlockPlan.docs``): a backend that masks documents itself (``supports_docs``, the
 Triton kernels) gets one call per visible (query segment, key segment) pair with the pair's per-token
 document ids; any other backend gets one call per visible document sub-block (``_plan_docs``).
 
-Sliding windows (``RingSetup.window``): the plan is one call per visible (query segment, key segment)
+Sliding windows (``BlockPlan.window``): the plan is one call per visible (query segment, key segment)
 pair (or document sub-block), each cut to the rows and keys the window lets meet (``window.cut``);
 pairs wholly outside it are skipped, and ``window_skipped`` counts them. Each call then carries its
 global positions (``q_offset``, ``k_offset``) and the window, which the backend masks at the edges.
@@ -36,24 +37,18 @@ Call = Tuple[int, int, int, int, bool]  # q_lo, q_hi, k_lo, k_hi, causal (local 
 
 
 @dataclass(frozen=True)
-class RingSetup:
-    """Static description of one ring attention call on this rank."""
+class BlockPlan:
+    """Which (query, key) blocks one ring rank computes: pure arithmetic on positions, no process group,
+    no backend (the tests and benchmarks build it for every rank of a ring in one process)."""
 
-    group: Optional[dist.ProcessGroup]
     size: int                 # ring degree R
     rank: int                 # this rank's index in the ring
     seg_len: int              # L: length of one segment
     starts: Tuple[Tuple[int, ...], ...]  # per ring rank: global start of each of its segments
     seq_len: int              # global number of real positions (>= that is padding)
     causal: bool
-    scale: float
-    backend: object
-    engine: str = "auto"
-    joint_lens: Optional[Tensor] = None  # int32 (B,): valid joint keys per batch element (None: all)
     docs: Optional[Tuple[int, ...]] = None  # packed documents: global boundaries 0 = b_0 < ... < b_n
-    impl: str = "p2p"         # "p2p" (K/V blocks travel the ring) or "allgather" (gather, one pass)
-    comm_cache: Optional[RingCommCache] = None  # the mesh's: ring buffers reused across calls
-    allgather_bytes: int = 256 << 20  # all-gather ring: K/V budget of one head chunk
+    kernel_docs: bool = False  # documents masked inside the backend (it takes ``q_doc`` / ``k_doc``)
     window: Tuple[int, int] = NO_WINDOW  # sliding window (left, right) over global positions
     image_pos: int = 0        # joint order: global position of image token 0 (front: the text length)
     text_pos: int = 0         # joint order: global position of text token 0 (rear: seq_len)
@@ -77,11 +72,6 @@ class RingSetup:
         """Local row ranges of this rank that are padding."""
         return padded_rows(self.starts[self.rank], self.seg_len, self.seq_len)
 
-    @property
-    def kernel_docs(self) -> bool:
-        """Packed documents masked inside the backend (it takes ``q_doc`` / ``k_doc``)."""
-        return self.docs is not None and bool(getattr(self.backend, "supports_docs", False))
-
     def doc_ids(self, r: int, device: torch.device) -> Tensor:
         """int32 (n_segments * L,): document of each local position of ring rank r (padding: the last
         document; no call reaches it). Non-decreasing within a segment, which is all one call spans."""
@@ -89,7 +79,7 @@ class RingSetup:
         bounds = torch.tensor(self.docs[1:-1], dtype=torch.int64)
         return torch.bucketize(pos.reshape(-1), bounds, right=True).to(device=device, dtype=torch.int32)
 
-    def plan(self, src: int) -> List[Call]:
+    def calls(self, src: int) -> List[Call]:
         """Backend calls for the local queries against ring rank ``src``'s key block."""
         if self.windowed:
             return [c for c, _ in self._plan_window(src)]
@@ -220,6 +210,22 @@ class RingSetup:
         return calls
 
 
+@dataclass(frozen=True)
+class RingRun:
+    """One ring call on this rank: its block plan and what runs it (the ring's group, the backend, the
+    exchange engine and buffers). Built by ``hybrid.build_plan``; the joint key lengths are per call."""
+
+    blocks: BlockPlan
+    group: Optional[dist.ProcessGroup]
+    backend: object
+    scale: float
+    engine: str = "auto"
+    joint_lens: Optional[Tensor] = None  # int32 (B,): valid joint keys per batch element (None: all)
+    impl: str = "p2p"         # "p2p" (K/V blocks travel the ring) or "allgather" (gather, one pass)
+    comm_cache: Optional[RingCommCache] = None  # the mesh's: ring buffers reused across calls
+    allgather_bytes: int = 256 << 20  # all-gather ring: K/V budget of one head chunk
+
+
 def visible_pairs(calls: Sequence[Call]) -> int:
     """(query, key) pairs a list of calls computes: q*k for a full call, k*(k+1)/2 + (q-k)*k for a
     top-left causal one (the work measure of bench_varlen's balance figures)."""
@@ -253,7 +259,7 @@ def blocks_forward(be, q: Tensor, kv, calls: Sequence[Call], scale: float, acc: 
         merge_(acc[0][:, q0:q1], acc[1][:, :, q0:q1], o, l)
 
 
-def blocks_backward(st: "RingSetup", rows: Tuple[Tensor, Tensor, Tensor, Tensor], kv, calls: Sequence[Call],
+def blocks_backward(st: RingRun, rows: Tuple[Tensor, Tensor, Tensor, Tensor], kv, calls: Sequence[Call],
                     acc: Tuple[Tensor, Tensor], kw: CallKw = None) -> None:
     """Add the calls' gradients into ``acc`` = (dq, dkv): rows = (dout, q, out, lse) of the local
     queries, kv = the key block (k, v) (stacked or a pair), dkv its (dk, dv) accumulators."""
@@ -265,18 +271,18 @@ def blocks_backward(st: "RingSetup", rows: Tuple[Tensor, Tensor, Tensor, Tensor]
                        (dq[:, q0:q1], dkv[0][:, k0:k1], dkv[1][:, k0:k1]), **call_kw(kw, q0, q1, k0, k1))
 
 
-def call_kw_for(st: RingSetup, device: torch.device) -> Callable[[int], CallKw]:
+def call_kw_for(bp: BlockPlan, device: torch.device) -> Callable[[int], CallKw]:
     """src -> the backend keywords of each call against ``src``'s key block: document ids for a backend
     that masks them, the window with the call's global positions; None when a plain call needs none."""
-    ids = [st.doc_ids(r, device) for r in range(st.size)] if st.kernel_docs else None
-    if ids is None and not st.windowed:
+    ids = [bp.doc_ids(r, device) for r in range(bp.size)] if bp.kernel_docs else None
+    if ids is None and not bp.windowed:
         return lambda src: None
 
     def for_src(src: int):
         def kw(q0: int, q1: int, k0: int, k1: int) -> dict:
-            d = {} if ids is None else {"q_doc": ids[st.rank][q0:q1], "k_doc": ids[src][k0:k1]}
-            if st.windowed:
-                d.update(window=st.window, q_offset=st.pos(st.rank, q0), k_offset=st.pos(src, k0))
+            d = {} if ids is None else {"q_doc": ids[bp.rank][q0:q1], "k_doc": ids[src][k0:k1]}
+            if bp.windowed:
+                d.update(window=bp.window, q_offset=bp.pos(bp.rank, q0), k_offset=bp.pos(src, k0))
             return d
         return kw
     return for_src
@@ -292,37 +298,37 @@ def running(q: Tensor, heads: int) -> Tuple[Tensor, Tensor]:
 Saved = Tuple[Optional[Tensor], ...]
 
 
-def joint_calls(st: RingSetup, kind: str, n_rows: int, n_keys: int) -> List[Tuple[Call, dict]]:
+def joint_calls(bp: BlockPlan, kind: str, n_rows: int, n_keys: int) -> List[Tuple[Call, dict]]:
     """The backend calls of one joint block with their keywords. ``kind``: "image" (the local image
     queries x the joint K/V), "text" (the text queries x this rank's own image keys, ``n_keys`` real
     ones) or "text_joint" (text x joint K/V, ring rank 0). Without a window: the whole block, one call.
     With one: a call per image segment, cut to the rows and keys it lets meet in the joint order
     (joint keys keep their full range: their per-batch lengths count from key 0)."""
     whole = [((0, n_rows, 0, n_keys, False), {})]
-    if not st.windowed:
+    if not bp.windowed:
         return whole if n_rows and n_keys else []
-    L, own = st.seg_len, st.starts[st.rank]
+    L, own = bp.seg_len, bp.starts[bp.rank]
     if kind == "text_joint":
-        pieces = [((0, n_rows, 0, n_keys, False), st.text_pos, st.text_pos)]
+        pieces = [((0, n_rows, 0, n_keys, False), bp.text_pos, bp.text_pos)]
     elif kind == "image":
-        pieces = [((a * L, a * L + st.valid(s), 0, n_keys, False), st.image_pos + s, st.text_pos)
-                  for a, s in enumerate(own) if st.valid(s)]
+        pieces = [((a * L, a * L + bp.valid(s), 0, n_keys, False), bp.image_pos + s, bp.text_pos)
+                  for a, s in enumerate(own) if bp.valid(s)]
     else:
-        pieces = [((0, n_rows, b * L, b * L + st.valid(s), False), st.text_pos, st.image_pos + s)
-                  for b, s in enumerate(own) if st.valid(s)]
+        pieces = [((0, n_rows, b * L, b * L + bp.valid(s), False), bp.text_pos, bp.image_pos + s)
+                  for b, s in enumerate(own) if bp.valid(s)]
     calls = []
     for c, qp, kp in pieces:
-        r = cut(c, qp, kp, st.window, False)
+        r = cut(c, qp, kp, bp.window, False)
         if r is None:
             continue
         (q0, q1, k0, k1, _), qo, ko = r
         if kind != "text":  # joint keys: full range (lengths), the window masks them by position
             k0, k1, ko = c[2], c[3], kp
-        calls.append(((q0, q1, k0, k1, False), {"window": st.window, "q_offset": qo, "k_offset": ko}))
+        calls.append(((q0, q1, k0, k1, False), {"window": bp.window, "q_offset": qo, "k_offset": ko}))
     return calls
 
 
-def joint_backward(st: RingSetup, saved: Saved, dout: Tensor, dt_out: Tensor, dq: Tensor,
+def joint_backward(st: RingRun, saved: Saved, dout: Tensor, dt_out: Tensor, dq: Tensor,
                     djoint: Tuple[Tensor, Tensor, Tensor], dkv_own) -> None:
     """Joint-token gradients of this rank: image queries x joint K/V, text queries x this rank's
     own image K/V (into ``dkv_own``, the own block's (dk, dv) accumulators) and, on ring rank 0,
@@ -332,11 +338,11 @@ def joint_backward(st: RingSetup, saved: Saved, dout: Tensor, dt_out: Tensor, dq
     jkw = {} if st.joint_lens is None else {"k_lens": st.joint_lens}
     blocks = [("image", (dout, q, out, lse), (jk, jv), (dq, djk, djv), jkw),
               ("text", (dt_out, jq, t_out, t_lse), (k, v), (djq, dkv_own[0], dkv_own[1]), {})]
-    if st.rank == 0:
+    if st.blocks.rank == 0:
         blocks.append(("text_joint", (dt_out, jq, t_out, t_lse), (jk, jv), (djq, djk, djv), jkw))
     for kind, rows, kv, acc, extra in blocks:
-        n_keys = st.kv_valid(st.rank) if kind == "text" else kv[0].shape[1]
-        for (q0, q1, k0, k1, _), kw in joint_calls(st, kind, rows[1].shape[1], n_keys):
+        n_keys = st.blocks.kv_valid(st.blocks.rank) if kind == "text" else kv[0].shape[1]
+        for (q0, q1, k0, k1, _), kw in joint_calls(st.blocks, kind, rows[1].shape[1], n_keys):
             block_backward(be, tuple(t[:, q0:q1] if t.dim() == 4 else t[:, :, q0:q1] for t in rows),
                            (kv[0][:, k0:k1], kv[1][:, k0:k1]), False, st.scale,
                            (acc[0][:, q0:q1], acc[1][:, k0:k1], acc[2][:, k0:k1]), **extra, **kw)

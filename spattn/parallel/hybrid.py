@@ -22,7 +22,7 @@ from ..call import AttnCall, Inputs
 from ..comm.all_to_all import A2ASpec, start_head_to_seq, start_seq_to_head
 from ..comm.collectives import all_gather, all_reduce_over
 from ..layout import ulysses_order
-from .blocks import RingSetup
+from .blocks import BlockPlan, RingRun
 from .heads import HeadMapBackend, HeadPlan, head_plan, pipeline_plans
 from .ring import ring_backward, ring_forward
 from .ring_allgather import choose_ring_impl
@@ -33,9 +33,9 @@ SAVED_PER_CHUNK = 10  # q, k, v, out, lse, jq, jk, jv, t_out, t_lse (head-sharde
 
 @dataclass(frozen=True)
 class Chunk:
-    """One pipeline stage: a slice of every rank's heads, its all-to-all specs and ring setup."""
+    """One pipeline stage: a slice of every rank's heads, its all-to-all specs and ring call."""
 
-    setup: RingSetup
+    ring: RingRun
     spec: Optional[A2ASpec]      # q, k, v exchange (None without Ulysses)
     out_spec: Optional[A2ASpec]  # q-shaped exchange: out forward, dout backward
     q_heads: Tuple[int, int]     # this rank's query heads in this chunk (global head indices)
@@ -54,7 +54,7 @@ class Plan:
         """This plan with the call's joint key lengths (a per-call tensor, never cached)."""
         if jlens is None:
             return self
-        return replace(self, chunks=tuple(replace(c, setup=replace(c.setup, joint_lens=jlens)) for c in self.chunks))
+        return replace(self, chunks=tuple(replace(c, ring=replace(c.ring, joint_lens=jlens)) for c in self.chunks))
 
 
 def build_plan(call: AttnCall) -> Plan:
@@ -72,13 +72,15 @@ def build_plan(call: AttnCall) -> Plan:
     front = call.opts.joint_strategy == "front"
     image_pos, text_pos = (text, 0) if front else (0, geo.seq_len)
 
-    def setup(backend) -> RingSetup:
-        return RingSetup(mesh.ring_group, R, mesh.ring_rank, U * geo.chunk, starts, geo.seq_len, bool(call.opts.causal),
-                         call.scale, backend, call.ring_engine, None, call.docs, impl, mesh.comm_cache,
-                         call.allgather_bytes, call.window, image_pos, text_pos)
+    def ring(backend) -> RingRun:
+        blocks = BlockPlan(R, mesh.ring_rank, U * geo.chunk, starts, geo.seq_len, bool(call.opts.causal), call.docs,
+                           call.docs is not None and bool(getattr(backend, "supports_docs", False)), call.window,
+                           image_pos, text_pos)
+        return RingRun(blocks, mesh.ring_group, backend, call.scale, call.ring_engine, None, impl, mesh.comm_cache,
+                       call.allgather_bytes)
 
     if U == 1:
-        ch = Chunk(setup(call.kernel), None, None, (0, hq), (0, hkv))
+        ch = Chunk(ring(call.kernel), None, None, (0, hq), (0, hkv))
         return Plan((ch,), None, None)
     plan, u, pieces = head_plan(hq, hkv, U), mesh.ulysses_rank, geo.pieces_per_rank
     order = ulysses_order(geo, U)
@@ -86,7 +88,7 @@ def build_plan(call: AttnCall) -> Plan:
     for p in pipeline_plans(plan, call.ulysses_chunks):
         index = p.local_kv_index(u)
         chunks.append(Chunk(
-            setup(call.kernel if index is None else HeadMapBackend(call.kernel, index)),
+            ring(call.kernel if index is None else HeadMapBackend(call.kernel, index)),
             A2ASpec(mesh.ulysses_group, [p.q_ranges, p.kv_ranges, p.kv_ranges], pieces, order),
             A2ASpec(mesh.ulysses_group, [p.q_ranges], pieces, order), p.q_ranges[u], p.kv_ranges[u]))
     lse_spec = A2ASpec(mesh.ulysses_group, [plan.q_ranges], pieces, order)
@@ -137,7 +139,7 @@ def _pipeline_forward(plan: Plan, x: Inputs):
     q, k, v, jq, jk, jv = x[:6]
     chunks = plan.chunks
     if chunks[0].spec is None:  # no Ulysses: one ring
-        res = ring_forward(chunks[0].setup, q, k, v, jq, jk, jv)
+        res = ring_forward(chunks[0].ring, q, k, v, jq, jk, jv)
         return res, [q, k, v, *res[:2], jq, jk, jv, *res[2:]]
     out = torch.empty_like(q)  # every head is written exactly once, by one chunk of one rank
     saved, pending, parts = [], [], []
@@ -147,7 +149,7 @@ def _pipeline_forward(plan: Plan, x: Inputs):
         if c + 1 < len(chunks):
             work = start_seq_to_head([q, k, v], chunks[c + 1].spec)
         js = _joint_slices(ch, jq, jk, jv)
-        res = ring_forward(ch.setup, qc, kc, vc, *js)
+        res = ring_forward(ch.ring, qc, kc, vc, *js)
         pending.append(start_head_to_seq([res[0]], ch.out_spec, [out], add=[False]))
         saved += [qc, kc, vc, *res[:2], *js, *res[2:]]
         parts.append(res[1:])
@@ -224,7 +226,7 @@ def _pipeline_backward(plan: Plan, call: AttnCall, flat: Sequence[Optional[Tenso
     chunks = plan.chunks
     saved = [tuple(flat[i:i + SAVED_PER_CHUNK]) for i in range(0, len(flat), SAVED_PER_CHUNK)]
     if chunks[0].spec is None:
-        return ring_backward(chunks[0].setup, saved[0], dout, dt_out)
+        return ring_backward(chunks[0].ring, saved[0], dout, dt_out)
     qs, ks, joint = call.q_shape, call.k_shape, call.joint
     dq = dout.new_empty(qs)  # query heads are disjoint: copied; KV heads may be shared: summed
     dk, dv = dout.new_zeros(ks), dout.new_zeros(ks)
@@ -242,7 +244,7 @@ def _pipeline_backward(plan: Plan, call: AttnCall, flat: Sequence[Optional[Tenso
         dtc = None
         if joint and dt_out is not None:
             dtc = dt_out[:, :, ch.q_heads[0] - base:ch.q_heads[1] - base]
-        g = ring_backward(ch.setup, saved[c], doc, dtc)
+        g = ring_backward(ch.ring, saved[c], doc, dtc)
         pending.append(start_head_to_seq(list(g[:3]), ch.spec, [dq, dk, dv], add=[False, True, True]))
         if joint:
             djq[:, :, ch.q_heads[0]:ch.q_heads[1]] += g[3]

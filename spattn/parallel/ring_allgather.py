@@ -10,7 +10,7 @@ import torch
 from .. import config
 from ..comm.collectives import all_gather, reduce_scatter, wait_work
 from .heads import HeadMapBackend, balanced_ranges
-from .blocks import RingSetup, Saved, blocks_backward, blocks_forward, call_kw_for, joint_backward, running
+from .blocks import RingRun, Saved, blocks_backward, blocks_forward, call_kw_for, joint_backward, running
 
 Tensor = torch.Tensor
 
@@ -43,14 +43,14 @@ def choose_ring_impl(degree: int, local_len: int, device: torch.device, ring_eng
     return "p2p"
 
 
-def allgather_head_chunks(st: RingSetup, q: Tensor, k: Tensor) -> List[Tuple[Tuple[int, int], Tuple[int, int]]]:
+def allgather_head_chunks(st: RingRun, q: Tensor, k: Tensor) -> List[Tuple[Tuple[int, int], Tuple[int, int]]]:
     """(query head range, kv head range) per chunk. The gathered K/V of one chunk is
-    R * 2 * B * Sl * hc * D elements; chunks keep it under ``RingSetup.allgather_bytes`` (``attention(allgather_bytes=)``,
+    R * 2 * B * Sl * hc * D elements; chunks keep it under ``RingRun.allgather_bytes`` (``attention(allgather_bytes=)``,
     ``$SPATTN_ALLGATHER_BYTES``, default 256 MiB; two chunks are alive at once, the next one arriving while this one computes). A
     backend with a non-uniform head map (``HeadMapBackend``) takes all heads in one chunk."""
     hq, hkv = q.shape[2], k.shape[2]
     budget = st.allgather_bytes
-    need = st.size * 2 * k.numel() * k.element_size()
+    need = st.blocks.size * 2 * k.numel() * k.element_size()
     n = min(hkv, max(1, -(-need // max(budget, 1))))
     if n == 1 or isinstance(st.backend, HeadMapBackend):
         return [((0, hq), (0, hkv))]
@@ -58,16 +58,17 @@ def allgather_head_chunks(st: RingSetup, q: Tensor, k: Tensor) -> List[Tuple[Tup
     return [((lo * g, hi * g), (lo, hi)) for lo, hi in balanced_ranges(hkv, n)]
 
 
-def _start_gather(st: RingSetup, k: Tensor, v: Tensor, kh: Tuple[int, int]):
+def _start_gather(st: RingRun, k: Tensor, v: Tensor, kh: Tuple[int, int]):
     kv = torch.stack([k[:, :, kh[0]:kh[1]], v[:, :, kh[0]:kh[1]]])  # K and V in one message
     return all_gather(kv, st.group, async_op=True)
 
 
-def allgather_forward(st: RingSetup, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
+def allgather_forward(st: RingRun, q: Tensor, k: Tensor, v: Tensor) -> Tuple[Tensor, Tensor]:
     """out (B, Sl, Hq, D) fp32, lse (B, Hq, Sl) of the local queries against every ring rank's K/V."""
     chunks = allgather_head_chunks(st, q, k)
-    plans, kw = [st.plan(src) for src in range(st.size)], call_kw_for(st, q.device)
-    order = [(st.rank - j) % st.size for j in range(st.size)]  # the P2P ring's merge order
+    bp = st.blocks
+    plans, kw = [bp.calls(src) for src in range(bp.size)], call_kw_for(bp, q.device)
+    order = [(bp.rank - j) % bp.size for j in range(bp.size)]  # the P2P ring's merge order
     res = None if len(chunks) == 1 else running(q, q.shape[2])
     work = _start_gather(st, k, v, chunks[0][1])
     for c, ((q0, q1), kh) in enumerate(chunks):
@@ -87,10 +88,11 @@ def allgather_forward(st: RingSetup, q: Tensor, k: Tensor, v: Tensor) -> Tuple[T
     return res
 
 
-def allgather_backward(st: RingSetup, saved: Saved, dout: Tensor, dt_out: Optional[Tensor]):
+def allgather_backward(st: RingRun, saved: Saved, dout: Tensor, dt_out: Optional[Tensor]):
     q, k, v, out, lse, jq, jk, jv, t_out, t_lse = saved
     chunks = allgather_head_chunks(st, q, k)
-    plans, kw = [st.plan(src) for src in range(st.size)], call_kw_for(st, q.device)
+    bp = st.blocks
+    plans, kw = [bp.calls(src) for src in range(bp.size)], call_kw_for(bp, q.device)
     dq = torch.zeros_like(q, dtype=torch.float32)
     dkv = k.new_zeros((2,) + k.shape, dtype=torch.float32)  # this rank's own (dk, dv)
     pending = []
@@ -100,9 +102,9 @@ def allgather_backward(st: RingSetup, saved: Saved, dout: Tensor, dt_out: Option
         wait_work(w)
         if c + 1 < len(chunks):
             work = _start_gather(st, k, v, chunks[c + 1][1])
-        grads = [parts[0].new_zeros(parts[0].shape, dtype=torch.float32) for _ in range(st.size)]
+        grads = [parts[0].new_zeros(parts[0].shape, dtype=torch.float32) for _ in range(bp.size)]
         qs = slice(q0, q1)
-        for src in range(st.size):
+        for src in range(bp.size):
             if plans[src]:
                 blocks_backward(st, (dout[:, :, qs], q[:, :, qs], out[:, :, qs], lse[:, qs]), parts[src],
                                 plans[src], (dq[:, :, qs], grads[src]), kw(src))
