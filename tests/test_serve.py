@@ -285,7 +285,10 @@ def test_sigterm_drains_in_flight_requests(image_server):
         for s in range(2)]
     for t in threads:
         t.start()
-    _wait_for(lambda: _stats(image_server)["running"] > 0, 60, "a request running")
+    # Both requests accepted (one may still be queued) before SIGTERM: a client thread that had not yet
+    # connected would be refused by the stopping server, which is not what this test is about.
+    _wait_for(lambda: (lambda st: st["running"] > 0 and st["running"] + st["queued"] >= 2)(_stats(image_server)),
+              60, "both requests in, one running")
     image_server.proc.send_signal(signal.SIGTERM)
     for t in threads:
         t.join(90)
