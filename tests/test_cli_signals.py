@@ -57,10 +57,18 @@ def _ranks_up(pid: int):
 @pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "ctrl-c-group"])
 def test_interrupt_stops_every_rank_within_3s_with_one_line(how, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    p = subprocess.Popen([sys.executable, "-m", "spattn", "generate", "--width", "64", "--height", "64",
-                          "--num-inference-steps", "400", "--output", str(tmp_path / "x.png")],
-                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         start_new_session=True)  # its own process group, as a shell job would have
+    # A test run started as a background job (`cmd &` in a script, as CI may be) has SIGINT ignored, and
+    # an ignored signal stays ignored across exec: the launcher would never see the Ctrl-C this test sends.
+    # A foreground job in a terminal, what this test stands for, starts with the default: hand it that
+    # (a caught signal is reset to the default at exec).
+    old_int = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "spattn", "generate", "--width", "64", "--height", "64",
+                              "--num-inference-steps", "400", "--output", str(tmp_path / "x.png")],
+                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             start_new_session=True)  # its own process group, as a shell job would have
+    finally:
+        signal.signal(signal.SIGINT, old_int)
     try:
         deadline = time.monotonic() + 120
         while not _ranks_up(p.pid):
